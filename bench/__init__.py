@@ -1,0 +1,1 @@
+"""Benchmarks on real teachers and real test data (../shared). Never imported by the pipeline."""

@@ -1,0 +1,128 @@
+"""Loading a stranger's weights safely and checking them against the model spec.
+
+Only two readers are ever used: safetensors, and ``torch.load(weights_only=True)``, which refuses any
+pickled object other than tensors and plain containers (so code in the file never runs). Every failure
+becomes a ``CheckpointError`` or ``SpecError`` whose message tells the user what to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+
+from kegnet.errors import CheckpointError, SpecError
+from kegnet.models import create_model
+from kegnet.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+# Keys under which training scripts commonly nest the state dict.
+_NESTED_KEYS = ("model_state", "state_dict", "model_state_dict", "model")
+_HOW_TO_SAVE = "save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    # 8-byte little-endian header length followed by a JSON object.
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
+
+
+def read_state_dict(path: str | Path) -> StateDict:
+    """Read a ``.safetensors`` or ``torch.save`` file into a flat ``{name: tensor}`` dict on the CPU."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError("the checkpoint file is empty")
+    with path.open("rb") as f:
+        head = f.read(16)
+
+    if _looks_like_safetensors(head):
+        try:
+            return dict(load_safetensors(str(path), device="cpu"))
+        except (SafetensorError, ValueError, OSError) as exc:
+            raise CheckpointError(f"the safetensors file is damaged or truncated ({exc})") from exc
+
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"the file is neither safetensors nor a torch.save checkpoint; {_HOW_TO_SAVE}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused a global: the file carries objects (possibly code) beyond tensors.
+        log.warning("refused a checkpoint that is not weights-only: %s", str(exc).splitlines()[0])
+        raise CheckpointError(
+            "the checkpoint holds Python objects other than tensors (a pickled model or code) and was "
+            f"refused without running it; {_HOW_TO_SAVE}"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint could not be read; it looks truncated or damaged ({exc})") from exc
+    return _unwrap(obj)
+
+
+def _unwrap(obj: object) -> StateDict:
+    """Find the state dict in ``obj`` (possibly nested one level) and check it holds only tensors."""
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"the checkpoint does not hold a state dict of tensors; {_HOW_TO_SAVE}")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"the state dict has non-tensor entries: {', '.join(bad[:5])}")
+    # Checkpoints saved from nn.DataParallel prefix every key with "module.".
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def check_finite(state: StateDict) -> None:
+    """Raise if any floating-point tensor holds NaN or infinity."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"weights contain NaN or infinite values in: {', '.join(bad[:5])}")
+
+
+def build_teacher(spec: ModelSpec, state: StateDict) -> nn.Module:
+    """Build ``spec``'s architecture, load ``state`` strictly, and check one forward pass on ``input_shape``."""
+    model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.kwargs())
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
+        raise SpecError(f"the weights do not match architecture {spec.arch!r} ({'; '.join(parts)})")
+    wrong = [
+        f"{k} is {tuple(state[k].shape)} but {spec.arch!r} expects {tuple(v.shape)}"
+        for k, v in expected.items() if state[k].shape != v.shape
+    ]
+    if wrong:
+        raise SpecError("shape mismatch: " + "; ".join(wrong[:4]) + " (check arch_kwargs and num_classes)")
+    check_finite(state)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *spec.input_shape))
+    except RuntimeError as exc:
+        raise SpecError(f"the model cannot run on input shape {spec.input_shape}: {exc}") from exc
+    if out.shape != (2, spec.num_classes):
+        raise SpecError(f"the model outputs shape {tuple(out.shape[1:])}, expected ({spec.num_classes},)")
+    return model
+
+
+def load_teacher(path: str | Path, spec: ModelSpec) -> nn.Module:
+    """Read a checkpoint and build the teacher it describes; the model is in eval mode on the CPU."""
+    return build_teacher(spec, read_state_dict(path))

@@ -1,0 +1,197 @@
+"""Choosing layers and ranks (a ``CompressionPlan``), and applying a plan to a model.
+
+A plan is plain data (layer name, kind, ranks) so it can be written to the manifest and used later to
+rebuild the student's structure before loading its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import tensorly as tl
+from torch import nn
+
+from kegnet.compression.evbmf import evbmf_rank
+from kegnet.compression.layers import LowRankLinear, Tucker2Conv2d
+from kegnet.config import CompressionConfig
+from kegnet.errors import CompressionError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is factorized. For a linear layer ``in_rank == out_rank`` is the SVD rank."""
+
+    name: str
+    kind: Literal["conv", "linear"]
+    in_rank: int
+    out_rank: int
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class CompressionPlan:
+    layers: list[LayerPlan] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it was left alone
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(p) for p in self.layers], "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionPlan:
+        return cls([LayerPlan(**p) for p in data["layers"]], dict(data.get("skipped", {})))
+
+
+def _factorizable(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+
+
+def select_layers(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
+    """Layers named by ``patterns`` (exact names or globs); default: every conv but the first, or, in a
+    model without convs, every linear but the classifier head."""
+    candidates = _factorizable(model)
+    if patterns is None:
+        convs = [n for n, m in candidates.items() if isinstance(m, nn.Conv2d)]
+        linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)]
+        names = convs[1:] if len(convs) > 1 else linears[:-1]
+        return {n: candidates[n] for n in names}
+    chosen: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise CompressionError(
+                f"layer pattern {pattern!r} matches no Conv2d or Linear layer; "
+                f"layers are: {', '.join(candidates) or 'none'}"
+            )
+        chosen.update((n, candidates[n]) for n in hits)
+    return {n: candidates[n] for n in candidates if n in chosen}  # keep model order
+
+
+def _conv_params(conv: nn.Conv2d, r_in: int, r_out: int) -> int:
+    g, k = conv.groups, int(np.prod(conv.kernel_size))
+    bias = conv.out_channels if conv.bias is not None else 0
+    return conv.in_channels * r_in + g * r_in * r_out * k + r_out * conv.out_channels + bias
+
+
+def _linear_params(linear: nn.Linear, r: int) -> int:
+    return linear.in_features * r + r * linear.out_features + (linear.out_features if linear.bias is not None else 0)
+
+
+def _full_ranks(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels // m.groups, m.out_channels // m.groups
+    full = min(m.in_features, m.out_features)
+    return full, full
+
+
+def _evbmf_ranks(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Linear):
+        r = max(1, evbmf_rank(m.weight.detach().cpu().double().numpy()))
+        return r, r
+    w = m.weight.detach().cpu().double().numpy()[: m.out_channels // m.groups]  # first group
+    # Clamped to 1: EVBMF returns 0 for untrained or tiny layers.
+    return max(1, evbmf_rank(tl.unfold(w, 1))), max(1, evbmf_rank(tl.unfold(w, 0)))
+
+
+def _fraction_ranks(m: nn.Module, fraction: float) -> tuple[int, int]:
+    full_in, full_out = _full_ranks(m)
+    if isinstance(m, nn.Linear):
+        r = max(1, int(full_in * fraction))
+        return r, r
+    return max(1, int(full_in * fraction)), max(1, int(full_out * fraction))
+
+
+def _layer_plan(name: str, m: nn.Module, r_in: int, r_out: int) -> LayerPlan:
+    full_in, full_out = _full_ranks(m)
+    r_in, r_out = min(r_in, full_in), min(r_out, full_out)
+    before = sum(p.numel() for p in m.parameters())
+    if isinstance(m, nn.Conv2d):
+        return LayerPlan(name, "conv", r_in, r_out, before, _conv_params(m, r_in, r_out))
+    return LayerPlan(name, "linear", r_in, r_in, before, _linear_params(m, r_in))
+
+
+def plan_compression(model: nn.Module, config: CompressionConfig) -> CompressionPlan:
+    """Choose layers and ranks for ``model`` following ``config``."""
+    plan = CompressionPlan()
+    layers: dict[str, nn.Module] = {}
+    for name, m in select_layers(model, config.layers).items():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.in_channels // m.groups == 1:
+            plan.skipped[name] = "depthwise convolution: one input channel per group leaves nothing to factorize"
+        elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" and m.groups > 1:
+            plan.skipped[name] = "grouped convolution with non-zero padding mode is not supported"
+        else:
+            layers[name] = m
+    if not layers:
+        raise CompressionError("no layer can be compressed; name Conv2d or Linear layers in 'layers'")
+
+    if config.rank_method == "ratio":
+        fraction = _fraction_for_ratio(model, layers, config.target_ratio)
+    for name, m in layers.items():
+        if config.rank_method == "evbmf":
+            ranks = _evbmf_ranks(m)
+        elif config.rank_method == "fraction":
+            ranks = _fraction_ranks(m, config.rank_fraction)
+        elif config.rank_method == "ratio":
+            ranks = _fraction_ranks(m, fraction)
+        else:
+            ranks = _explicit_ranks(name, config.ranks)
+        plan.layers.append(_layer_plan(name, m, *ranks))
+    return plan
+
+
+def _explicit_ranks(name: str, ranks: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    for pattern, pair in ranks.items():
+        if pattern == name or fnmatch.fnmatchcase(name, pattern):
+            return pair
+    raise CompressionError(f"no rank given for layer {name!r}; add it to 'ranks' as [in_rank, out_rank]")
+
+
+def _fraction_for_ratio(model: nn.Module, layers: dict[str, nn.Module], target: float) -> float:
+    """Largest channel fraction (bisection) whose student is at least ``target`` times smaller."""
+    total = sum(p.numel() for p in model.parameters())
+    rest = total - sum(p.numel() for m in layers.values() for p in m.parameters())
+
+    def ratio(f: float) -> float:
+        after = rest + sum(_layer_plan(n, m, *_fraction_ranks(m, f)).params_after for n, m in layers.items())
+        return total / after
+
+    if ratio(1e-9) < target:
+        raise CompressionError(
+            f"target ratio {target}x is out of reach by compressing these layers (at most {ratio(1e-9):.2f}x); "
+            "add layers or lower target_ratio"
+        )
+    lo, hi = 1e-9, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) >= target else (lo, mid)
+    return lo
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan, *, initialize: bool = True, n_iter_max: int = 100,
+               seed: int = 0) -> nn.Module:
+    """Return a copy of ``model`` with each planned layer replaced by its factorized form.
+
+    ``initialize=False`` builds the structure only (to load a saved student's weights into it).
+    """
+    student = copy.deepcopy(model)
+    for p in plan.layers:
+        parent_name, _, attr = p.name.rpartition(".")
+        parent = student.get_submodule(parent_name) if parent_name else student
+        old = getattr(parent, attr)
+        if p.kind == "conv":
+            new: nn.Module = (
+                Tucker2Conv2d.from_conv(old, p.in_rank, p.out_rank, n_iter_max=n_iter_max, seed=seed)
+                if initialize else Tucker2Conv2d(old, p.in_rank, p.out_rank)
+            )
+        else:
+            new = LowRankLinear.from_linear(old, p.in_rank) if initialize else LowRankLinear(old, p.in_rank)
+        setattr(parent, attr, new.to(old.weight.device))
+        log.debug("factorized %s with ranks (%d, %d)", p.name, p.in_rank, p.out_rank)
+    return student

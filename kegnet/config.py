@@ -1,0 +1,119 @@
+"""Validated pipeline configuration, with the paper's settings and our faster default as presets.
+
+Every field has bounds: a job spec comes from a stranger over HTTP and must not be able to ask for an
+unbounded amount of compute or memory.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["kegnet", "gaussian", "uniform", "tucker-only"]
+RankMethod = Literal["evbmf", "fraction", "explicit", "ratio"]
+Preset = Literal["fast", "paper"]
+
+LayerPattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.*?\[\]]+$")]
+Rank = Annotated[int, Field(ge=1, le=65_536)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GeneratorConfig(_Strict):
+    """KegNet generator/decoder training (Yoo et al. 2019, Section 3)."""
+
+    num_generators: int = Field(5, ge=1, le=16, description="ensemble size; each has its own seed")
+    noise_dim: int = Field(10, ge=1, le=256)
+    steps: int = Field(1500, ge=1, le=200_000, description="optimizer steps per generator")
+    batch_size: int = Field(256, ge=2, le=2048)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    alpha: float = Field(1.0, ge=0, le=1e3, description="weight of the decoder (noise reconstruction) loss")
+    beta: float = Field(1.0, ge=0, le=1e3, description="weight of the diversity loss")
+    decoder_layers: int = Field(2, ge=1, le=3, description="hidden 120-unit layers in the decoder")
+    teacher_mode: Literal["eval", "train"] = Field(
+        "eval", description="eval: BatchNorm running stats, no dropout; train: the paper code's behaviour"
+    )
+
+
+class CompressionConfig(_Strict):
+    """Which layers to decompose and at what ranks."""
+
+    layers: list[LayerPattern] | None = Field(
+        None, max_length=256, description="module names or globs; default: every conv except the first"
+    )
+    rank_method: RankMethod = "evbmf"
+    rank_fraction: float = Field(0.5, gt=0, le=1.0, description="for rank_method=fraction")
+    ranks: dict[LayerPattern, tuple[Rank, Rank]] = Field(
+        default_factory=dict, max_length=256, description="(in_rank, out_rank) per layer, rank_method=explicit"
+    )
+    target_ratio: float = Field(2.0, gt=1.0, le=1000.0, description="whole-model ratio for rank_method=ratio")
+    n_iter_max: int = Field(100, ge=1, le=1000, description="HOOI iterations of partial_tucker")
+
+    @model_validator(mode="after")
+    def _explicit_needs_ranks(self) -> CompressionConfig:
+        if self.rank_method == "explicit" and not self.ranks:
+            raise ValueError("rank_method 'explicit' needs 'ranks', e.g. {\"conv3\": [8, 16]}")
+        return self
+
+
+class DistillConfig(_Strict):
+    """Fine-tuning the compressed student on synthetic samples by distillation (Hinton et al. 2015)."""
+
+    steps: int = Field(1500, ge=0, le=500_000)
+    batch_size: int = Field(256, ge=2, le=4096)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    temperature: float = Field(4.0, ge=0.1, le=100.0)
+    hard_label_weight: float = Field(0.0, ge=0.0, le=100.0, description="cross-entropy on the sampled labels")
+    transfer: Literal["fresh", "fixed"] = Field(
+        "fresh", description="fresh samples every step, or a fixed transfer set (the paper)"
+    )
+    samples_per_generator: int = Field(6400, ge=64, le=200_000, description="size of a fixed transfer set")
+    holdout_samples: int = Field(2048, ge=64, le=65_536, description="synthetic samples kept for selection")
+    eval_every: int = Field(100, ge=1, le=100_000)
+    select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
+
+
+class PipelineConfig(_Strict):
+    """Everything the pipeline needs besides the teacher, its spec, a device and a seed."""
+
+    method: Method = "kegnet"
+    preset: Preset = "fast"
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export_portable: bool = Field(True, description="write a torch.export program of the student")
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides: object) -> PipelineConfig:
+        """Build a config from a preset, then apply ``overrides`` (nested dicts merge into sections)."""
+        base = PRESETS[preset]
+        merged = base.model_dump()
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        merged["preset"] = preset
+        return cls.model_validate(merged)
+
+
+PRESETS: dict[str, PipelineConfig] = {
+    # Measured default: diversity on, eval-mode teacher, fresh samples every step, short cosine schedule.
+    "fast": PipelineConfig(),
+    # The paper's MNIST settings and its code's behaviour (train-mode teacher, fixed transfer set).
+    "paper": PipelineConfig(
+        preset="paper",
+        generator=GeneratorConfig(
+            num_generators=5, steps=20_000, batch_size=256, lr=1e-3, alpha=1.0, beta=0.0,
+            decoder_layers=1, teacher_mode="train",
+        ),
+        distill=DistillConfig(
+            steps=40_000, batch_size=64, lr=1e-4, schedule="constant", temperature=1.0,
+            transfer="fixed", samples_per_generator=6400, eval_every=100 * 10,
+        ),
+    ),
+}

@@ -1,0 +1,44 @@
+"""Progress events emitted by the pipeline; the worker forwards them to the service unchanged."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Stage = Literal["load", "generators", "decompose", "finetune", "export", "done"]
+
+# Share of the whole job each stage accounts for, used to turn a stage's own fraction into an overall one.
+STAGE_WEIGHTS: dict[str, float] = {
+    "load": 0.02,
+    "generators": 0.50,
+    "decompose": 0.05,
+    "finetune": 0.38,
+    "export": 0.05,
+}
+_ORDER = list(STAGE_WEIGHTS)
+
+
+class ProgressEvent(BaseModel):
+    """One progress report. ``progress`` is the whole job's fraction in [0, 1]."""
+
+    stage: Stage
+    stage_progress: float = Field(ge=0.0, le=1.0)
+    progress: float = Field(ge=0.0, le=1.0)
+    message: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    time: float = Field(default_factory=time.time)
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+CancelCheck = Callable[[], bool]
+
+
+def overall_progress(stage: str, stage_fraction: float) -> float:
+    """Map a fraction of one stage onto the fraction of the whole job."""
+    if stage == "done":
+        return 1.0
+    done = sum(STAGE_WEIGHTS[s] for s in _ORDER[: _ORDER.index(stage)])
+    return min(1.0, done + STAGE_WEIGHTS[stage] * min(max(stage_fraction, 0.0), 1.0))

@@ -1,0 +1,52 @@
+"""What a user tells us about their model: architecture, its arguments, input shape, classes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Bounds keep a stranger's spec from asking for absurd allocations before anything is checked.
+MAX_SIDE = 512
+MAX_FEATURES = 65_536
+MAX_CHANNELS = 16
+
+JsonScalar = str | int | float | bool | None
+ArchKwarg = JsonScalar | list[JsonScalar]
+
+
+class ModelSpec(BaseModel):
+    """Architecture name + keyword arguments, input shape (C,H,W or F) and number of classes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="registered architecture name")]
+    arch_kwargs: dict[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,63}$")], ArchKwarg] = Field(
+        default_factory=dict, max_length=32
+    )
+    input_shape: tuple[int, ...] = Field(description="(C, H, W) for images or (F,) for feature vectors")
+    num_classes: int = Field(ge=2, le=10_000)
+
+    @field_validator("input_shape")
+    @classmethod
+    def _check_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) == 1:
+            if not 1 <= shape[0] <= MAX_FEATURES:
+                raise ValueError(f"feature count must be in 1..{MAX_FEATURES}, got {shape[0]}")
+        elif len(shape) == 3:
+            c, h, w = shape
+            if not 1 <= c <= MAX_CHANNELS:
+                raise ValueError(f"channels must be in 1..{MAX_CHANNELS}, got {c}")
+            if not (4 <= h <= MAX_SIDE and 4 <= w <= MAX_SIDE):
+                raise ValueError(f"image height and width must be in 4..{MAX_SIDE}, got {h}x{w}")
+        else:
+            raise ValueError("input_shape must be C,H,W for images or F for feature vectors")
+        return shape
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments passed to the architecture's constructor."""
+        return dict(self.arch_kwargs)
