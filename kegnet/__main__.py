@@ -1,0 +1,3 @@
+from kegnet.cli import main
+
+main()

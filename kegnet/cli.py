@@ -1,0 +1,145 @@
+"""``kegnet`` command line: ``kegnet compress`` runs the pipeline locally; ``submit|status|wait|download``
+talk to the HTTP service (see kegnet/client.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from kegnet.config import PipelineConfig
+from kegnet.errors import KegnetError
+from kegnet.events import ProgressEvent
+from kegnet.spec import ModelSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Data-free model compression (KegNet).")
+
+
+@app.callback()
+def _root() -> None:
+    """Data-free model compression (KegNet)."""  # a callback keeps `compress` a subcommand
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise typer.BadParameter("use C,H,W for images or F for feature vectors, e.g. 1,32,32") from exc
+
+
+def _parse_ranks(text: str | None) -> dict[str, list[int]]:
+    """``conv2=3:4,conv3=7:11`` -> {"conv2": [3, 4], "conv3": [7, 11]} (in_rank:out_rank)."""
+    if not text:
+        return {}
+    ranks = {}
+    for item in text.split(","):
+        name, _, pair = item.partition("=")
+        a, _, b = pair.partition(":")
+        try:
+            ranks[name.strip()] = [int(a), int(b or a)]
+        except ValueError as exc:
+            raise typer.BadParameter(f"bad rank {item!r}; use LAYER=IN:OUT") from exc
+    return ranks
+
+
+@app.command()
+def compress(
+    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help=".safetensors or torch.save state dict"),
+    arch: str = typer.Option(..., help="architecture name (lenet5, resnet, mlp, ...)"),
+    input_shape: str = typer.Option(..., help="C,H,W or F"),
+    num_classes: int = typer.Option(...),
+    out: Path = typer.Option(..., help="output directory"),
+    arch_kwargs: str = typer.Option("{}", help="JSON keyword arguments of the architecture"),
+    method: str = typer.Option("kegnet", help="kegnet | gaussian | uniform | tucker-only"),
+    preset: str = typer.Option("fast", help="fast (measured default) | paper (the paper's settings)"),
+    layers: str | None = typer.Option(None, help="comma-separated layer names or globs"),
+    rank_method: str | None = typer.Option(None, help="evbmf | fraction | explicit | ratio"),
+    ranks: str | None = typer.Option(None, help="explicit ranks: LAYER=IN:OUT,..."),
+    rank_fraction: float | None = typer.Option(None),
+    target_ratio: float | None = typer.Option(None),
+    generator_steps: int | None = typer.Option(None, help="override the preset's generator steps"),
+    num_generators: int | None = typer.Option(None),
+    distill_steps: int | None = typer.Option(None, help="override the preset's student steps"),
+    config_json: str | None = typer.Option(None, "--config", help="JSON overrides of PipelineConfig sections"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Compress CHECKPOINT without data and write the student, manifest and curves to OUT."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from kegnet.pipeline import run_pipeline  # torch import deferred until a command needs it
+
+    overrides: dict[str, Any] = {"method": method}
+    comp: dict[str, Any] = {}
+    if layers:
+        comp["layers"] = [v.strip() for v in layers.split(",") if v.strip()]
+    if ranks:
+        comp["ranks"] = _parse_ranks(ranks)
+        comp.setdefault("rank_method", "explicit")
+    for key, value in (("rank_method", rank_method), ("rank_fraction", rank_fraction),
+                       ("target_ratio", target_ratio)):
+        if value is not None:
+            comp[key] = value
+    gen = {k: v for k, v in (("steps", generator_steps), ("num_generators", num_generators)) if v is not None}
+    dist = {"steps": distill_steps} if distill_steps is not None else {}
+    extra = json.loads(config_json) if config_json else {}
+    for section, values in (("compression", comp), ("generator", gen), ("distill", dist)):
+        overrides[section] = {**extra.pop(section, {}), **values}
+    overrides.update(extra)
+    try:
+        spec = ModelSpec(arch=arch, arch_kwargs=json.loads(arch_kwargs), input_shape=_parse_shape(input_shape),
+                         num_classes=num_classes)
+        config = PipelineConfig.from_preset(preset, **overrides)  # type: ignore[arg-type]
+    except (ValidationError, json.JSONDecodeError, KeyError) as exc:
+        typer.secho(f"invalid options: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+
+    bars: dict[str, tqdm] = {}
+
+    def show(event: ProgressEvent) -> None:
+        if event.stage == "done":
+            return
+        bar = bars.get(event.stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[event.stage] = tqdm(total=1000, desc=f"{event.stage:<10}", unit="‰", leave=True)
+        bar.n = int(event.stage_progress * 1000)
+        shown = {k: round(v, 4) for k, v in event.metrics.items() if isinstance(v, float)}
+        if shown:
+            bar.set_postfix(shown, refresh=False)
+        bar.refresh()
+
+    try:
+        result = run_pipeline(checkpoint, spec, config, out, device=device, seed=seed, progress=show)
+    except KegnetError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        for bar in bars.values():
+            bar.close()
+    m = result.manifest
+    typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
+               f"({m['compression_ratio']:.2f}x); MACs {m['macs']['teacher']:,} -> {m['macs']['student']:,}")
+    if m["synthetic_agreement"]:
+        typer.echo(f"synthetic agreement with the teacher: {m['synthetic_agreement']['best']:.4f}")
+    typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
+
+
+def main() -> None:
+    try:
+        from kegnet.client import register_client_commands
+    except ImportError:  # the HTTP client needs only httpx, but keep the local CLI usable without it
+        pass
+    else:
+        register_client_commands(app)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Fine-tuning the compressed student by distillation on synthetic samples only.
+
+Model selection never sees real data: every ``eval_every`` steps the student's agreement with the teacher
+is measured on a held-out synthetic set drawn with a separate seed, and the best step is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kegnet.config import DistillConfig
+from kegnet.distill.losses import kd_loss
+from kegnet.errors import Cancelled
+from kegnet.generation.samplers import Sampler
+from kegnet.metrics import agreement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillResult:
+    best_step: int
+    best_agreement: float
+    initial_agreement: float
+    curve: list[dict[str, float]] = field(default_factory=list)  # step, loss, agreement
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    # Synthetic batches have other statistics than real data: keep the teacher's running statistics.
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.no_grad()
+def _fixed_transfer_set(sampler: Sampler, n: int, rng: torch.Generator, chunk: int = 4096):
+    xs, ys = [], []
+    for start in range(0, n, chunk):
+        x, y = sampler.sample(min(chunk, n - start), rng)
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), (None if ys[0] is None else torch.cat(ys))
+
+
+def distill(
+    teacher: nn.Module, student: nn.Module, sampler: Sampler, config: DistillConfig, *, device: torch.device,
+    seed: int, num_sources: int = 1, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> DistillResult:
+    """Train ``student`` in place to match ``teacher`` on ``sampler``'s samples; returns the curve.
+
+    ``num_sources`` (the number of generators) sizes a fixed transfer set: ``samples_per_generator`` each.
+    """
+    teacher = teacher.eval()
+    holdout_x, _ = _fixed_transfer_set(sampler, config.holdout_samples,
+                                       torch.Generator(device=device).manual_seed(seed + 7919))
+    student.eval()
+    first = agreement(teacher, student, holdout_x)
+    result = DistillResult(best_step=0, best_agreement=first, initial_agreement=first,
+                           curve=[{"step": 0, "loss": float("nan"), "agreement": first}])
+    if on_eval:
+        on_eval(0, {"agreement": first})
+    best_state = copy.deepcopy(student.state_dict())
+
+    rng = torch.Generator(device=device).manual_seed(seed)
+    if config.transfer == "fixed":
+        pool_x, pool_y = _fixed_transfer_set(sampler, config.samples_per_generator * num_sources, rng)
+        with torch.no_grad():
+            pool_t = torch.cat([teacher(c) for c in pool_x.split(4096)])
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.steps, 1))
+                 if config.schedule == "cosine" else None)
+
+    loss_sum = torch.zeros((), device=device)
+    for step in range(1, config.steps + 1):
+        student.train()
+        _freeze_batchnorm(student)
+        if config.transfer == "fresh":
+            x, y = sampler.sample(config.batch_size, rng)
+            with torch.no_grad():
+                t_logits = teacher(x)
+        else:
+            idx = torch.randint(len(pool_x), (config.batch_size,), generator=rng, device=device)
+            x, t_logits = pool_x[idx], pool_t[idx]
+            y = None if pool_y is None else pool_y[idx]
+        s_logits = student(x)
+        loss = kd_loss(s_logits, t_logits, config.temperature)
+        if config.hard_label_weight > 0 and y is not None:
+            loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler:
+            scheduler.step()
+        loss_sum += loss.detach()
+
+        if step % config.eval_every == 0 or step == config.steps:
+            n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
+            student.eval()
+            agree = agreement(teacher, student, holdout_x)
+            mean_loss = (loss_sum / n).item()
+            loss_sum.zero_()
+            result.curve.append({"step": step, "loss": mean_loss, "agreement": agree})
+            if agree >= result.best_agreement or not config.select_best:
+                result.best_step, result.best_agreement = step, agree
+                best_state = copy.deepcopy(student.state_dict())
+            if on_eval:
+                on_eval(step, {"loss": mean_loss, "agreement": agree})
+            if should_cancel and should_cancel():
+                raise Cancelled("cancelled while fine-tuning the student")
+    student.load_state_dict(best_state)
+    return result

@@ -1,0 +1,107 @@
+"""Writing a run's outputs, and loading a saved student back.
+
+Files: ``student.safetensors`` (weights; its metadata holds the spec and the compression plan, so the file
+alone rebuilds the model with this package), ``student.pt2`` (a ``torch.export`` program with a dynamic batch
+size that loads with plain PyTorch), ``curves.png`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kegnet.compression import CompressionPlan, apply_plan
+from kegnet.models import create_model
+from kegnet.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "student.safetensors"
+PROGRAM = "student.pt2"
+CURVES = "curves.png"
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(student: nn.Module, spec: ModelSpec, plan: CompressionPlan, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    meta = {"kegnet_spec": spec.model_dump_json(), "kegnet_plan": json.dumps(plan.to_dict())}
+    save_file(state, str(path), metadata=meta)
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """Rebuild a student from ``student.safetensors`` (or a run directory holding it); eval mode, CPU."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    spec = ModelSpec.model_validate_json(meta["kegnet_spec"])
+    plan = CompressionPlan.from_dict(json.loads(meta["kegnet_plan"]))
+    model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.kwargs())
+    student = apply_plan(model, plan, initialize=False)
+    student.load_state_dict(load_file(str(path)), strict=True)
+    return student.eval()
+
+
+def export_program(student: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
+    """Save a ``torch.export`` program of ``student`` on the CPU, batch size dynamic."""
+    model = student.cpu().eval()
+    example = (torch.zeros(2, *input_shape),)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+def plot_curves(generator_curve: list[dict], distill_curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if generator_curve:
+        steps = [r["step"] for r in generator_curve]
+        for key in ("cls_loss", "dec_loss", "div_loss"):
+            axes[0].plot(steps, [r[key] for r in generator_curve], label=key)
+        axes[0].plot(steps, [r["teacher_acc"] for r in generator_curve], label="teacher acc. on G's labels")
+        axes[0].set_xlabel("generator step")
+        axes[0].legend(fontsize=8)
+    axes[0].set_title("generators")
+    if distill_curve:
+        steps = [r["step"] for r in distill_curve]
+        axes[1].plot(steps, [r["agreement"] for r in distill_curve], label="agreement (held-out synthetic)")
+        ax2 = axes[1].twinx()
+        ax2.plot(steps[1:], [r["loss"] for r in distill_curve[1:]], color="tab:red", label="KD loss")
+        ax2.set_ylabel("KD loss")
+        axes[1].set_xlabel("student step")
+        axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].set_title("student")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Add the sha256 of every artifact and write ``manifest.json`` atomically."""
+    manifest["files"] = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out_dir / MANIFEST)

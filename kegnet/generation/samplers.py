@@ -1,0 +1,50 @@
+"""Where the student's training inputs come from: KegNet generators, or the paper's noise baselines."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kegnet.generation.train import sample_labels
+
+
+class Sampler:
+    """Draws ``(x, labels)`` batches; ``labels`` is None when the source has no class in mind."""
+
+    def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class KegNetSampler(Sampler):
+    """Equal shares from each trained generator, labels drawn uniformly."""
+
+    def __init__(self, generators: list[nn.Module], num_classes: int, noise_dim: int, device: torch.device):
+        self.generators, self.num_classes, self.noise_dim, self.device = generators, num_classes, noise_dim, device
+
+    @torch.no_grad()
+    def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        per = math.ceil(n / len(self.generators))
+        xs, ys = [], []
+        for g in self.generators:
+            labels = sample_labels(per, self.num_classes, rng, self.device)
+            xs.append(g(labels, torch.randn(per, self.noise_dim, generator=rng, device=self.device)))
+            ys.append(labels.argmax(1))
+        perm = torch.randperm(per * len(self.generators), generator=rng, device=self.device)[:n]
+        return torch.cat(xs)[perm], torch.cat(ys)[perm]
+
+
+class NoiseSampler(Sampler):
+    """The paper's baselines: standard Gaussian, or uniform with unit variance (U(-√3, √3))."""
+
+    def __init__(self, kind: str, input_shape: tuple[int, ...], device: torch.device) -> None:
+        if kind not in ("gaussian", "uniform"):
+            raise ValueError(kind)
+        self.kind, self.input_shape, self.device = kind, input_shape, device
+
+    def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, None]:
+        shape = (n, *self.input_shape)
+        if self.kind == "gaussian":
+            return torch.randn(shape, generator=rng, device=self.device), None
+        return (torch.rand(shape, generator=rng, device=self.device) * 2 - 1) * math.sqrt(3), None

@@ -1,0 +1,99 @@
+"""Training the KegNet generator ensemble against a frozen teacher.
+
+All generators are trained together: each makes its own batch, the teacher classifies the concatenation
+in one call, and the per-generator losses are summed. The generators share no parameters, so one Adam
+over all of them gives each exactly the update it would get alone, at a fraction of the launches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kegnet.config import GeneratorConfig
+from kegnet.errors import Cancelled
+from kegnet.generation.losses import decoder_loss, diversity_loss
+from kegnet.generation.models import Decoder, make_generator
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def sample_labels(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Uniformly drawn classes as one-hot rows ``(n, num_classes)``."""
+    idx = torch.randint(num_classes, (n,), generator=generator, device=device)
+    return F.one_hot(idx, num_classes).float()
+
+
+def freeze(teacher: nn.Module, mode: str) -> nn.Module:
+    """A frozen copy of the teacher: no gradient into its weights, in eval or train (batch-stat) mode.
+
+    The copy matters in train mode: BatchNorm would otherwise overwrite the user's running statistics.
+    """
+    frozen = copy.deepcopy(teacher)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen.train(mode == "train")
+
+
+def train_generators(
+    teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int, config: GeneratorConfig, *,
+    device: torch.device, seed: int, on_step: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None, report_every: int = 50,
+) -> list[nn.Module]:
+    """Train ``config.num_generators`` generators; returns them in eval mode.
+
+    ``on_step(step, metrics)`` is called every ``report_every`` steps with the mean losses and the teacher's
+    accuracy on the generators' labels since the last report.
+    """
+    frozen = freeze(teacher, config.teacher_mode).to(device)
+    k = config.num_generators
+    gens, decs = [], []
+    for i in range(k):
+        torch.manual_seed(seed * 1000 + i)  # a different seed per generator, as in the paper
+        gens.append(make_generator(input_shape, num_classes, config.noise_dim).to(device).train())
+        decs.append(Decoder(math.prod(input_shape), config.noise_dim, config.decoder_layers).to(device).train())
+    params = [p for m in gens + decs for p in m.parameters()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    b = config.batch_size
+
+    # Running sums stay on the device; reading them only at report time avoids a host sync per step.
+    sums = torch.zeros(4, device=device)
+    for step in range(1, config.steps + 1):
+        labels = sample_labels(b * k, num_classes, rng, device)
+        noise = torch.randn(b * k, config.noise_dim, generator=rng, device=device)
+        samples = [g(labels[i * b:(i + 1) * b], noise[i * b:(i + 1) * b]) for i, g in enumerate(gens)]
+        logits = frozen(torch.cat(samples))
+        target = labels.argmax(1)
+        l_cls = F.cross_entropy(logits, target) * k  # mean per generator, summed over generators
+        l_dec = sum(decoder_loss(d(s), noise[i * b:(i + 1) * b]) for i, (d, s) in enumerate(zip(decs, samples,
+                                                                                                strict=True)))
+        l_div = (
+            sum(diversity_loss(s, noise[i * b:(i + 1) * b]) for i, s in enumerate(samples))
+            if config.beta > 0 else torch.zeros((), device=device)
+        )
+        loss = l_cls + config.alpha * l_dec + config.beta * l_div
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        with torch.no_grad():
+            acc = (logits.argmax(1) == target).float().mean()
+            sums += torch.stack([l_cls / k, l_dec / k, l_div / k, acc])
+        if step % report_every == 0 or step == config.steps:
+            n = report_every if step % report_every == 0 else step % report_every
+            cls_, dec_, div_, acc_ = (sums / n).tolist()
+            sums.zero_()
+            if on_step:
+                on_step(step, {"cls_loss": cls_, "dec_loss": dec_, "div_loss": div_, "teacher_acc": acc_})
+            if should_cancel and should_cancel():
+                raise Cancelled("cancelled while training generators")
+    return [g.eval() for g in gens]

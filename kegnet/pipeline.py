@@ -1,0 +1,189 @@
+"""The whole job: load → generators → decompose → fine-tune → export.
+
+``run_pipeline`` is the one entry point used by the CLI and the worker. It reports progress through a
+callback, checks a cancel function between steps, and never reads any data: the teacher is the only input.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import tensorly
+import torch
+from torch import nn
+
+from kegnet import export
+from kegnet.checkpoint import load_teacher
+from kegnet.compression import apply_plan, plan_compression
+from kegnet.config import PipelineConfig
+from kegnet.distill import distill
+from kegnet.errors import Cancelled
+from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, overall_progress
+from kegnet.generation import KegNetSampler, NoiseSampler, train_generators
+from kegnet.metrics import count_macs, count_parameters
+from kegnet.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    student: nn.Module
+
+    @property
+    def artifacts(self) -> dict[str, Path]:
+        return {name: self.out_dir / name for name in [*self.manifest["files"], export.MANIFEST]}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present. Called inside the job, never at import (Celery forks workers)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Reporter:
+    """Turns stage-local progress into ``ProgressEvent``s and enforces cancellation."""
+
+    def __init__(self, progress: ProgressCallback | None, should_cancel: CancelCheck | None) -> None:
+        self.progress, self.should_cancel = progress, should_cancel
+
+    def __call__(self, stage: str, fraction: float, message: str = "", **metrics: Any) -> None:
+        if self.progress:
+            self.progress(ProgressEvent(stage=stage, stage_progress=min(max(fraction, 0.0), 1.0),  # type: ignore[arg-type]
+                                        progress=overall_progress(stage, fraction), message=message,
+                                        metrics=metrics))
+        self.check()
+
+    def check(self) -> None:
+        if self.should_cancel and self.should_cancel():
+            raise Cancelled("cancelled by request")
+
+
+def run_pipeline(
+    checkpoint: str | Path | nn.Module, spec: ModelSpec, config: PipelineConfig, out_dir: str | Path, *,
+    device: str = "auto", seed: int = 0, progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> RunResult:
+    """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
+
+    Raises ``KegnetError`` subclasses for bad input (user-facing messages) and ``Cancelled`` on request.
+    """
+    report = _Reporter(progress, should_cancel)
+    dev = resolve_device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+
+    # 1. load
+    t0 = time.perf_counter()
+    report("load", 0.0, "loading the teacher")
+    teacher = checkpoint if isinstance(checkpoint, nn.Module) else load_teacher(checkpoint, spec)
+    teacher = teacher.to(dev).eval()
+    timings["load"] = time.perf_counter() - t0
+    report("load", 1.0, "teacher loaded", parameters=count_parameters(teacher))
+
+    # 2. generators (KegNet only; the baselines draw noise)
+    t0 = time.perf_counter()
+    generator_curve: list[dict[str, float]] = []
+    gcfg = config.generator
+    if config.method == "kegnet":
+        def on_gen_step(step: int, metrics: dict[str, float]) -> None:
+            generator_curve.append({"step": step, **metrics})
+            report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", **metrics)
+
+        generators = train_generators(
+            teacher, spec.input_shape, spec.num_classes, gcfg, device=dev, seed=seed,
+            on_step=on_gen_step, should_cancel=should_cancel, report_every=max(1, min(50, gcfg.steps // 20 or 1)),
+        )
+        sampler = KegNetSampler(generators, spec.num_classes, gcfg.noise_dim, dev)
+        num_sources = len(generators)
+    else:
+        sampler = NoiseSampler(config.method, spec.input_shape, dev) if config.method != "tucker-only" else None
+        num_sources = 1
+    timings["generators"] = time.perf_counter() - t0
+    report("generators", 1.0, "samples ready" if sampler else "no sampler for this method")
+
+    # 3. decompose
+    t0 = time.perf_counter()
+    plan = plan_compression(teacher, config.compression)
+    student = apply_plan(teacher, plan, n_iter_max=config.compression.n_iter_max, seed=seed).to(dev)
+    params_before, params_after = count_parameters(teacher), count_parameters(student)
+    ranks = {p.name: [p.in_rank, p.out_rank] for p in plan.layers}
+    timings["decompose"] = time.perf_counter() - t0
+    report("decompose", 1.0, f"{len(plan.layers)} layers factorized", ranks=ranks,
+           compression_ratio=params_before / params_after)
+
+    # 4. fine-tune
+    t0 = time.perf_counter()
+    distill_result = None
+    if sampler is not None and config.distill.steps > 0:
+        dcfg = config.distill
+
+        def on_eval(step: int, metrics: dict[str, float]) -> None:
+            report("finetune", step / dcfg.steps, f"student step {step}/{dcfg.steps}", **metrics)
+
+        distill_result = distill(teacher, student, sampler, dcfg, device=dev, seed=seed,
+                                 num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel)
+    timings["finetune"] = time.perf_counter() - t0
+    report("finetune", 1.0, "student ready")
+
+    # 5. export
+    t0 = time.perf_counter()
+    student = student.cpu().eval()
+    teacher_cpu = teacher.cpu()
+    export.save_weights(student, spec, plan, out / export.WEIGHTS)
+    if config.export_portable:
+        export.export_program(student, spec.input_shape, out / export.PROGRAM)
+    export.plot_curves(generator_curve, distill_result.curve if distill_result else [], out / export.CURVES)
+    timings["export"] = time.perf_counter() - t0
+
+    manifest: dict[str, Any] = {
+        "spec": spec.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"),
+        "seed": seed,
+        "device": str(dev),
+        "plan": plan.to_dict(),
+        "parameters": {"teacher": params_before, "student": params_after},
+        "macs": {"teacher": count_macs(teacher_cpu, spec.input_shape),
+                 "student": count_macs(student, spec.input_shape)},
+        "compression_ratio": params_before / params_after,
+        "synthetic_agreement": None if distill_result is None else {
+            "before_finetune": distill_result.initial_agreement,
+            "best": distill_result.best_agreement,
+            "best_step": distill_result.best_step,
+        },
+        "generator_curve": generator_curve,
+        "distill_curve": distill_result.curve if distill_result else [],
+        "timings_s": timings,
+        "versions": {"kegnet": _version(), "torch": torch.__version__, "tensorly": tensorly.__version__,
+                     "safetensors": safetensors.__version__, "python": platform.python_version()},
+    }
+    export.write_manifest(out, manifest)
+    report("export", 1.0, "artifacts written")
+    if progress:
+        progress(ProgressEvent(stage="done", stage_progress=1.0, progress=1.0, message="done",
+                               metrics={"compression_ratio": manifest["compression_ratio"]}))
+    log.info("compressed %s: %.2fx in %.1fs", spec.arch, manifest["compression_ratio"], sum(timings.values()))
+    return RunResult(out, manifest, student)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kegnet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__all__ = ["RunResult", "resolve_device", "run_pipeline"]

@@ -1,0 +1,85 @@
+"""The FastAPI application: ``create_app(settings)``; ``uvicorn service.app:app`` builds one from the env."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from service.keys import KeyStore
+from service.limits import BodySizeLimitMiddleware
+from service.reaper import reap_once, reaper_loop
+from service.routers import artifacts, health, jobs
+from service.settings import Settings, get_settings
+from service.storage import LocalStorage
+from service.store import JobStore
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "worker.tasks.compress_job"
+QUEUE = "gpu"
+
+
+def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
+    """Send the task by name, so the API never imports the worker (or touches a GPU)."""
+    from celery import Celery
+
+    sender = Celery("kegnet-api", broker=settings.celery_broker_url)
+    sender.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry=False,
+                       broker_connection_retry_on_startup=False, broker_connection_timeout=5)
+
+    def enqueue(job_id: str) -> None:
+        sender.send_task(TASK_NAME, args=[job_id], queue=QUEUE, ignore_result=True)
+
+    return enqueue
+
+
+def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] | None = None,
+               run_reaper: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.max_events_per_job)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task: asyncio.Task[Any] | None = None
+        if run_reaper:
+            # One pass at start-up: jobs whose worker died while this API was down are ended now.
+            try:
+                await asyncio.to_thread(reap_once, store, settings)
+            except Exception:
+                log.exception("start-up reaper pass failed")
+            task = asyncio.create_task(reaper_loop(store, settings))
+        yield
+        if task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(title="KegNet compression service", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.store = store
+    app.state.storage = LocalStorage(settings.data_dir)
+    app.state.keys = KeyStore(store.r, settings.key_prefix)
+    app.state.enqueue = enqueue or celery_enqueuer(settings)
+    app.add_middleware(BodySizeLimitMiddleware,
+                       max_body_bytes=settings.max_upload_bytes + settings.form_overhead_bytes)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(artifacts.router)
+    if settings.auth_disabled:
+        log.warning("authentication is DISABLED (KEGNET_AUTH_DISABLED=true): every caller is the same owner")
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # Module-level ``app`` for ``uvicorn service.app:app``, built on first access so importing this
+    # module (tests, tools) does not read the environment or connect to Redis.
+    if name == "app":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        globals()["app"] = created = create_app()
+        return created
+    raise AttributeError(name)

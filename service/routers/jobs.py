@@ -1,0 +1,217 @@
+"""``/v1/jobs``: submit, list, inspect, follow, cancel and delete compression jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from kegnet.checkpoint import load_teacher
+from kegnet.errors import KegnetError
+from service.deps import current_owner, get_settings_dep, get_storage, get_store
+from service.schemas import EventPage, JobOut, JobPage, JobRequest
+from service.settings import Settings
+from service.storage import LocalStorage, UploadTooLarge
+from service.store import FAILED, QUEUED, TERMINAL, JobStore
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_IDEM_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+
+def owned_job(job_id: str, owner: str = Depends(current_owner), store: JobStore = Depends(get_store)) -> dict:
+    """The caller's job; a malformed id, a missing job and someone else's job all read as 404."""
+    job = store.get_for(job_id, owner) if _JOB_ID.match(job_id) else None
+    if job is None:
+        raise HTTPException(404, "no such job")
+    return job
+
+
+def _too_many(settings: Settings, what: str) -> HTTPException:
+    return HTTPException(429, f"{what}; retry later", headers={"Retry-After": str(settings.retry_after_s)})
+
+
+def _check_caps(store: JobStore, settings: Settings, owner: str) -> None:
+    if store.active_count(owner) >= settings.max_active_jobs_per_key:
+        raise _too_many(settings, f"this key already has {settings.max_active_jobs_per_key} active jobs")
+    if store.active_count() >= settings.max_queued_jobs:
+        raise _too_many(settings, "the service queue is full")
+
+
+def _spec_error(exc: ValidationError) -> HTTPException:
+    errors = [{"loc": ["spec", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+              for e in exc.errors(include_url=False, include_input=False, include_context=False)]
+    return HTTPException(422, errors)
+
+
+def _accepted(job: dict[str, Any], replayed: bool = False) -> JSONResponse:
+    headers = {"Location": f"/v1/jobs/{job['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(JobOut.from_job(job).model_dump(mode="json"), status_code=202, headers=headers)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={413: {}, 422: {}, 429: {}})
+async def submit_job(
+    request: Request,
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+    storage: LocalStorage = Depends(get_storage),
+    settings: Settings = Depends(get_settings_dep),
+    idempotency_key: str | None = Header(None),
+) -> JSONResponse:
+    """Multipart form: ``checkpoint`` (safetensors or torch.save state dict) and ``spec`` (JSON)."""
+    if idempotency_key is not None and not _IDEM_KEY.match(idempotency_key):
+        raise HTTPException(422, "Idempotency-Key must be 1-200 characters of A-Z a-z 0-9 _ . : -")
+    known = idempotency_key and await run_in_threadpool(store.idempotency_get, owner, idempotency_key)
+    if not known:
+        # Refuse before the upload is read when the caller cannot get a job anyway.
+        await run_in_threadpool(_check_caps, store, settings, owner)
+
+    # The body is capped by BodySizeLimitMiddleware while it streams, so this spool is bounded.
+    form = await request.form(max_files=1, max_fields=4)
+    try:
+        upload, spec_text = form.get("checkpoint"), form.get("spec")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "missing file field 'checkpoint'")
+        if not isinstance(spec_text, str):
+            raise HTTPException(422, "missing form field 'spec' (JSON: {\"model\": {...}, \"config\": {...}})")
+        try:
+            job_request = JobRequest.model_validate_json(spec_text)
+        except ValidationError as exc:
+            raise _spec_error(exc) from None
+        try:
+            tmp, sha256, size = await run_in_threadpool(storage.save_stream, upload.file, settings.max_upload_bytes)
+        except UploadTooLarge:
+            raise HTTPException(413, f"the checkpoint is larger than {settings.max_upload_bytes} bytes") from None
+    finally:
+        await form.close()
+
+    try:
+        canonical = json.dumps(job_request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        request_hash = hashlib.sha256(f"{sha256}\n{canonical}".encode()).hexdigest()
+        job_id = uuid.uuid4().hex
+        if idempotency_key:
+            claim = await run_in_threadpool(store.idempotency_claim, owner, idempotency_key, request_hash, job_id)
+            if claim["job_id"] != job_id:
+                if claim["request_hash"] != request_hash:
+                    raise HTTPException(422, "this Idempotency-Key was already used with a different request")
+                existing = await run_in_threadpool(store.get, claim["job_id"])
+                if existing is None:
+                    raise HTTPException(409, "a request with this Idempotency-Key is still being processed")
+                return _accepted(existing, replayed=True)
+            await run_in_threadpool(_check_caps, store, settings, owner)
+
+        # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors),
+        # so pickled code, truncated files, wrong keys/shapes, NaNs and unknown architectures get a 422 now.
+        try:
+            await run_in_threadpool(load_teacher, tmp, job_request.model)
+        except KegnetError as exc:
+            if idempotency_key:  # the key did not create a job: let the caller fix the file and reuse it
+                store.r.delete(f"{store.p}:idem:{owner}:{idempotency_key}")
+            raise HTTPException(422, str(exc)) from None
+
+        storage.commit_checkpoint(tmp, job_id)
+    finally:
+        storage.discard(tmp)  # no-op once committed
+
+    job = await run_in_threadpool(store.create, owner, job_request.model_dump(mode="json"), sha256=sha256,
+                                  size=size, request_hash=request_hash, job_id=job_id)
+    try:
+        await run_in_threadpool(request.app.state.enqueue, job_id)
+    except Exception:
+        log.exception("could not queue job %s", job_id)
+        store.transition(job_id, FAILED, {QUEUED}, error="the job could not be queued; retry later")
+        raise HTTPException(503, "the job queue is unavailable; retry later",
+                            headers={"Retry-After": str(settings.retry_after_s)}) from None
+    log.info("job %s queued for owner %s (%d bytes, sha256 %s)", job_id, owner, size, sha256[:12])
+    return _accepted(job)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+    limit: int = Query(20, ge=1, le=100),
+    cursor: str | None = Query(None, pattern=r"^\d{1,20}$"),
+) -> JobPage:
+    jobs, next_cursor = store.list_for(owner, limit, int(cursor) if cursor else None)
+    return JobPage(jobs=[JobOut.from_job(j) for j in jobs],
+                   next_cursor=str(next_cursor) if next_cursor is not None else None)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job: dict = Depends(owned_job)) -> JobOut:
+    return JobOut.from_job(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, status_code=202)
+def cancel_job(job: dict = Depends(owned_job), store: JobStore = Depends(get_store)) -> JobOut:
+    """Queued jobs are cancelled at once; a running job is asked to stop at its next check (cancelling)."""
+    if job["status"] in TERMINAL:
+        raise HTTPException(409, f"the job already ended ({job['status']})")
+    store.request_cancel(job["id"])
+    return JobOut.from_job(store.get(job["id"]) or job)
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job: dict = Depends(owned_job), store: JobStore = Depends(get_store),
+               storage: LocalStorage = Depends(get_storage)) -> Response:
+    if job["status"] not in TERMINAL:
+        raise HTTPException(409, "only finished jobs can be deleted; cancel it first")
+    store.delete(job["id"])
+    storage.delete_job(job["id"])
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/events", response_model=EventPage)
+async def job_events(
+    request: Request,
+    job: dict = Depends(owned_job),
+    store: JobStore = Depends(get_store),
+    after: int = Query(0, ge=0),
+    limit: int = Query(500, ge=1, le=1000),
+    last_event_id: str | None = Header(None),
+) -> Response:
+    """Server-sent events with ``Accept: text/event-stream``, else a JSON page of events after ``after``."""
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        events = await run_in_threadpool(store.events, job["id"], after, limit)
+        current = await run_in_threadpool(store.get, job["id"])
+        return JSONResponse(EventPage(events=events, next_after=after + len(events),
+                                      status=(current or job)["status"]).model_dump(mode="json"))
+    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+    return StreamingResponse(_sse(request, store, job["id"], start), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(request: Request, store: JobStore, job_id: str, after: int) -> AsyncIterator[str]:
+    idle = 0.0
+    while not await request.is_disconnected():
+        events = await run_in_threadpool(store.events, job_id, after, 200)
+        for ev in events:
+            after = ev["seq"]
+            yield f"id: {ev['seq']}\nevent: {ev.get('type', 'message')}\ndata: {json.dumps(ev)}\n\n"
+        if events:
+            idle = 0.0
+            continue
+        job = await run_in_threadpool(store.get, job_id)
+        if job is None or job["status"] in TERMINAL:
+            return
+        await asyncio.sleep(0.5)
+        idle += 0.5
+        if idle >= 15:  # keep proxies from closing a quiet stream
+            idle = 0.0
+            yield ": keep-alive\n\n"

@@ -1,0 +1,74 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kegnet.config import PipelineConfig
+from kegnet.spec import ModelSpec
+
+ARTIFACT_NAMES = ("student.safetensors", "student.pt2", "manifest.json", "curves.png")
+
+
+class JobRequest(BaseModel):
+    """The ``spec`` form field of ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec
+    config: PipelineConfig = Field(default_factory=PipelineConfig)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ArtifactInfo(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    url: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+    stage: str | None = None
+    progress: float = 0.0
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+    checkpoint_sha256: str
+    checkpoint_size: int
+    request: dict[str, Any]
+    artifacts: list[ArtifactInfo] = Field(default_factory=list)
+    links: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any]) -> JobOut:
+        base = f"/v1/jobs/{job['id']}"
+        arts = [ArtifactInfo(name=n, size=a["size"], sha256=a["sha256"], url=f"{base}/artifacts/{n}")
+                for n, a in sorted(job["artifacts"].items())]
+        return cls(
+            id=job["id"], status=job["status"], stage=job.get("stage") or None,
+            progress=job.get("progress") or 0.0, metrics=job["metrics"], error=job.get("error") or None,
+            created_at=job["created_at"], started_at=job["started_at"], finished_at=job["finished_at"],
+            updated_at=job["updated_at"], checkpoint_sha256=job["checkpoint_sha256"],
+            checkpoint_size=job["checkpoint_size"], request=job["request"], artifacts=arts,
+            links={"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel",
+                   "artifacts": f"{base}/artifacts"},
+        )
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = None
+
+
+class EventPage(BaseModel):
+    events: list[dict[str, Any]]
+    next_after: int
+    status: str

@@ -1,0 +1,48 @@
+"""Typed settings shared by the API and the worker, read from ``KEGNET_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KEGNET_", env_file=None, extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Celery's broker; defaults to the same Redis as the job store (our keys are prefixed "kegnet:").
+    broker_url: str | None = None
+    data_dir: Path = Path("./kegnet-data")
+    key_prefix: str = Field("kegnet", pattern=r"^[a-z0-9_:-]{1,32}$")
+
+    auth_disabled: bool = False
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    # Room for the multipart framing and the JSON spec on top of the file itself.
+    form_overhead_bytes: int = Field(256 * 1024, ge=1024)
+    max_active_jobs_per_key: int = Field(2, ge=1)
+    max_queued_jobs: int = Field(50, ge=1)
+    retry_after_s: int = Field(30, ge=1)
+
+    # Worker limits. The hard limit kills the child; the soft one lets the task record a clear failure.
+    soft_time_limit_s: int = Field(6 * 3600, ge=5)
+    hard_time_limit_s: int = Field(6 * 3600 + 300, ge=10)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    # A running job whose heartbeat is older than this is declared lost by the reaper.
+    heartbeat_stale_s: float = Field(60.0, gt=0)
+    # A job still queued after this long (its message was lost) is failed by the reaper.
+    queued_stale_s: float = Field(7 * 24 * 3600, gt=0)
+    reaper_interval_s: float = Field(15.0, gt=0)
+    progress_write_interval_s: float = Field(1.0, ge=0)
+    max_events_per_job: int = Field(2000, ge=10)
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

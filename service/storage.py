@@ -1,0 +1,78 @@
+"""Where uploads and artifacts live. Only server-made names are used as paths, never client text."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1024 * 1024
+
+
+class UploadTooLarge(Exception):  # noqa: N818
+    pass
+
+
+class LocalStorage:
+    """A directory tree: ``tmp/`` for uploads in flight, ``jobs/<id>/`` for a job's input and outputs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.root / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        # job ids are uuid hex made by the server; check anyway so a bad id can never escape the root.
+        if not (len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)):
+            raise ValueError("invalid job id")
+        return self.root / "jobs" / job_id
+
+    def checkpoint_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "teacher.ckpt"
+
+    def out_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "out"
+
+    def save_stream(self, src: BinaryIO, max_bytes: int) -> tuple[Path, str, int]:
+        """Copy ``src`` into a new temp file, hashing as it goes; raise ``UploadTooLarge`` past ``max_bytes``."""
+        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("wb") as out:
+                while chunk := src.read(CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise UploadTooLarge
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, digest.hexdigest(), size
+
+    def commit_checkpoint(self, tmp: Path, job_id: str) -> Path:
+        """Atomically move an upload into the job's directory (same file system, so rename is atomic)."""
+        dest = self.checkpoint_path(job_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        return dest
+
+    def discard(self, tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
+
+    def delete_job(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,160 @@
+"""``compress_job(job_id)``: run the KegNet pipeline for one stored job and record the outcome in Redis."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from kegnet.errors import Cancelled, KegnetError
+from service.schemas import ARTIFACT_NAMES, JobRequest
+from service.settings import Settings, get_settings
+from service.storage import LocalStorage, file_sha256
+from service.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` → cuda when available. Called inside the task (child process), never in the parent."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise KegnetError("device 'cuda' was requested but this worker has no GPU; use 'auto' or 'cpu'")
+    return "cpu"
+
+
+class _Heartbeat:
+    """Beats into the job from a thread, so long steps without progress events do not look like a death."""
+
+    def __init__(self, store: JobStore, job_id: str, interval: float) -> None:
+        self.store, self.job_id, self.interval = store, job_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.heartbeat(self.job_id)
+            except Exception:
+                log.warning("job heartbeat failed", exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+class _Reporter:
+    """Turns pipeline events into Redis writes, throttled (stage changes and the last event always go)."""
+
+    def __init__(self, store: JobStore, job_id: str, settings: Settings) -> None:
+        self.store, self.job_id = store, job_id
+        self.interval = settings.progress_write_interval_s
+        self._last_write = 0.0
+        self._last_stage: str | None = None
+        self._last_cancel_check = 0.0
+        self._cancel = False
+        self.metrics: dict[str, Any] = {}
+
+    def progress(self, event: Any) -> None:
+        self.metrics.update(event.metrics or {})
+        now = time.monotonic()
+        if event.stage == self._last_stage and now - self._last_write < self.interval and event.stage_progress < 1:
+            return
+        self._last_write, self._last_stage = now, event.stage
+        self.store.update_running(self.job_id, stage=event.stage, progress=f"{event.progress:.4f}",
+                                  metrics=self.metrics, heartbeat=repr(time.time()))
+        self.store.add_event(self.job_id, {"type": "progress", **event.model_dump(mode="json")})
+
+    def should_cancel(self) -> bool:
+        # Read the flag at most twice a second: the pipeline may ask every step.
+        now = time.monotonic()
+        if not self._cancel and now - self._last_cancel_check >= 0.5:
+            self._last_cancel_check = now
+            self._cancel = self.store.cancel_requested(self.job_id)
+        return self._cancel
+
+
+def list_artifacts(out_dir: Path) -> dict[str, dict[str, Any]]:
+    return {name: {"size": (out_dir / name).stat().st_size, "sha256": file_sha256(out_dir / name)}
+            for name in ARTIFACT_NAMES if (out_dir / name).is_file()}
+
+
+def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Settings) -> str:
+    """The task's body, separate from Celery so it can be tested directly. Returns the final status."""
+    job = store.get(job_id)
+    if job is None:
+        log.warning("job %s not found (deleted?); skipping", job_id)
+        return "missing"
+    if not store.transition(job_id, RUNNING, {QUEUED}, started_at=repr(time.time()), heartbeat=repr(time.time()),
+                            stage="load"):
+        log.info("job %s is %s, not queued; skipping", job_id, job["status"])
+        return job["status"]
+
+    reporter = _Reporter(store, job_id, settings)
+    try:
+        with _Heartbeat(store, job_id, settings.heartbeat_interval_s):
+            request = JobRequest.model_validate(job["request"])
+            device = resolve_device(request.device)
+            from kegnet.pipeline import run_pipeline  # heavy; imported in the child only
+
+            out_dir = storage.out_dir(job_id)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            result = run_pipeline(
+                storage.checkpoint_path(job_id), request.model, request.config, out_dir,
+                device=device, seed=request.seed, progress=reporter.progress,
+                should_cancel=reporter.should_cancel,
+            )
+            artifacts = list_artifacts(Path(result.out_dir))
+            metrics = {**reporter.metrics, **_summary(result.manifest), "device": device}
+        done = store.transition(job_id, SUCCEEDED, {RUNNING, CANCELLING}, stage="done", progress="1",
+                                artifacts=artifacts, metrics=metrics)
+        return SUCCEEDED if done else (store.get(job_id) or {}).get("status", "missing")
+    except Cancelled:
+        store.transition(job_id, CANCELLED, {RUNNING, CANCELLING}, event={"message": "cancelled by the user"})
+        return CANCELLED
+    except KegnetError as exc:
+        store.transition(job_id, FAILED, {RUNNING, CANCELLING}, error=str(exc), event={"message": str(exc)})
+        return FAILED
+    except SoftTimeLimitExceeded:
+        msg = (f"the job ran past the time limit of {settings.soft_time_limit_s} s; "
+               "lower the generator/distillation steps or batch size and resubmit")
+        store.transition(job_id, FAILED, {RUNNING, CANCELLING}, error=msg, event={"message": msg})
+        return FAILED
+    except Exception:
+        log.exception("job %s crashed", job_id)
+        msg = "internal error while compressing; the operators have the details in the worker log"
+        store.transition(job_id, FAILED, {RUNNING, CANCELLING}, error=msg, event={"message": msg})
+        return FAILED
+
+
+def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Flat top-level numbers of the manifest (the whole manifest is an artifact)."""
+    out: dict[str, Any] = {}
+    for key, value in manifest.items():
+        if isinstance(value, int | float | str | bool) and len(str(value)) < 200:
+            out[key] = value
+        elif isinstance(value, dict) and key in ("metrics", "summary", "results"):
+            out.update({k: v for k, v in value.items() if isinstance(v, int | float | str | bool)})
+    return out
+
+
+@app.task(name="worker.tasks.compress_job", bind=True)
+def compress_job(self: Any, job_id: str) -> str:
+    settings = get_settings()
+    store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.max_events_per_job)
+    status = run_job(job_id, store, LocalStorage(settings.data_dir), settings)
+    log.info("job %s finished: %s", job_id, status)
+    return status
