@@ -46,7 +46,7 @@ def read_state_dict(path: str | Path) -> StateDict:
 
     if _looks_like_safetensors(head):
         try:
-            return dict(load_safetensors(str(path), device="cpu"))
+            return _unwrap(load_safetensors(str(path), device="cpu"))
         except (SafetensorError, ValueError, OSError) as exc:
             raise CheckpointError(f"the safetensors file is damaged or truncated ({exc})") from exc
 

@@ -1,0 +1,228 @@
+"""A small HTTP client for the KegNet service, and the ``kegnet submit|status|wait|download`` commands.
+
+    client = KegnetClient("http://127.0.0.1:8000", api_key="kgn_...")
+    job = client.submit("teacher.safetensors", {"arch": "lenet5", "input_shape": [1, 32, 32], "num_classes": 10})
+    job = client.wait(job["id"])
+    client.download(job["id"], "out/")
+
+The URL and key default to ``KEGNET_URL`` and ``KEGNET_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ClientError(Exception):
+    """The service refused a request; ``status`` is the HTTP status, ``detail`` its message."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        self.status, self.detail = status, detail
+        super().__init__(f"HTTP {status}: {_detail_text(detail)}")
+
+
+def _detail_text(detail: Any) -> str:
+    if isinstance(detail, list):  # pydantic errors
+        return "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in detail)
+    return str(detail)
+
+
+def _plain(obj: Any) -> Any:
+    return obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
+
+
+class KegnetClient:
+    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.url = (url or os.environ.get("KEGNET_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("KEGNET_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> KegnetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ClientError(r.status_code, detail)
+        return r
+
+    def submit(self, checkpoint: str | Path, model: Any, config: Any = None, *, seed: int = 0,
+               device: str = "auto", idempotency_key: str | None = None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"model": _plain(model), "seed": seed, "device": device}
+        if config is not None:
+            spec["config"] = _plain(config)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with Path(checkpoint).open("rb") as f:
+            r = self.http.post("/v1/jobs", files={"checkpoint": ("checkpoint", f, "application/octet-stream")},
+                               data={"spec": json.dumps(spec)}, headers=headers)
+        return self._check(r).json()
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
+
+    def list(self, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        return self._check(self.http.get("/v1/jobs", params=params)).json()
+
+    def events(self, job_id: str, after: int = 0) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}/events", params={"after": after})).json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
+
+    def delete(self, job_id: str) -> None:
+        self._check(self.http.delete(f"/v1/jobs/{job_id}"))
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0,
+             progress: bool = True) -> dict[str, Any]:
+        """Poll until the job ends; shows a tqdm bar of its progress. Raises ``TimeoutError``."""
+        from tqdm import tqdm
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = tqdm(total=100, unit="%", disable=not progress, bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
+        try:
+            while True:
+                job = self.status(job_id)
+                bar.set_description_str(f"{job['status']:<10} {job.get('stage') or '':<10}")
+                bar.update(round(100 * (job.get("progress") or 0.0)) - bar.n)
+                if job["status"] in TERMINAL:
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+                time.sleep(poll)
+        finally:
+            bar.close()
+
+    def download(self, job_id: str, dest: str | Path, names: list[str] | None = None) -> list[Path]:
+        """Download artifacts into ``dest`` and check each one's sha256 against the listing."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        listing = self._check(self.http.get(f"/v1/jobs/{job_id}/artifacts")).json()
+        paths = []
+        for art in listing:
+            if names and art["name"] not in names:
+                continue
+            path = dest / Path(art["name"]).name  # never trust a server-sent path either
+            digest = hashlib.sha256()
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{art['name']}") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    self._check(r)
+                with path.open("wb") as f:
+                    for chunk in r.iter_bytes():
+                        digest.update(chunk)
+                        f.write(chunk)
+            if digest.hexdigest() != art["sha256"]:
+                path.unlink(missing_ok=True)
+                raise ClientError(502, f"checksum mismatch for {art['name']}")
+            paths.append(path)
+        return paths
+
+
+def register_client_commands(app: Any) -> None:
+    """Add ``submit``, ``status``, ``wait`` and ``download`` to a ``typer.Typer`` app."""
+    import typer
+
+    url_opt = typer.Option(None, "--url", envvar="KEGNET_URL", help="service URL (default http://127.0.0.1:8000)")
+    key_opt = typer.Option(None, "--api-key", envvar="KEGNET_API_KEY", help="API key (Bearer)")
+
+    def fail(exc: Exception) -> None:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+
+    def show(job: dict[str, Any]) -> None:
+        typer.echo(json.dumps(job, indent=2))
+
+    @app.command("submit")
+    def submit_cmd(
+        checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="safetensors or state-dict file"),
+        arch: str = typer.Option(None, help="architecture, e.g. lenet5, resnet, mlp"),
+        input_shape: str = typer.Option(None, help="C,H,W or F, e.g. 1,32,32"),
+        num_classes: int = typer.Option(None),
+        arch_kwargs: str = typer.Option("{}", help="JSON object of architecture arguments"),
+        spec_file: Path = typer.Option(None, exists=True, help="JSON file {model, config, seed, device}"),
+        config_file: Path = typer.Option(None, exists=True, help="JSON PipelineConfig"),
+        seed: int = typer.Option(0),
+        device: str = typer.Option("auto", help="auto|cpu|cuda"),
+        idempotency_key: str = typer.Option(None),
+        wait: bool = typer.Option(False, help="follow the job until it ends"),
+        out: Path = typer.Option(None, help="download the artifacts here when it succeeds (implies --wait)"),
+        url: str = url_opt, api_key: str = key_opt,
+    ) -> None:
+        """Upload a teacher and queue a compression job."""
+        spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
+        model = spec.get("model")
+        if model is None:
+            if not (arch and input_shape and num_classes):
+                fail(ValueError("give --spec-file, or --arch, --input-shape and --num-classes"))
+            model = {"arch": arch, "input_shape": [int(x) for x in input_shape.split(",")],
+                     "num_classes": num_classes, "arch_kwargs": json.loads(arch_kwargs)}
+        config = json.loads(config_file.read_text()) if config_file else spec.get("config")
+        with KegnetClient(url, api_key) as client:
+            try:
+                job = client.submit(checkpoint, model, config, seed=spec.get("seed", seed),
+                                    device=spec.get("device", device), idempotency_key=idempotency_key)
+                if wait or out:
+                    job = client.wait(job["id"])
+                    if out and job["status"] == "succeeded":
+                        client.download(job["id"], out)
+            except (ClientError, httpx.HTTPError, TimeoutError) as exc:
+                fail(exc)
+        show(job)
+        if job["status"] in ("failed", "cancelled"):
+            raise typer.Exit(1)
+
+    @app.command("status")
+    def status_cmd(job_id: str, url: str = url_opt, api_key: str = key_opt) -> None:
+        """Show a job."""
+        with KegnetClient(url, api_key) as client:
+            try:
+                show(client.status(job_id))
+            except (ClientError, httpx.HTTPError) as exc:
+                fail(exc)
+
+    @app.command("wait")
+    def wait_cmd(job_id: str, timeout: float = typer.Option(None, help="seconds"),
+                 url: str = url_opt, api_key: str = key_opt) -> None:
+        """Follow a job with a progress bar until it ends; exit 1 if it failed or was cancelled."""
+        with KegnetClient(url, api_key) as client:
+            try:
+                job = client.wait(job_id, timeout=timeout)
+            except (ClientError, httpx.HTTPError, TimeoutError) as exc:
+                fail(exc)
+        show(job)
+        if job["status"] != "succeeded":
+            raise typer.Exit(1)
+
+    @app.command("download")
+    def download_cmd(job_id: str, out: Path = typer.Option(Path("."), help="directory"),
+                     name: list[str] = typer.Option(None, help="only these artifacts"),
+                     url: str = url_opt, api_key: str = key_opt) -> None:
+        """Download a finished job's artifacts (checksums verified)."""
+        with KegnetClient(url, api_key) as client:
+            try:
+                for path in client.download(job_id, out, name or None):
+                    typer.echo(str(path))
+            except (ClientError, httpx.HTTPError) as exc:
+                fail(exc)

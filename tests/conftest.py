@@ -1,0 +1,50 @@
+"""Shared fixtures: paths to ../shared and tiny models and budgets that run in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.datasets import shared_dir
+from kegnet import ModelSpec, PipelineConfig, create_model
+
+SHARED = shared_dir()
+MNIST_TEACHER = SHARED / "teachers" / "kegnet-mnist-lenet5.pth.tar"
+FASHION_TEACHER = SHARED / "teachers" / "kegnet-fashion-resnet14.pth.tar"
+LENET_SPEC = ModelSpec(arch="lenet5", input_shape=(1, 32, 32), num_classes=10)
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (../shared missing)")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(2)
+
+
+def tiny_config(method: str = "kegnet", **sections: dict) -> PipelineConfig:
+    """A budget of a few steps per stage: exercises every code path in seconds."""
+    base = {
+        "generator": {"num_generators": 2, "steps": 4, "batch_size": 16},
+        "distill": {"steps": 6, "batch_size": 16, "holdout_samples": 64, "eval_every": 3,
+                    "samples_per_generator": 64},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return PipelineConfig.from_preset("fast", method=method, **base)
+
+
+@pytest.fixture
+def small_cnn_spec() -> ModelSpec:
+    return ModelSpec(arch="resnet", arch_kwargs={"depth": 8, "widths": [4, 8]}, input_shape=(1, 12, 12),
+                     num_classes=3)
+
+
+@pytest.fixture
+def small_cnn(small_cnn_spec: ModelSpec) -> torch.nn.Module:
+    torch.manual_seed(0)
+    s = small_cnn_spec
+    return create_model(s.arch, input_shape=s.input_shape, num_classes=s.num_classes, **s.kwargs()).eval()

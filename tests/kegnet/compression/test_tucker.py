@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch import nn
+
+from kegnet.compression import CompressionPlan, LowRankLinear, Tucker2Conv2d, apply_plan, evbmf_rank, plan_compression
+from kegnet.config import CompressionConfig
+from kegnet.errors import CompressionError
+from kegnet.metrics import count_parameters
+from tests.conftest import LENET_SPEC, MNIST_TEACHER, needs_shared
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"stride": 2, "padding": 1},
+    {"dilation": 2, "padding": 2},
+    {"padding": "same"},
+    {"padding": 1, "padding_mode": "reflect"},
+    {"bias": False},
+    {"groups": 2, "padding": 1},
+])
+def test_full_rank_tucker_is_exact(kwargs: dict) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, **kwargs)
+    g = conv.groups
+    layer = Tucker2Conv2d.from_conv(conv, 8 // g, 12 // g)
+    x = torch.randn(3, 8, 11, 11)
+    assert torch.allclose(layer(x), conv(x), atol=1e-5)
+
+
+def test_full_rank_linear_is_exact_and_low_rank_is_best_approximation() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 7)
+    x = torch.randn(4, 20)
+    assert torch.allclose(LowRankLinear.from_linear(lin, 7)(x), lin(x), atol=1e-5)
+    low = LowRankLinear.from_linear(lin, 2)
+    w_hat = low.last.weight @ low.first.weight
+    s = torch.linalg.svdvals(lin.weight.detach())
+    assert torch.allclose(torch.linalg.norm(lin.weight - w_hat), s[2:].norm(), atol=1e-4)
+
+
+def test_evbmf_finds_planted_rank_and_clamps_noise() -> None:
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(60, 5, generator=gen) @ torch.randn(5, 80, generator=gen)
+    noisy = low + 0.01 * torch.randn(60, 80, generator=gen)
+    assert evbmf_rank(noisy.numpy()) == 5
+    assert evbmf_rank(noisy.T.numpy()) == 5  # either orientation
+    assert evbmf_rank(0.01 * torch.randn(30, 40, generator=gen).numpy()) <= 1
+
+
+def test_default_layers_skip_first_conv_and_depthwise() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 3), nn.Flatten(),
+                          nn.Linear(16, 4))
+    plan = plan_compression(model, CompressionConfig(rank_method="fraction", rank_fraction=0.5))
+    assert [p.name for p in plan.layers] == ["2"]
+    assert "depthwise" in plan.skipped["1"]
+    mlp = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 3))
+    assert [p.name for p in plan_compression(mlp, CompressionConfig(rank_method="fraction")).layers] == ["0", "2"]
+
+
+def test_explicit_ranks_target_ratio_and_errors() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 64, 3), nn.Conv2d(64, 64, 3))
+    plan = plan_compression(model, CompressionConfig(layers=["1", "2"], rank_method="explicit",
+                                                     ranks={"1": (4, 6), "*": (5, 5)}))
+    assert [(p.in_rank, p.out_rank) for p in plan.layers] == [(4, 6), (5, 5)]
+    plan = plan_compression(model, CompressionConfig(layers=["1", "2"], rank_method="ratio", target_ratio=3.0))
+    student = apply_plan(model, plan)
+    ratio = count_parameters(model) / count_parameters(student)
+    assert 3.0 <= ratio < 3.3
+    with pytest.raises(CompressionError, match="matches no Conv2d"):
+        plan_compression(model, CompressionConfig(layers=["fc9"]))
+    with pytest.raises(CompressionError, match="out of reach"):
+        plan_compression(model, CompressionConfig(layers=["1"], rank_method="ratio", target_ratio=500))
+
+
+def test_plan_round_trips_and_rebuilds_structure() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4))
+    plan = plan_compression(model, CompressionConfig(layers=["1", "3"], rank_method="fraction"))
+    again = CompressionPlan.from_dict(plan.to_dict())
+    built = apply_plan(model, plan)
+    empty = apply_plan(model, again, initialize=False)
+    empty.load_state_dict(built.state_dict())
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(empty(x), built(x))
+
+
+@needs_shared(MNIST_TEACHER)
+def test_paper_evbmf_ranks_and_ratios_on_the_mnist_teacher() -> None:
+    from kegnet import load_teacher
+
+    teacher = load_teacher(MNIST_TEACHER, LENET_SPEC)
+    for layers, ranks, ratio in ((["conv3"], {"conv3": (7, 11)}, 3.62),
+                                 (["conv2", "conv3"], {"conv2": (3, 4), "conv3": (7, 11)}, 4.10)):
+        plan = plan_compression(teacher, CompressionConfig(layers=layers))
+        assert {p.name: (p.in_rank, p.out_rank) for p in plan.layers} == ranks
+        assert round(count_parameters(teacher) / count_parameters(apply_plan(teacher, plan)), 2) == ratio

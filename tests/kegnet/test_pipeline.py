@@ -1,0 +1,63 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kegnet import Cancelled, ModelSpec, load_student, run_pipeline
+from kegnet.export import sha256_file
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("method", ["kegnet", "gaussian", "uniform", "tucker-only"])
+def test_every_method_produces_a_loadable_student(tmp_path: Path, small_cnn, small_cnn_spec, method: str) -> None:
+    events = []
+    result = run_pipeline(small_cnn, small_cnn_spec, tiny_config(method), tmp_path, device="cpu", seed=1,
+                          progress=events.append)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["compression_ratio"] > 1 and m["parameters"]["student"] < m["parameters"]["teacher"]
+    assert m["macs"]["student"] > 0 and set(m["timings_s"]) == {"load", "generators", "decompose", "finetune",
+                                                                 "export"}
+    assert set(m["files"]) == {"student.safetensors", "student.pt2", "curves.png"}
+    for name, info in m["files"].items():
+        assert sha256_file(tmp_path / name) == info["sha256"]
+    assert (m["synthetic_agreement"] is None) == (method == "tucker-only")
+    assert "layers1.0.conv1" not in m["plan"]["layers"]  # default: every conv but the first
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and events[-1].stage == "done"
+
+    x = torch.randn(5, *small_cnn_spec.input_shape)
+    reloaded = load_student(tmp_path)
+    program = torch.export.load(str(tmp_path / "student.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), result.student(x), atol=1e-6)
+        assert torch.allclose(program(x), result.student(x), atol=1e-5)
+        assert program(torch.randn(17, *small_cnn_spec.input_shape)).shape == (17, 3)  # dynamic batch
+
+
+def test_vector_teacher_and_fixed_transfer_set(tmp_path: Path) -> None:
+    spec = ModelSpec(arch="mlp", arch_kwargs={"hidden": [32, 32]}, input_shape=(16,), num_classes=10)
+    torch.manual_seed(0)
+    from kegnet import create_model
+
+    teacher = create_model("mlp", input_shape=(16,), num_classes=10, hidden=[32, 32])
+    save_file(teacher.state_dict(), str(tmp_path / "t.safetensors"))
+    cfg = tiny_config(distill={"transfer": "fixed"}, compression={"rank_method": "explicit",
+                                                                 "ranks": {"*": [5, 5]}})
+    result = run_pipeline(tmp_path / "t.safetensors", spec, cfg, tmp_path / "out", device="cpu", seed=0)
+    assert [(p["name"], p["in_rank"]) for p in result.manifest["plan"]["layers"]] == [("layers.0", 5),
+                                                                                     ("layers.3", 5)]
+
+
+def test_cancel_stops_between_steps(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    calls = []
+
+    def should_cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        run_pipeline(small_cnn, small_cnn_spec, tiny_config(), tmp_path, device="cpu", seed=0,
+                     should_cancel=should_cancel)
+    assert not (tmp_path / "manifest.json").exists()
