@@ -65,7 +65,8 @@ def _scaled(overrides: dict[str, Any], scale: float, method: str) -> PipelineCon
     return PipelineConfig.from_preset("fast", method=name, generator=gen, distill=dist)
 
 
-def run(scenario: str, seeds: int, device: str, scale: float, test_limit: int | None) -> list[dict[str, Any]]:
+def run(scenario: str, seeds: int, device: str, scale: float, test_limit: int | None,
+        methods: list[str] | None = None, settings: list[str] | None = None) -> list[dict[str, Any]]:
     sc = SCENARIOS[scenario]
     x, y = load_image_split(sc["data"], "test")
     if test_limit:
@@ -73,7 +74,11 @@ def run(scenario: str, seeds: int, device: str, scale: float, test_limit: int | 
     teacher = load_teacher(shared_dir() / "teachers" / sc["teacher"], sc["spec"])
     rows = [{"setting": "-", "method": "teacher", "accuracy": [accuracy(teacher, x, y)], "ratio": 1.0}]
     for setting, layers in sc["settings"].items():
+        if settings and setting not in settings:
+            continue
         for method in sc["methods"]:
+            if methods and method not in methods:
+                continue
             row: dict[str, Any] = {"setting": setting, "method": method, "accuracy": [], "seconds": [],
                                    "agreement": []}
             for seed in range(seeds):
@@ -114,11 +119,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
     parser.add_argument("--test-limit", type=int, default=None, help="score on the first N test samples")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods")
+    parser.add_argument("--settings", default=None, help="comma-separated subset of settings, e.g. 4.10x")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("| setting | method | ratio | test accuracy % | time/run | seeds |\n|---|---|---|---|---|---|")
-    rows = run(args.scenario, args.seeds, args.device, args.scale, args.test_limit)
+    split = lambda text: text.split(",") if text else None  # noqa: E731
+    rows = run(args.scenario, args.seeds, args.device, args.scale, args.test_limit, split(args.methods),
+               split(args.settings))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{args.scenario}.json"
     out.write_text(json.dumps({"scenario": args.scenario, "args": vars(args), "device": _device_name(args.device),
