@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.state.storage = LocalStorage(settings.data_dir)
     app.state.keys = KeyStore(store.r, settings.key_prefix)
     app.state.enqueue = enqueue or celery_enqueuer(settings)
+    app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)
     app.add_middleware(BodySizeLimitMiddleware,
                        max_body_bytes=settings.max_upload_bytes + settings.form_overhead_bytes)
     app.include_router(health.router)

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     form_overhead_bytes: int = Field(256 * 1024, ge=1024)
     max_active_jobs_per_key: int = Field(2, ge=1)
     max_queued_jobs: int = Field(50, ge=1)
+    # Upload checks load the weights in the API process: bound how many run at once (memory).
+    max_concurrent_validations: int = Field(2, ge=1)
     retry_after_s: int = Field(30, ge=1)
 
     # Worker limits. The hard limit kills the child; the soft one lets the task record a clear failure.
@@ -37,6 +39,9 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(15.0, gt=0)
     progress_write_interval_s: float = Field(1.0, ge=0)
     max_events_per_job: int = Field(2000, ge=10)
+    # CPU threads for torch in a job (None: torch's default). On a shared or busy CPU host, 1-2 threads
+    # avoid oversubscription, which was measured to slow small models down by ~100x.
+    torch_threads: int | None = Field(None, ge=1, le=256)
 
     @property
     def celery_broker_url(self) -> str:

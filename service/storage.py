@@ -7,13 +7,24 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 CHUNK = 1024 * 1024
 
 
 class UploadTooLarge(Exception):  # noqa: N818
     pass
+
+
+class Storage(Protocol):
+    """What the API and the worker need from file storage (a shared directory today; could be S3)."""
+
+    def checkpoint_path(self, job_id: str) -> Path: ...
+    def out_dir(self, job_id: str) -> Path: ...
+    def save_stream(self, src: BinaryIO, max_bytes: int) -> tuple[Path, str, int]: ...
+    def commit_checkpoint(self, tmp: Path, job_id: str) -> Path: ...
+    def discard(self, tmp: Path) -> None: ...
+    def delete_job(self, job_id: str) -> None: ...
 
 
 class LocalStorage:

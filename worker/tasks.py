@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import task_failure
 
 from kegnet.errors import Cancelled, KegnetError
 from service.schemas import ARTIFACT_NAMES, JobRequest
@@ -99,7 +103,7 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
         log.warning("job %s not found (deleted?); skipping", job_id)
         return "missing"
     if not store.transition(job_id, RUNNING, {QUEUED}, started_at=repr(time.time()), heartbeat=repr(time.time()),
-                            stage="load"):
+                            stage="load", worker=f"{socket.gethostname()}:{os.getpid()}"):
         log.info("job %s is %s, not queued; skipping", job_id, job["status"])
         return job["status"]
 
@@ -108,6 +112,10 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
         with _Heartbeat(store, job_id, settings.heartbeat_interval_s):
             request = JobRequest.model_validate(job["request"])
             device = resolve_device(request.device)
+            if settings.torch_threads:
+                import torch
+
+                torch.set_num_threads(settings.torch_threads)
             from kegnet.pipeline import run_pipeline  # heavy; imported in the child only
 
             out_dir = storage.out_dir(job_id)
@@ -141,14 +149,18 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
 
 
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Flat top-level numbers of the manifest (the whole manifest is an artifact)."""
-    out: dict[str, Any] = {}
-    for key, value in manifest.items():
-        if isinstance(value, int | float | str | bool) and len(str(value)) < 200:
-            out[key] = value
-        elif isinstance(value, dict) and key in ("metrics", "summary", "results"):
-            out.update({k: v for k, v in value.items() if isinstance(v, int | float | str | bool)})
-    return out
+    """The headline numbers of the manifest for the job's ``metrics`` (the whole manifest is an artifact)."""
+    params = manifest.get("parameters") or {}
+    agreement = manifest.get("synthetic_agreement") or {}
+    out = {
+        "compression_ratio": manifest.get("compression_ratio"),
+        "teacher_parameters": params.get("teacher"),
+        "student_parameters": params.get("student"),
+        "synthetic_agreement": agreement.get("best"),
+        "synthetic_agreement_before_finetune": agreement.get("before_finetune"),
+        "seconds": sum((manifest.get("timings_s") or {}).values()),
+    }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @app.task(name="worker.tasks.compress_job", bind=True)
@@ -158,3 +170,35 @@ def compress_job(self: Any, job_id: str) -> str:
     status = run_job(job_id, store, LocalStorage(settings.data_dir), settings)
     log.info("job %s finished: %s", job_id, status)
     return status
+
+
+_parent_store: JobStore | None = None
+
+
+@task_failure.connect
+def _record_parent_side_failure(sender: Any = None, exception: BaseException | None = None,
+                                args: Any = None, **_: Any) -> None:
+    """Failures seen by the worker's parent: the child was killed (OOM, SIGKILL) or hit the hard time limit.
+
+    ``run_job`` handles every error raised inside the child, so this only fires when the child could not
+    record anything itself. The reaper would catch these jobs too, later and with a vaguer message.
+    """
+    global _parent_store
+    if getattr(sender, "name", None) != compress_job.name or not args:
+        return
+    settings = get_settings()
+    if isinstance(exception, TimeLimitExceeded):
+        msg = (f"the job was stopped at the hard time limit of {settings.hard_time_limit_s} s; "
+               "lower the generator/distillation steps and resubmit")
+    elif isinstance(exception, WorkerLostError):
+        msg = "worker lost: the process running the job died (for example out of memory); resubmit the job"
+    else:
+        msg = "internal error while compressing; the operators have the details in the worker log"
+    try:
+        _parent_store = _parent_store or JobStore.from_url(settings.redis_url, settings.key_prefix)
+        job_id = str(args[0])
+        _parent_store.transition(job_id, FAILED, {QUEUED, RUNNING}, error=msg, event={"message": msg})
+        _parent_store.transition(job_id, CANCELLED, {CANCELLING}, event={"message": msg})
+        log.warning("job %s: %s (%r)", job_id, msg, exception)
+    except Exception:
+        log.exception("could not record the failure of job %s", args[0])

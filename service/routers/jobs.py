@@ -118,7 +118,8 @@ async def submit_job(
         # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors),
         # so pickled code, truncated files, wrong keys/shapes, NaNs and unknown architectures get a 422 now.
         try:
-            await run_in_threadpool(load_teacher, tmp, job_request.model)
+            async with request.app.state.validation_slots:
+                await run_in_threadpool(load_teacher, tmp, job_request.model)
         except KegnetError as exc:
             if idempotency_key:  # the key did not create a job: let the caller fix the file and reuse it
                 store.r.delete(f"{store.p}:idem:{owner}:{idempotency_key}")

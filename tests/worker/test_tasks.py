@@ -1,0 +1,119 @@
+"""``run_job``: the task body, run in this process with the real pipeline on a tiny MLP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from svc_helpers import MLP_MODEL, REDIS_TEST_URL, TINY_CONFIG, write_mlp_safetensors
+
+from service.settings import Settings
+from service.storage import LocalStorage
+from service.store import QUEUED, JobStore
+from worker.tasks import resolve_device, run_job
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_db):
+    settings = Settings(redis_url=REDIS_TEST_URL, data_dir=tmp_path / "data", heartbeat_interval_s=0.2,
+                        progress_write_interval_s=0)
+    return settings, JobStore.from_url(REDIS_TEST_URL), LocalStorage(settings.data_dir)
+
+
+def make_job(env, tmp_path: Path, config: dict | None = None) -> str:
+    settings, store, storage = env
+    request = {"model": MLP_MODEL, "config": config or TINY_CONFIG, "seed": 0, "device": "auto"}
+    job = store.create("alice", request, sha256="0" * 64, size=1, request_hash="h")
+    write_mlp_safetensors(tmp_path / "t.safetensors")
+    storage.commit_checkpoint(tmp_path / "t.safetensors", job["id"])
+    return job["id"]
+
+
+def test_success_records_artifacts_metrics_and_events(env, tmp_path):
+    settings, store, storage = env
+    job_id = make_job(env, tmp_path)
+    assert run_job(job_id, store, storage, settings) == "succeeded"
+    job = store.get(job_id)
+    assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] == ""
+    assert {"student.safetensors", "student.pt2", "manifest.json"} <= set(job["artifacts"])
+    assert job["metrics"]["compression_ratio"] > 1 and job["metrics"]["device"] == "cpu"
+    events = store.events(job_id)
+    assert events[0]["status"] == "queued" and events[-1]["status"] == "succeeded"
+    assert any(e["type"] == "progress" and e["stage"] == "finetune" for e in events)
+    manifest = json.loads((storage.out_dir(job_id) / "manifest.json").read_text())
+    assert manifest["spec"]["arch"] == "mlp"
+    program = torch.export.load(storage.out_dir(job_id) / "student.pt2")  # our own output: trusted
+    assert program.module()(torch.randn(4, 8)).shape == (4, 3)
+    assert store.active_count() == 0
+
+
+def test_cancel_flag_stops_the_pipeline(env, tmp_path):
+    settings, store, storage = env
+    job_id = make_job(env, tmp_path, {**TINY_CONFIG, "generator": {"num_generators": 1, "steps": 2000}})
+    store.r.hset(f"{store.p}:job:{job_id}", "cancel_requested", "1")  # set before the first check
+    assert run_job(job_id, store, storage, settings) == "cancelled"
+    assert store.get(job_id)["status"] == "cancelled"
+
+
+def test_user_error_becomes_failed_with_message(env, tmp_path):
+    settings, store, storage = env
+    config = {**TINY_CONFIG, "compression": {"layers": ["no_such_layer"]}}
+    job_id = make_job(env, tmp_path, config)
+    assert run_job(job_id, store, storage, settings) == "failed"
+    assert "no_such_layer" in store.get(job_id)["error"]
+
+
+def test_job_not_queued_is_skipped(env, tmp_path):
+    settings, store, storage = env
+    job_id = make_job(env, tmp_path)
+    store.request_cancel(job_id)
+    assert run_job(job_id, store, storage, settings) == "cancelled"
+    assert run_job("f" * 32, store, storage, settings) == "missing"
+
+
+def test_soft_time_limit_is_a_clear_failure(env, tmp_path, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    import kegnet.pipeline
+
+    def slow(*args, **kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(kegnet.pipeline, "run_pipeline", slow)
+    settings, store, storage = env
+    job_id = make_job(env, tmp_path)
+    assert run_job(job_id, store, storage, settings) == "failed"
+    assert "time limit" in store.get(job_id)["error"]
+
+
+def test_crash_is_failed_without_internals(env, tmp_path, monkeypatch):
+    import kegnet.pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("/secret/server/path exploded")
+
+    monkeypatch.setattr(kegnet.pipeline, "run_pipeline", boom)
+    settings, store, storage = env
+    job_id = make_job(env, tmp_path)
+    assert run_job(job_id, store, storage, settings) == "failed"
+    assert "/secret" not in store.get(job_id)["error"]
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+
+
+def test_celery_settings_follow_the_reference():
+    from worker.celery_app import app
+
+    c = app.conf
+    assert c.task_acks_late is False and c.worker_prefetch_multiplier == 1
+    assert c.worker_disable_prefetch is True and c.worker_max_tasks_per_child == 1
+    assert c.task_serializer == "json" and c.accept_content == ["json"]
+    assert c.task_soft_time_limit < c.task_time_limit
+    assert c.task_routes["worker.tasks.compress_job"]["queue"] == "gpu"
+    assert not torch.cuda.is_initialized()  # importing the worker must not touch CUDA
+    assert QUEUED == "queued"
