@@ -47,7 +47,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "data": "fashion-mnist",
         "settings": {"1.58x": ["layers3.*.conv2"]},
         "methods": ["kegnet:eval", "kegnet:train"],
-        "overrides": {"generator": {"lr": 1e-2, "beta": 10.0, "decoder_layers": 3}},
+        "overrides": {"generator": {"lr": 1e-2, "beta": 10.0, "decoder_layers": 3, "num_generators": 2,
+                                    "batch_size": 128}},
     },
 }
 
@@ -121,9 +122,11 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=None, help="score on the first N test samples")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods")
     parser.add_argument("--settings", default=None, help="comma-separated subset of settings, e.g. 4.10x")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)  # 1 is fastest on a loaded 2-core host (oversubscription)
     print("| setting | method | ratio | test accuracy % | time/run | seeds |\n|---|---|---|---|---|---|")
     split = lambda text: text.split(",") if text else None  # noqa: E731
     rows = run(args.scenario, args.seeds, args.device, args.scale, args.test_limit, split(args.methods),
