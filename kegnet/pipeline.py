@@ -23,7 +23,7 @@ from kegnet.checkpoint import load_teacher
 from kegnet.compression import apply_plan, plan_compression
 from kegnet.config import PipelineConfig
 from kegnet.distill import distill
-from kegnet.errors import Cancelled
+from kegnet.errors import Cancelled, KegnetError
 from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, overall_progress
 from kegnet.generation import KegNetSampler, NoiseSampler, train_generators
 from kegnet.metrics import count_macs, count_parameters
@@ -45,9 +45,13 @@ class RunResult:
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present. Called inside the job, never at import (Celery forks workers)."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda" if device == "auto" else device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        return torch.device("cpu")
+    raise KegnetError(f"device {device!r} was requested but this machine has no GPU; use 'auto' or 'cpu'")
 
 
 class _Reporter:

@@ -15,6 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 
 from kegnet.errors import Cancelled, KegnetError
+from kegnet.pipeline import resolve_device
 from service.schemas import ARTIFACT_NAMES, JobRequest
 from service.settings import Settings, get_settings
 from service.storage import LocalStorage, file_sha256
@@ -22,19 +23,6 @@ from service.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEE
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(requested: str) -> str:
-    """``auto`` → cuda when available. Called inside the task (child process), never in the parent."""
-    if requested == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if requested == "cuda":
-        raise KegnetError("device 'cuda' was requested but this worker has no GPU; use 'auto' or 'cpu'")
-    return "cpu"
 
 
 class _Heartbeat:
@@ -111,7 +99,7 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
     try:
         with _Heartbeat(store, job_id, settings.heartbeat_interval_s):
             request = JobRequest.model_validate(job["request"])
-            device = resolve_device(request.device)
+            device = str(resolve_device(request.device))
             if settings.torch_threads:
                 import torch
 

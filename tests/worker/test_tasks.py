@@ -102,8 +102,16 @@ def test_crash_is_failed_without_internals(env, tmp_path, monkeypatch):
 
 
 def test_device_resolution():
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") in ("cpu", "cuda")
+    import pytest
+    import torch
+
+    from kegnet.errors import KegnetError
+
+    assert str(resolve_device("cpu")) == "cpu"
+    assert str(resolve_device("auto")) in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(KegnetError, match="no GPU"):
+            resolve_device("cuda")
 
 
 def test_celery_settings_follow_the_reference():
