@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from bench.datasets import shared_dir
@@ -18,6 +20,21 @@ LENET_SPEC = ModelSpec(arch="lenet5", input_shape=(1, 32, 32), num_classes=10)
 
 def needs_shared(path: Path) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (../shared missing)")
+
+
+@pytest.fixture
+def redis_db() -> Iterator[redis.Redis]:
+    """The test Redis database (DB 15), flushed before and after: never anyone else's data."""
+    from tests.service.svc_helpers import REDIS_TEST_URL
+
+    client = redis.Redis.from_url(REDIS_TEST_URL, decode_responses=True)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("redis is not running at 127.0.0.1:6379")
+    client.flushdb()
+    yield client
+    client.flushdb()
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,7 @@ import httpx
 import pytest
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-
-from svc_helpers import REDIS_TEST_URL  # noqa: E402
+from tests.service.svc_helpers import REDIS_TEST_URL
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from svc_helpers import MLP_MODEL, TINY_CONFIG, write_mlp_safetensors
 
 from kegnet.client import ClientError, KegnetClient
+from tests.service.svc_helpers import MLP_MODEL, TINY_CONFIG, write_mlp_safetensors
 
 pytestmark = pytest.mark.integration
 

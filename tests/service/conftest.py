@@ -8,23 +8,11 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from svc_helpers import REDIS_TEST_URL
 
 from service.app import create_app
 from service.keys import KeyStore
 from service.settings import Settings
-
-
-@pytest.fixture
-def redis_db() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_TEST_URL, decode_responses=True)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("redis is not running at 127.0.0.1:6379")
-    client.flushdb()  # DB 15 only: ours
-    yield client
-    client.flushdb()
+from tests.service.svc_helpers import REDIS_TEST_URL
 
 
 @pytest.fixture

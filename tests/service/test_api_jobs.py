@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from svc_helpers import auth, spec_json, write_mlp_safetensors
 
 from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from tests.service.svc_helpers import auth, spec_json, write_mlp_safetensors
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from svc_helpers import (
+
+from tests.service.svc_helpers import (
     MLP_MODEL,
     auth,
     mlp_state,

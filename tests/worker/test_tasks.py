@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from svc_helpers import MLP_MODEL, REDIS_TEST_URL, TINY_CONFIG, write_mlp_safetensors
 
 from service.settings import Settings
 from service.storage import LocalStorage
 from service.store import QUEUED, JobStore
+from tests.service.svc_helpers import MLP_MODEL, REDIS_TEST_URL, TINY_CONFIG, write_mlp_safetensors
 from worker.tasks import resolve_device, run_job
 
 
