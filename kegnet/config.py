@@ -73,6 +73,10 @@ class DistillConfig(_Strict):
     )
     samples_per_generator: int = Field(6400, ge=64, le=200_000, description="size of a fixed transfer set")
     holdout_samples: int = Field(2048, ge=64, le=65_536, description="synthetic samples kept for selection")
+    mixup: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of each batch replaced by convex mixes of two synthetic samples (boundary samples)",
+    )
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
 

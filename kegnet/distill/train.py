@@ -49,6 +49,21 @@ def _fixed_transfer_set(sampler: Sampler, n: int, rng: torch.Generator, chunk: i
     return torch.cat(xs), (None if ys[0] is None else torch.cat(ys))
 
 
+def mix_samples(x: torch.Tensor, fraction: float, rng: torch.Generator) -> torch.Tensor:
+    """Replace the first ``fraction`` of ``x`` by convex mixes of random pairs of its samples.
+
+    Generators trained to make the teacher confident give easy samples; mixes of two classes land near the
+    teacher's decision boundaries, where the student has most to learn. Shapes: ``(N, ...) -> (N, ...)``.
+    """
+    n = int(len(x) * fraction)
+    if n == 0:
+        return x
+    i = torch.randint(len(x), (n,), generator=rng, device=x.device)
+    j = torch.randint(len(x), (n,), generator=rng, device=x.device)
+    lam = torch.rand(n, *([1] * (x.dim() - 1)), generator=rng, device=x.device)
+    return torch.cat([lam * x[i] + (1 - lam) * x[j], x[n:]])
+
+
 def distill(
     teacher: nn.Module, student: nn.Module, sampler: Sampler, config: DistillConfig, *, device: torch.device,
     seed: int, num_sources: int = 1, on_eval: Callable[[int, dict[str, float]], None] | None = None,
@@ -84,6 +99,8 @@ def distill(
         _freeze_batchnorm(student)
         if config.transfer == "fresh":
             x, y = sampler.sample(config.batch_size, rng)
+            if config.mixup > 0:
+                x, y = mix_samples(x, config.mixup, rng), None  # mixed samples have no single label
             with torch.no_grad():
                 t_logits = teacher(x)
         else:

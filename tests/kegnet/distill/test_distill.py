@@ -25,3 +25,13 @@ def test_distillation_raises_synthetic_agreement_and_keeps_the_best() -> None:
     assert result.best_agreement > 0.85 > result.initial_agreement
     assert result.best_agreement == max(r["agreement"] for r in result.curve)
     assert [r["step"] for r in result.curve] == [0, 50, 100, 150, 200]
+
+
+def test_mix_samples_mixes_only_the_requested_share() -> None:
+    from kegnet.distill.train import mix_samples
+
+    x = torch.stack([torch.full((2, 3), float(v)) for v in (0, 10, 20, 30)])
+    out = mix_samples(x, 0.5, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(out[2:], x[2:])
+    assert ((out[:2] >= 0) & (out[:2] <= 30)).all()  # convex mixes stay inside the samples' range
+    assert torch.equal(mix_samples(x, 0.0, torch.Generator()), x)
