@@ -81,7 +81,7 @@ def test_cancel_running_job(client, stack, teacher):
 
 def test_worker_killed_mid_job_is_reaped_then_worker_recovers(client, stack, teacher, tmp_path):
     import redis as redis_lib
-    from svc_helpers import REDIS_TEST_URL
+    from tests.service.svc_helpers import REDIS_TEST_URL
 
     job = client.submit(teacher, MLP_MODEL, LONG_CONFIG)
     wait_for(lambda: client.status(job["id"])["status"] == "running", 60, "job to start", stack)
