@@ -8,7 +8,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from service.keys import KeyStore
 from service.limits import BodySizeLimitMiddleware
@@ -68,6 +70,15 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)
     app.add_middleware(BodySizeLimitMiddleware,
                        max_body_bytes=settings.max_upload_bytes + settings.form_overhead_bytes)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        # Job state lives in Redis: while it restarts, say so and when to retry instead of a bare 500.
+        log.warning("redis unreachable during %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "the job store is unavailable; retry shortly"}, status_code=503,
+                            headers={"Retry-After": str(settings.retry_after_s)})
+
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
@@ -23,6 +24,25 @@ from service.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEE
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
+
+# How long the final status write waits for Redis to come back (a restart) before giving up; the result
+# files are on the shared volume by then, so waiting is far cheaper than redoing the job.
+FINAL_WRITE_PATIENCE_S = 300.0
+
+
+def _until_redis_answers(write: Any, *args: Any, patience_s: float = FINAL_WRITE_PATIENCE_S, **kwargs: Any) -> Any:
+    """Call ``write`` again while Redis is unreachable, up to ``patience_s``; then let the error go."""
+    deadline = time.monotonic() + patience_s
+    delay = 0.5
+    while True:
+        try:
+            return write(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            log.warning("redis unreachable while recording a job's outcome; retrying in %.1f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 class _Heartbeat:
@@ -66,16 +86,23 @@ class _Reporter:
         if event.stage == self._last_stage and now - self._last_write < self.interval and event.stage_progress < 1:
             return
         self._last_write, self._last_stage = now, event.stage
-        self.store.update_running(self.job_id, stage=event.stage, progress=f"{event.progress:.4f}",
-                                  metrics=self.metrics, heartbeat=repr(time.time()))
-        self.store.add_event(self.job_id, {"type": "progress", **event.model_dump(mode="json")})
+        # A progress write lost to a Redis restart is not worth failing a GPU job for: the next one catches up.
+        try:
+            self.store.update_running(self.job_id, stage=event.stage, progress=f"{event.progress:.4f}",
+                                      metrics=self.metrics, heartbeat=repr(time.time()))
+            self.store.add_event(self.job_id, {"type": "progress", **event.model_dump(mode="json")})
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.warning("job %s: progress not recorded, redis unreachable", self.job_id)
 
     def should_cancel(self) -> bool:
         # Read the flag at most twice a second: the pipeline may ask every step.
         now = time.monotonic()
         if not self._cancel and now - self._last_cancel_check >= 0.5:
             self._last_cancel_check = now
-            self._cancel = self.store.cancel_requested(self.job_id)
+            try:
+                self._cancel = self.store.cancel_requested(self.job_id)
+            except (redis.ConnectionError, redis.TimeoutError):
+                log.warning("job %s: cancel flag unreadable, redis unreachable; going on", self.job_id)
         return self._cancel
 
 
@@ -115,25 +142,28 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
             )
             artifacts = list_artifacts(Path(result.out_dir))
             metrics = {**reporter.metrics, **_summary(result.manifest), "device": device}
-        done = store.transition(job_id, SUCCEEDED, {RUNNING, CANCELLING}, stage="done", progress="1",
-                                artifacts=artifacts, metrics=metrics)
+        done = _until_redis_answers(store.transition, job_id, SUCCEEDED, {RUNNING, CANCELLING}, stage="done",
+                                    progress="1", artifacts=artifacts, metrics=metrics)
         return SUCCEEDED if done else (store.get(job_id) or {}).get("status", "missing")
     except Cancelled:
-        store.transition(job_id, CANCELLED, {RUNNING, CANCELLING}, event={"message": "cancelled by the user"})
+        _until_redis_answers(store.transition, job_id, CANCELLED, {RUNNING, CANCELLING},
+                             event={"message": "cancelled by the user"})
         return CANCELLED
     except KegnetError as exc:
-        store.transition(job_id, FAILED, {RUNNING, CANCELLING}, error=str(exc), event={"message": str(exc)})
-        return FAILED
+        return _fail(store, job_id, str(exc))
     except SoftTimeLimitExceeded:
-        msg = (f"the job ran past the time limit of {settings.soft_time_limit_s} s; "
-               "lower the generator/distillation steps or batch size and resubmit")
-        store.transition(job_id, FAILED, {RUNNING, CANCELLING}, error=msg, event={"message": msg})
-        return FAILED
+        return _fail(store, job_id, f"the job ran past the time limit of {settings.soft_time_limit_s} s; "
+                                    "lower the generator/distillation steps or batch size and resubmit")
     except Exception:
         log.exception("job %s crashed", job_id)
-        msg = "internal error while compressing; the operators have the details in the worker log"
-        store.transition(job_id, FAILED, {RUNNING, CANCELLING}, error=msg, event={"message": msg})
-        return FAILED
+        return _fail(store, job_id, "internal error while compressing; the operators have the details in the "
+                                    "worker log")
+
+
+def _fail(store: JobStore, job_id: str, message: str) -> str:
+    _until_redis_answers(store.transition, job_id, FAILED, {RUNNING, CANCELLING}, error=message,
+                         event={"message": message})
+    return FAILED
 
 
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from tests.service.svc_helpers import REDIS_TEST_URL
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -31,14 +31,15 @@ def _free_port() -> int:
 class Stack:
     """Starts and stops the API and the worker as separate processes, like production."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, redis_url: str = REDIS_TEST_URL) -> None:
         self.tmp = tmp
-        self.port = _free_port()
+        self.redis_url = redis_url
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "KEGNET_REDIS_URL": REDIS_TEST_URL,
+            "KEGNET_REDIS_URL": redis_url,
             "KEGNET_DATA_DIR": str(tmp / "data"),
             "KEGNET_MAX_UPLOAD_BYTES": str(4 * 1024 * 1024),
             "KEGNET_MAX_ACTIVE_JOBS_PER_KEY": "10",

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from kegnet.client import ClientError, KegnetClient
-from tests.service.svc_helpers import MLP_MODEL, TINY_CONFIG, write_mlp_safetensors
+from tests.conftest import MNIST_TEACHER, needs_shared
+from tests.service.svc_helpers import MLP_MODEL, REDIS_TEST_URL, TINY_CONFIG, write_mlp_safetensors
 
 pytestmark = pytest.mark.integration
 
-MNIST_TEACHER = Path("/work/shared/teachers/kegnet-mnist-lenet5.pth.tar")
 LONG_CONFIG = {**TINY_CONFIG, "generator": {"num_generators": 1, "steps": 200_000, "batch_size": 32}}
 
 
@@ -55,7 +56,7 @@ def test_tiny_job_succeeds_and_student_loads(client, stack, teacher, tmp_path):
     assert {"generators", "finetune", "export"} <= stages
 
 
-@pytest.mark.skipif(not MNIST_TEACHER.exists(), reason="shared MNIST teacher missing")
+@needs_shared(MNIST_TEACHER)
 def test_shared_mnist_teacher_over_http(client, stack, tmp_path):
     model = {"arch": "lenet5", "input_shape": [1, 32, 32], "num_classes": 10}
     config = {**TINY_CONFIG, "compression": {"rank_method": "evbmf"}}
@@ -80,12 +81,9 @@ def test_cancel_running_job(client, stack, teacher):
 
 
 def test_worker_killed_mid_job_is_reaped_then_worker_recovers(client, stack, teacher, tmp_path):
-    import redis as redis_lib
-    from tests.service.svc_helpers import REDIS_TEST_URL
-
     job = client.submit(teacher, MLP_MODEL, LONG_CONFIG)
     wait_for(lambda: client.status(job["id"])["status"] == "running", 60, "job to start", stack)
-    r = redis_lib.Redis.from_url(REDIS_TEST_URL, decode_responses=True)
+    r = redis.Redis.from_url(REDIS_TEST_URL, decode_responses=True)
     where = r.hget(f"kegnet:job:{job['id']}", "worker")
     host, pid = where.rsplit(":", 1)
     assert host == socket.gethostname()
