@@ -89,7 +89,8 @@ class PipelineConfig(_Strict):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    export_portable: bool = Field(True, description="write a torch.export program of the student")
+    export_portable: bool = Field(True, description="write a torch.export program of the student (student.pt2)")
+    export_onnx: bool = Field(True, description="write an ONNX model of the student (student.onnx)")
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides: object) -> PipelineConfig:

@@ -2,7 +2,8 @@
 
 Files: ``student.safetensors`` (weights; its metadata holds the spec and the compression plan, so the file
 alone rebuilds the model with this package), ``student.pt2`` (a ``torch.export`` program with a dynamic batch
-size that loads with plain PyTorch), ``curves.png`` and ``manifest.json``.
+size that loads with plain PyTorch), ``student.onnx`` (the same program for ONNX runtimes), ``curves.png``
+and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "student.safetensors"
 PROGRAM = "student.pt2"
+ONNX = "student.onnx"
 CURVES = "curves.png"
 MANIFEST = "manifest.json"
 
@@ -58,13 +61,42 @@ def load_student(path: str | Path) -> nn.Module:
     return student.eval()
 
 
+def _export_args(student: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, tuple, tuple]:
+    # Batch 2 in the example: a batch of 1 would let the exporter specialize the batch dimension.
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    return student.cpu().eval(), (torch.zeros(2, *input_shape),), ({0: batch},)
+
+
 def export_program(student: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
     """Save a ``torch.export`` program of ``student`` on the CPU, batch size dynamic."""
-    model = student.cpu().eval()
-    example = (torch.zeros(2, *input_shape),)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
+    model, example, dynamic = _export_args(student, input_shape)
+    program = torch.export.export(model, example, dynamic_shapes=dynamic)
     torch.export.save(program, str(path))
+
+
+def export_onnx(student: nn.Module, input_shape: tuple[int, ...], path: Path) -> str | None:
+    """Save an ONNX model of ``student`` (input ``x``, output ``logits``, batch dynamic).
+
+    Returns None on success, else why no file was written (the ``onnx`` packages are an optional extra).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return "the onnx and onnxscript packages are not installed (pip install 'kegnet[onnx]')"
+    model, example, dynamic = _export_args(student, input_shape)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dynamic, input_names=["x"],
+                                        output_names=["logits"], verbose=False)
+        program.save(str(path))
+    finally:
+        onnx_log.setLevel(level)
+    return None
 
 
 def plot_curves(generator_curve: list[dict], distill_curve: list[dict], path: Path) -> None:

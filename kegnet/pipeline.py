@@ -148,6 +148,9 @@ def run_pipeline(
     export.save_weights(student, spec, plan, out / export.WEIGHTS)
     if config.export_portable:
         export.export_program(student, spec.input_shape, out / export.PROGRAM)
+    onnx_skipped = export.export_onnx(student, spec.input_shape, out / export.ONNX) if config.export_onnx else None
+    if onnx_skipped:
+        log.warning("no ONNX file: %s", onnx_skipped)
     export.plot_curves(generator_curve, distill_result.curve if distill_result else [], out / export.CURVES)
     timings["export"] = time.perf_counter() - t0
 
@@ -169,6 +172,7 @@ def run_pipeline(
         "generator_curve": generator_curve,
         "distill_curve": distill_result.curve if distill_result else [],
         "timings_s": timings,
+        "onnx_skipped": onnx_skipped,
         "versions": {"kegnet": _version(), "torch": torch.__version__, "tensorly": tensorly.__version__,
                      "safetensors": safetensors.__version__, "python": platform.python_version()},
     }

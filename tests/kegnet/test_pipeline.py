@@ -19,7 +19,7 @@ def test_every_method_produces_a_loadable_student(tmp_path: Path, small_cnn, sma
     assert m["compression_ratio"] > 1 and m["parameters"]["student"] < m["parameters"]["teacher"]
     assert m["macs"]["student"] > 0 and set(m["timings_s"]) == {"load", "generators", "decompose", "finetune",
                                                                  "export"}
-    assert set(m["files"]) == {"student.safetensors", "student.pt2", "curves.png"}
+    assert set(m["files"]) == {"student.safetensors", "student.pt2", "student.onnx", "curves.png"}
     for name, info in m["files"].items():
         assert sha256_file(tmp_path / name) == info["sha256"]
     assert (m["synthetic_agreement"] is None) == (method == "tucker-only")
@@ -34,6 +34,24 @@ def test_every_method_produces_a_loadable_student(tmp_path: Path, small_cnn, sma
         assert torch.allclose(reloaded(x), result.student(x), atol=1e-6)
         assert torch.allclose(program(x), result.student(x), atol=1e-5)
         assert program(torch.randn(17, *small_cnn_spec.input_shape)).shape == (17, 3)  # dynamic batch
+
+
+def test_onnx_model_matches_the_student(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    result = run_pipeline(small_cnn, small_cnn_spec, tiny_config("tucker-only"), tmp_path, device="cpu", seed=0)
+    session = ort.InferenceSession(str(tmp_path / "student.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    for batch in (1, 9):  # dynamic batch size
+        x = torch.randn(batch, *small_cnn_spec.input_shape)
+        (logits,) = session.run(["logits"], {"x": x.numpy()})
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(logits), result.student(x), atol=1e-5)
+
+
+def test_onnx_is_optional(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    cfg = tiny_config("tucker-only").model_copy(update={"export_onnx": False})
+    result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0)
+    assert "student.onnx" not in result.manifest["files"] and result.manifest["onnx_skipped"] is None
 
 
 def test_vector_teacher_and_fixed_transfer_set(tmp_path: Path) -> None:
