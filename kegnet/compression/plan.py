@@ -142,7 +142,15 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
             ranks = _fraction_ranks(m, fraction)
         else:
             ranks = _explicit_ranks(name, config.ranks)
-        plan.layers.append(_layer_plan(name, m, *ranks))
+        layer = _layer_plan(name, m, *ranks)
+        if layer.params_after >= layer.params_before:
+            plan.skipped[name] = (f"ranks ({layer.in_rank}, {layer.out_rank}) would not reduce its "
+                                  f"{layer.params_before} parameters")
+        else:
+            plan.layers.append(layer)
+    if not plan.layers:
+        raise CompressionError("no layer gets smaller at these ranks; choose lower ranks or other layers "
+                               f"({'; '.join(f'{n}: {why}' for n, why in plan.skipped.items())})")
     return plan
 
 

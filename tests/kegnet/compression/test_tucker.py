@@ -53,7 +53,18 @@ def test_default_layers_skip_first_conv_and_depthwise() -> None:
     assert [p.name for p in plan.layers] == ["2"]
     assert "depthwise" in plan.skipped["1"]
     mlp = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 3))
-    assert [p.name for p in plan_compression(mlp, CompressionConfig(rank_method="fraction")).layers] == ["0", "2"]
+    plan = plan_compression(mlp, CompressionConfig(rank_method="fraction", rank_fraction=0.25))
+    assert [p.name for p in plan.layers] == ["0", "2"]
+
+
+def test_layers_that_would_not_shrink_are_skipped() -> None:
+    mlp = nn.Sequential(nn.Linear(100, 100), nn.ELU(), nn.Linear(100, 10), nn.ELU(), nn.Linear(10, 10))
+    # rank 10 shrinks the 100x100 layer, not the 100x10 one (100*10 + 10*10 + 10 > 100*10 + 10)
+    plan = plan_compression(mlp, CompressionConfig(layers=["*"], rank_method="explicit", ranks={"*": (10, 10)}))
+    assert [p.name for p in plan.layers] == ["0"]
+    assert "would not reduce" in plan.skipped["2"] and "would not reduce" in plan.skipped["4"]
+    with pytest.raises(CompressionError, match="no layer gets smaller"):
+        plan_compression(mlp, CompressionConfig(layers=["4"], rank_method="explicit", ranks={"*": (10, 10)}))
 
 
 def test_explicit_ranks_target_ratio_and_errors() -> None:
