@@ -1,7 +1,11 @@
 """``python -m bench <scenario> [--seeds N] [--device cpu|cuda] [--scale F]``: prints a table, writes JSON.
 
-Scenarios run the real pipeline on the paper's teachers and score the students on real test data, which the
-pipeline itself never sees. ``--scale`` multiplies every step budget (0.05 for a smoke run).
+Scenarios (bench/scenarios.py) run the real pipeline on real teachers and score the students on real test
+data, which the pipeline itself never sees. ``--scale`` multiplies every step budget (0.01 for a smoke run).
+``python -m bench scale`` measures time and memory of generator training as the input and batch grow.
+
+Within one seed, the KegNet generators are trained once and shared by the scenario's compression settings
+(they depend on the teacher only); the generator time is reported in every row that uses them.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,105 +23,118 @@ from typing import Any
 
 import torch
 
-from bench.datasets import accuracy, load_image_split, shared_dir
-from kegnet import ModelSpec, PipelineConfig, load_teacher, run_pipeline
+from bench.datasets import accuracy
+from bench.scenarios import SCENARIOS, Scenario
+from kegnet import PipelineConfig, run_pipeline
+from kegnet.metrics import count_parameters
+from kegnet.pipeline import resolve_device
 
 RESULTS = Path(__file__).parent / "results"
 
-# Each scenario: teacher file, spec, test set, compression settings by name, and pipeline overrides.
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "mnist": {
-        "teacher": "kegnet-mnist-lenet5.pth.tar",
-        "spec": ModelSpec(arch="lenet5", input_shape=(1, 32, 32), num_classes=10),
-        "data": "mnist",
-        "settings": {"3.62x": ["conv3"], "4.10x": ["conv2", "conv3"]},
-        "methods": ["tucker-only", "gaussian", "uniform", "kegnet"],
-        "overrides": {},
-    },
-    "fashion": {
-        "teacher": "kegnet-fashion-resnet14.pth.tar",
-        "spec": ModelSpec(arch="resnet", input_shape=(1, 32, 32), num_classes=10),
-        "data": "fashion-mnist",
-        "settings": {"1.40x": ["layers3.*.conv1"], "1.58x": ["layers3.*.conv2"]},
-        "methods": ["tucker-only", "gaussian", "uniform", "kegnet"],
-        "overrides": {"generator": {"lr": 1e-2, "beta": 10.0, "decoder_layers": 3}},
-    },
-    # Whether the frozen teacher should run in eval mode or with batch statistics while generators learn.
-    "teacher-mode": {
-        "teacher": "kegnet-fashion-resnet14.pth.tar",
-        "spec": ModelSpec(arch="resnet", input_shape=(1, 32, 32), num_classes=10),
-        "data": "fashion-mnist",
-        "settings": {"1.58x": ["layers3.*.conv2"]},
-        "methods": ["kegnet:eval", "kegnet:train"],
-        "overrides": {"generator": {"lr": 1e-2, "beta": 10.0, "decoder_layers": 3, "num_generators": 2,
-                                    "batch_size": 128}},
-    },
-}
 
-
-def _scaled(overrides: dict[str, Any], scale: float, method: str) -> PipelineConfig:
+def make_config(scenario: Scenario, setting: str, method: str, scale: float) -> PipelineConfig:
+    """The "fast" preset with the scenario's overrides, the setting's compression, and budgets × ``scale``."""
     base = PipelineConfig.from_preset("fast")
-    gen = {**overrides.get("generator", {})}
-    dist = {**overrides.get("distill", {})}
-    gen["steps"] = max(2, int(gen.get("steps", base.generator.steps) * scale))
-    dist["steps"] = max(2, int(dist.get("steps", base.distill.steps) * scale))
-    dist["eval_every"] = max(1, min(base.distill.eval_every, dist["steps"] // 5))
-    name, _, mode = method.partition(":")
-    if mode:
-        gen["teacher_mode"] = mode
-    return PipelineConfig.from_preset("fast", method=name, generator=gen, distill=dist)
+    gen = dict(scenario.overrides.get("generator", {}))
+    dist = dict(scenario.overrides.get("distill", {}))
+    gen["steps"] = max(2, round(gen.get("steps", base.generator.steps) * scale))
+    dist["steps"] = max(2, round(dist.get("steps", base.distill.steps) * scale))
+    dist["eval_every"] = max(1, min(dist.get("eval_every", base.distill.eval_every), dist["steps"] // 5))
+    name, _, teacher_mode = method.partition(":")
+    if teacher_mode:
+        gen["teacher_mode"] = teacher_mode
+    return PipelineConfig.from_preset("fast", method=name, generator=gen, distill=dist,
+                                      compression=scenario.settings[setting], export_portable=False,
+                                      export_onnx=False)
 
 
-def run(scenario: str, seeds: int, device: str, scale: float, test_limit: int | None,
-        methods: list[str] | None = None, settings: list[str] | None = None) -> list[dict[str, Any]]:
-    sc = SCENARIOS[scenario]
-    x, y = load_image_split(sc["data"], "test")
+def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None = None,
+        methods: list[str] | None = None, settings: list[str] | None = None) -> dict[str, Any]:
+    sc = SCENARIOS[name]
+    dev = resolve_device(device)
+    x, y = sc.test_set()
     if test_limit:
         x, y = x[:test_limit], y[:test_limit]
-    teacher = load_teacher(shared_dir() / "teachers" / sc["teacher"], sc["spec"])
-    rows = [{"setting": "-", "method": "teacher", "accuracy": [accuracy(teacher, x, y)], "ratio": 1.0}]
-    for setting, layers in sc["settings"].items():
+    teacher, spec = sc.teacher()
+    teacher = teacher.to(dev)
+    rows: list[dict[str, Any]] = [{"setting": "-", "method": "teacher", "accuracy": [accuracy(teacher, x, y)],
+                                   "ratio": 1.0, "parameters": count_parameters(teacher)}]
+    print(_header(), flush=True)
+    print(_fmt(rows[0]), flush=True)
+    shared: dict[tuple[int, str], tuple[list[torch.nn.Module], float]] = {}  # (seed, method) -> gens, seconds
+    for setting in sc.settings:
         if settings and setting not in settings:
             continue
-        for method in sc["methods"]:
+        for method in sc.methods:
             if methods and method not in methods:
                 continue
-            row: dict[str, Any] = {"setting": setting, "method": method, "accuracy": [], "seconds": [],
-                                   "agreement": []}
+            row: dict[str, Any] = {"setting": setting, "method": method, "accuracy": [], "agreement": [],
+                                   "seconds": [], "timings_s": [], "peak_gpu_mb": []}
             for seed in range(seeds):
-                cfg = _scaled(sc["overrides"], scale, method)
-                cfg.compression.layers = list(layers)
+                cfg = make_config(sc, setting, method, scale)
                 if cfg.method == "tucker-only" and seed > 0:
-                    break  # deterministic
+                    break  # deterministic: one run says it all
+                gens, gen_s = shared.get((seed, method), (None, 0.0))
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.perf_counter()
-                    result = run_pipeline(teacher, sc["spec"], cfg, tmp, device=device, seed=seed)
-                    row["seconds"].append(time.perf_counter() - t0)
+                    result = run_pipeline(teacher, spec, cfg, tmp, device=str(dev), seed=seed, generators=gens)
+                    seconds = time.perf_counter() - t0
+                timings = dict(result.manifest["timings_s"])
+                if gens is None and result.generators is not None:
+                    shared[(seed, method)] = (result.generators, timings["generators"])
+                elif gens is not None:
+                    timings["generators"], seconds = gen_s, seconds + gen_s
                 row["accuracy"].append(accuracy(result.student, x, y))
-                agree = result.manifest["synthetic_agreement"]
-                row["agreement"].append(agree["best"] if agree else None)
+                agreement = result.manifest["synthetic_agreement"]
+                row["agreement"].append(agreement["best"] if agreement else None)
+                row["seconds"].append(seconds)
+                row["timings_s"].append(timings)
+                row["peak_gpu_mb"].append(torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None)
                 row["ratio"] = result.manifest["compression_ratio"]
-                row["timings_s"] = result.manifest["timings_s"]
+                row["parameters"] = result.manifest["parameters"]["student"]
             rows.append(row)
             print(_fmt(row), flush=True)
-    return rows
+    return {"scenario": name, "about": sc.about, "device": device_name(dev), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "rows": rows}
 
 
-def _mean_std(values: list[float]) -> str:
+def _pct(values: list[float]) -> str:
     if len(values) == 1:
         return f"{100 * values[0]:.2f}"
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def _header() -> str:
+    return ("| setting | method | params | ratio | test acc. % | synth. agreement % | generators s | student s "
+            "| total s | peak GPU MiB | seeds |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
 def _fmt(row: dict[str, Any]) -> str:
-    secs = row.get("seconds") or [0.0]
-    return (f"| {row['setting']:>6} | {row['method']:<13} | {row.get('ratio', 1.0):5.2f}x | "
-            f"{_mean_std(row['accuracy']):>14} | {statistics.mean(secs):7.1f} s | n={len(row['accuracy'])} |")
+    timings = row.get("timings_s") or []
+    agreement = [a for a in row.get("agreement", []) if a is not None]
+    peak = [p for p in row.get("peak_gpu_mb", []) if p is not None]
+
+    def mean_or_dash(values: list[float]) -> str:
+        return f"{statistics.mean(values):.1f}" if values else "-"
+
+    cells = [row["setting"], row["method"], f"{row['parameters']:,}", f"{row['ratio']:.2f}x", _pct(row["accuracy"]),
+             _pct(agreement) if agreement else "-",
+             mean_or_dash([t["generators"] for t in timings]), mean_or_dash([t["finetune"] for t in timings]),
+             mean_or_dash(row.get("seconds", [])), f"{max(peak):.0f}" if peak else "-", str(len(row["accuracy"]))]
+    return "| " + " | ".join(cells) + " |"
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale"]))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
@@ -123,27 +142,27 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods")
     parser.add_argument("--settings", default=None, help="comma-separated subset of settings, e.g. 4.10x")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--sides", default="32,64,128", help="scale: image sides")
+    parser.add_argument("--batches", default="64,256,1024", help="scale: batch sizes")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<scenario>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
-        torch.set_num_threads(args.threads)  # 1 is fastest on a loaded 2-core host (oversubscription)
-    print("| setting | method | ratio | test accuracy % | time/run | seeds |\n|---|---|---|---|---|---|")
-    split = lambda text: text.split(",") if text else None  # noqa: E731
-    rows = run(args.scenario, args.seeds, args.device, args.scale, args.test_limit, split(args.methods),
-               split(args.settings))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{args.scenario}.json"
-    out.write_text(json.dumps({"scenario": args.scenario, "args": vars(args), "device": _device_name(args.device),
-                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+        torch.set_num_threads(args.threads)  # 1-2 on a shared 2-core host: oversubscription crawls
+    if args.scenario == "scale":
+        from bench.scale import run_scale
+
+        ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
+        result = run_scale(args.device, ints(args.sides), ints(args.batches))
+    else:
+        split = lambda text: text.split(",") if text else None  # noqa: E731
+        result = run(args.scenario, args.seeds, args.device, args.scale, args.test_limit, split(args.methods),
+                     split(args.settings))
+    result["command"] = "python -m bench " + " ".join(sys.argv[1:])
+    out = args.out or RESULTS / f"{args.scenario}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
-
-
-def _device_name(device: str) -> str:
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

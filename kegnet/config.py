@@ -77,6 +77,12 @@ class DistillConfig(_Strict):
         0.0, ge=0.0, le=1.0,
         description="share of each batch replaced by convex mixes of two synthetic samples (boundary samples)",
     )
+    adversarial_weight: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="KegNet only: keep training the generators during fine-tuning, toward samples where the "
+                    "student disagrees with the teacher, with this weight (0: generators stay fixed)",
+    )
+    adversarial_lr: float = Field(1e-4, gt=0, le=1.0, description="generators' learning rate while fine-tuning")
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
 

@@ -37,6 +37,7 @@ class RunResult:
     out_dir: Path
     manifest: dict[str, Any]
     student: nn.Module
+    generators: list[nn.Module] | None = None  # the KegNet generators, reusable for another setting
 
     @property
     def artifacts(self) -> dict[str, Path]:
@@ -75,11 +76,13 @@ class _Reporter:
 def run_pipeline(
     checkpoint: str | Path | nn.Module, spec: ModelSpec, config: PipelineConfig, out_dir: str | Path, *,
     device: str = "auto", seed: int = 0, progress: ProgressCallback | None = None,
-    should_cancel: CancelCheck | None = None,
+    should_cancel: CancelCheck | None = None, generators: list[nn.Module] | None = None,
 ) -> RunResult:
     """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
 
-    Raises ``KegnetError`` subclasses for bad input (user-facing messages) and ``Cancelled`` on request.
+    ``generators``: KegNet generators already trained against this teacher (for example by an earlier run at
+    another compression setting); the generator stage is then skipped. Raises ``KegnetError`` subclasses for
+    bad input (user-facing messages) and ``Cancelled`` on request.
     """
     report = _Reporter(progress, should_cancel)
     dev = resolve_device(device)
@@ -100,7 +103,10 @@ def run_pipeline(
     t0 = time.perf_counter()
     generator_curve: list[dict[str, float]] = []
     gcfg = config.generator
-    if config.method == "kegnet":
+    if config.method == "kegnet" and generators is not None:
+        sampler = KegNetSampler([g.to(dev).eval() for g in generators], spec.num_classes, gcfg.noise_dim, dev)
+        num_sources = len(generators)
+    elif config.method == "kegnet":
         def on_gen_step(step: int, metrics: dict[str, float]) -> None:
             generator_curve.append({"step": step, **metrics})
             report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", **metrics)
@@ -116,6 +122,7 @@ def run_pipeline(
         num_sources = 1
     timings["generators"] = time.perf_counter() - t0
     report("generators", 1.0, "samples ready" if sampler else "no sampler for this method")
+    generators = sampler.generators if isinstance(sampler, KegNetSampler) else None
 
     # 3. decompose
     t0 = time.perf_counter()
@@ -137,7 +144,8 @@ def run_pipeline(
             report("finetune", step / dcfg.steps, f"student step {step}/{dcfg.steps}", **metrics)
 
         distill_result = distill(teacher, student, sampler, dcfg, device=dev, seed=seed,
-                                 num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel)
+                                 num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel,
+                                 diversity_beta=gcfg.beta)
     timings["finetune"] = time.perf_counter() - t0
     report("finetune", 1.0, "student ready")
 
@@ -182,7 +190,7 @@ def run_pipeline(
         progress(ProgressEvent(stage="done", stage_progress=1.0, progress=1.0, message="done",
                                metrics={"compression_ratio": manifest["compression_ratio"]}))
     log.info("compressed %s: %.2fx in %.1fs", spec.arch, manifest["compression_ratio"], sum(timings.values()))
-    return RunResult(out, manifest, student)
+    return RunResult(out, manifest, student, generators)
 
 
 def _version() -> str:

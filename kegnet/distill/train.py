@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kegnet.config import DistillConfig
+from kegnet.distill.adversary import GeneratorAdversary
 from kegnet.distill.losses import kd_loss
 from kegnet.errors import Cancelled
-from kegnet.generation.samplers import Sampler
+from kegnet.generation.samplers import KegNetSampler, Sampler
 from kegnet.metrics import agreement
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,14 @@ def mix_samples(x: torch.Tensor, fraction: float, rng: torch.Generator) -> torch
 def distill(
     teacher: nn.Module, student: nn.Module, sampler: Sampler, config: DistillConfig, *, device: torch.device,
     seed: int, num_sources: int = 1, on_eval: Callable[[int, dict[str, float]], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
+    should_cancel: Callable[[], bool] | None = None, diversity_beta: float = 0.0,
 ) -> DistillResult:
     """Train ``student`` in place to match ``teacher`` on ``sampler``'s samples; returns the curve.
 
     ``num_sources`` (the number of generators) sizes a fixed transfer set: ``samples_per_generator`` each.
+    With ``config.adversarial_weight > 0`` and KegNet generators, copies of the generators keep learning
+    (see ``kegnet.distill.adversary``; ``diversity_beta`` weighs their diversity loss) and the student's
+    samples come from the copies; the held-out selection set is still drawn from the original generators.
     """
     teacher = teacher.eval()
     holdout_x, _ = _fixed_transfer_set(sampler, config.holdout_samples,
@@ -85,6 +89,12 @@ def distill(
     best_state = copy.deepcopy(student.state_dict())
 
     rng = torch.Generator(device=device).manual_seed(seed)
+    adversary = None
+    if config.adversarial_weight > 0 and isinstance(sampler, KegNetSampler) and config.transfer == "fresh":
+        adversary = GeneratorAdversary(sampler, teacher, weight=config.adversarial_weight, beta=diversity_beta,
+                                       lr=config.adversarial_lr, batch_size=config.batch_size,
+                                       temperature=config.temperature)
+        sampler = adversary.sampler
     if config.transfer == "fixed":
         pool_x, pool_y = _fixed_transfer_set(sampler, config.samples_per_generator * num_sources, rng)
         with torch.no_grad():
@@ -97,6 +107,8 @@ def distill(
     for step in range(1, config.steps + 1):
         student.train()
         _freeze_batchnorm(student)
+        if adversary is not None:
+            adversary.step(student, rng)
         if config.transfer == "fresh":
             x, y = sampler.sample(config.batch_size, rng)
             if config.mixup > 0:

@@ -1,4 +1,4 @@
-"""A tiny CPU smoke of one benchmark scenario: the command runs, prints its table and writes its JSON."""
+"""A tiny CPU smoke of the benchmark command: it runs, prints its table and writes its JSON."""
 
 import json
 import subprocess
@@ -15,13 +15,20 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.shared
 @needs_shared(MNIST_TEACHER)
 @needs_shared(SHARED / "datasets" / "mnist")
-def test_mnist_bench_smoke() -> None:
-    cmd = [sys.executable, "-m", "bench", "mnist", "--seeds", "1", "--scale", "0.004", "--test-limit", "500",
-           "--device", "cpu", "--methods", "tucker-only,kegnet", "--settings", "4.10x"]
+def test_mnist_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "mnist.json"
+    cmd = [sys.executable, "-m", "bench", "mnist", "--seeds", "2", "--scale", "0.004", "--test-limit", "500",
+           "--device", "cpu", "--methods", "tucker-only,kegnet", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "4.10x | kegnet" in proc.stdout
-    result = json.loads((ROOT / "bench" / "results" / "mnist.json").read_text())
-    methods = [r["method"] for r in result["rows"]]
-    assert methods == ["teacher", "tucker-only", "kegnet"]
-    assert result["rows"][1]["ratio"] > 4.0
+    assert "| 4.10x | kegnet |" in proc.stdout
+    result = json.loads(out.read_text())
+    rows = {(r["setting"], r["method"]): r for r in result["rows"]}
+    assert list(rows) == [("-", "teacher"), ("3.62x", "tucker-only"), ("3.62x", "kegnet"), ("4.10x", "tucker-only"),
+                          ("4.10x", "kegnet")]
+    assert round(rows[("4.10x", "tucker-only")]["ratio"], 2) == 4.10
+    assert len(rows[("4.10x", "kegnet")]["accuracy"]) == 2 and len(rows[("4.10x", "tucker-only")]["accuracy"]) == 1
+    # The generators of a seed are trained once and shared by both settings.
+    gen_times = [[t["generators"] for t in rows[(s, "kegnet")]["timings_s"]] for s in ("3.62x", "4.10x")]
+    assert gen_times[0] == gen_times[1]
+    assert result["command"].startswith("python -m bench mnist")

@@ -35,3 +35,37 @@ def test_mix_samples_mixes_only_the_requested_share() -> None:
     assert out.shape == x.shape and torch.equal(out[2:], x[2:])
     assert ((out[:2] >= 0) & (out[:2] <= 30)).all()  # convex mixes stay inside the samples' range
     assert torch.equal(mix_samples(x, 0.0, torch.Generator()), x)
+
+
+def test_adversary_moves_copies_toward_disagreement_and_leaves_the_originals() -> None:
+    from kegnet.distill.adversary import GeneratorAdversary
+    from kegnet.generation import KegNetSampler, make_generator
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    student = nn.Sequential(nn.Linear(6, 3))
+    gens = [make_generator((6,), 3, 4).eval() for _ in range(2)]
+    before = [{k: v.clone() for k, v in g.state_dict().items()} for g in gens]
+    source = KegNetSampler(gens, 3, 4, torch.device("cpu"))
+    adversary = GeneratorAdversary(source, teacher, weight=1.0, beta=0.0, lr=1e-2, batch_size=64, temperature=1.0)
+    rng = torch.Generator().manual_seed(0)
+    first = adversary.step(student, rng)
+    for _ in range(60):
+        last = adversary.step(student, rng)
+    assert last > first  # the copies found samples where the student disagrees more
+    assert all(torch.equal(before[i][k], v) for i, g in enumerate(gens) for k, v in g.state_dict().items())
+    assert all(p.grad is None for p in [*teacher.parameters(), *student.parameters()])
+    x, _ = adversary.sampler.sample(10, rng)
+    assert x.shape == (10, 6)
+
+
+def test_adversarial_fine_tuning_runs_through_distill() -> None:
+    from kegnet.generation import KegNetSampler, make_generator
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    student = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    sampler = KegNetSampler([make_generator((6,), 3, 4).eval()], 3, 4, torch.device("cpu"))
+    cfg = DistillConfig(steps=20, batch_size=32, eval_every=10, holdout_samples=64, adversarial_weight=1.0)
+    result = distill(teacher, student, sampler, cfg, device=torch.device("cpu"), seed=0, diversity_beta=1.0)
+    assert [r["step"] for r in result.curve] == [0, 10, 20]
