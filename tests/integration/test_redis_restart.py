@@ -4,6 +4,7 @@ the API answers 503 (not 500) while Redis is away; the worker takes new jobs aft
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -49,10 +50,8 @@ class PrivateRedis:
 
     def stop(self) -> None:
         # SHUTDOWN flushes the append-only file, as a container stop does with appendonly on.
-        try:
+        with contextlib.suppress(redis.ConnectionError):  # the server closes the connection as it exits
             redis.Redis.from_url(self.url).shutdown(nosave=False)
-        except redis.ConnectionError:
-            pass  # the server closes the connection as it exits
         client = redis.Redis.from_url(self.url)
         for _ in range(100):
             try:
