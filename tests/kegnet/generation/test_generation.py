@@ -74,3 +74,67 @@ def test_noise_samplers_have_unit_variance() -> None:
         assert y is None and x.shape == (2000, 3, 8, 8)
         assert x.var().item() == pytest.approx(1.0, abs=0.02)
     assert x.abs().max() <= 3**0.5
+
+
+def test_smoothness_loss_is_total_variation() -> None:
+    from kegnet.generation import smoothness_loss
+
+    flat = torch.ones(2, 1, 5, 5)
+    assert smoothness_loss(flat) == 0
+    stripes = torch.zeros(2, 1, 4, 4)
+    stripes[:, :, :, 1::2] = 1.0  # every column step changes by 1, no row step does
+    assert smoothness_loss(stripes) == pytest.approx(1.0)
+    assert smoothness_loss(torch.randn(2, 3, 8, 8)) > smoothness_loss(torch.randn(2, 3, 8, 8).cumsum(3) / 8)
+
+
+def test_smoothness_prior_makes_smoother_generators() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
+    from kegnet.generation import smoothness_loss
+
+    rough, smooth = (train_generators(teacher, (1, 8, 8), 3,
+                                      GeneratorConfig(num_generators=1, steps=60, batch_size=32, smoothness=w),
+                                      device=torch.device("cpu"), seed=0)[0] for w in (0.0, 5.0))
+    labels, noise = torch.eye(3).repeat(20, 1), torch.randn(60, 10)
+    with torch.no_grad():
+        assert smoothness_loss(smooth(labels, noise)) < 0.8 * smoothness_loss(rough(labels, noise))
+
+
+def test_activation_reward_strengthens_the_teachers_features() -> None:
+    from kegnet.generation.train import PenultimateTap
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    tap = PenultimateTap(teacher)
+    strength = []
+    for weight in (0.0, 1.0):
+        cfg = GeneratorConfig(num_generators=1, steps=80, batch_size=32, lr=1e-2, beta=0.0, activation=weight)
+        (g,) = train_generators(teacher, (6,), 3, cfg, device=torch.device("cpu"), seed=0)
+        with torch.no_grad():
+            teacher(g(torch.eye(3).repeat(20, 1), torch.randn(60, 10)))
+        strength.append(tap.value.abs().mean().item())
+    assert strength[1] > 1.2 * strength[0]
+
+
+def test_batchnorm_prior_pulls_batches_toward_the_running_statistics() -> None:
+    from kegnet.generation.train import BatchNormStatistics, freeze
+
+    torch.manual_seed(0)
+    teacher = _BNTeacher()
+    teacher.bn.momentum = None  # cumulative average: the running statistics of this "real" data exactly
+    with torch.no_grad():  # smooth images, unlike what an untrained generator makes
+        from kegnet.generation.models import standardize_images
+
+        teacher(standardize_images(torch.randn(512, 1, 8, 8).cumsum(2).cumsum(3)))
+    teacher.eval()
+    probe = freeze(teacher, "eval")
+    stats = BatchNormStatistics(probe, groups=1)
+    distance = []
+    for weight in (0.0, 1.0):
+        cfg = GeneratorConfig(num_generators=1, steps=60, batch_size=32, lr=1e-2, batchnorm_prior=weight)
+        (g,) = train_generators(teacher, (1, 8, 8), 3, cfg, device=torch.device("cpu"), seed=0)
+        with torch.no_grad():
+            probe(g(torch.eye(3).repeat(20, 1), torch.randn(60, 10)))
+        distance.append(stats.pop().item())
+    assert distance[1] < 0.5 * distance[0]
+    assert all(p.grad is None for p in teacher.parameters())
