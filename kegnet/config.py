@@ -32,6 +32,13 @@ class GeneratorConfig(_Strict):
     lr: float = Field(1e-3, gt=0, le=1.0)
     alpha: float = Field(1.0, ge=0, le=1e3, description="weight of the decoder (noise reconstruction) loss")
     beta: float = Field(1.0, ge=0, le=1e3, description="weight of the diversity loss")
+    smoothness: float = Field(0.0, ge=0, le=1e3, description="weight of a total-variation image prior (images)")
+    activation: float = Field(0.0, ge=0, le=1e3,
+                              description="weight of rewarding strong penultimate teacher features (DAFL)")
+    batchnorm_prior: float = Field(
+        0.0, ge=0, le=1e3,
+        description="weight of matching the teacher's BatchNorm running statistics (DeepInversion); eval mode only",
+    )
     decoder_layers: int = Field(2, ge=1, le=3, description="hidden 120-unit layers in the decoder")
     teacher_mode: Literal["eval", "train"] = Field(
         "eval", description="eval: BatchNorm running stats, no dropout; train: the paper code's behaviour"
@@ -77,12 +84,18 @@ class DistillConfig(_Strict):
         0.0, ge=0.0, le=1.0,
         description="share of each batch replaced by convex mixes of two synthetic samples (boundary samples)",
     )
+    feature_weight: float = Field(
+        0.0, ge=0.0, le=1000.0,
+        description="weight of matching the outputs of the factorized layers to the teacher's (hints)",
+    )
     adversarial_weight: float = Field(
         0.0, ge=0.0, le=100.0,
         description="KegNet only: keep training the generators during fine-tuning, toward samples where the "
                     "student disagrees with the teacher, with this weight (0: generators stay fixed)",
     )
     adversarial_lr: float = Field(1e-4, gt=0, le=1.0, description="generators' learning rate while fine-tuning")
+    adversarial_share: float = Field(0.5, gt=0.0, le=1.0,
+                                     description="share of each batch from the adversarially trained generators")
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
 

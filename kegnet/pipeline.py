@@ -145,7 +145,7 @@ def run_pipeline(
 
         distill_result = distill(teacher, student, sampler, dcfg, device=dev, seed=seed,
                                  num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel,
-                                 diversity_beta=gcfg.beta)
+                                 diversity_beta=gcfg.beta, feature_layers=[p.name for p in plan.layers])
     timings["finetune"] = time.perf_counter() - t0
     report("finetune", 1.0, "student ready")
 

@@ -6,6 +6,7 @@ is measured on a held-out synthetic set drawn with a separate seed, and the best
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from torch import nn
 
 from kegnet.config import DistillConfig
 from kegnet.distill.adversary import GeneratorAdversary
+from kegnet.distill.features import FeatureTap, feature_loss
 from kegnet.distill.losses import kd_loss
 from kegnet.errors import Cancelled
 from kegnet.generation.samplers import KegNetSampler, Sampler
@@ -69,13 +71,16 @@ def distill(
     teacher: nn.Module, student: nn.Module, sampler: Sampler, config: DistillConfig, *, device: torch.device,
     seed: int, num_sources: int = 1, on_eval: Callable[[int, dict[str, float]], None] | None = None,
     should_cancel: Callable[[], bool] | None = None, diversity_beta: float = 0.0,
+    feature_layers: list[str] | None = None,
 ) -> DistillResult:
     """Train ``student`` in place to match ``teacher`` on ``sampler``'s samples; returns the curve.
 
     ``num_sources`` (the number of generators) sizes a fixed transfer set: ``samples_per_generator`` each.
     With ``config.adversarial_weight > 0`` and KegNet generators, copies of the generators keep learning
     (see ``kegnet.distill.adversary``; ``diversity_beta`` weighs their diversity loss) and the student's
-    samples come from the copies; the held-out selection set is still drawn from the original generators.
+    samples come partly from the copies; the held-out selection set is drawn from the original generators.
+    With ``config.feature_weight > 0``, the outputs of ``feature_layers`` (module names present in both
+    models with equal output shapes: the factorized layers) are matched too.
     """
     teacher = teacher.eval()
     holdout_x, _ = _fixed_transfer_set(sampler, config.holdout_samples,
@@ -93,8 +98,8 @@ def distill(
     if config.adversarial_weight > 0 and isinstance(sampler, KegNetSampler) and config.transfer == "fresh":
         adversary = GeneratorAdversary(sampler, teacher, weight=config.adversarial_weight, beta=diversity_beta,
                                        lr=config.adversarial_lr, batch_size=config.batch_size,
-                                       temperature=config.temperature)
-        sampler = adversary.sampler
+                                       temperature=config.temperature, share=config.adversarial_share)
+        sampler = adversary
     if config.transfer == "fixed":
         pool_x, pool_y = _fixed_transfer_set(sampler, config.samples_per_generator * num_sources, rng)
         with torch.no_grad():
@@ -103,46 +108,58 @@ def distill(
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.steps, 1))
                  if config.schedule == "cosine" else None)
 
-    loss_sum = torch.zeros((), device=device)
-    for step in range(1, config.steps + 1):
-        student.train()
-        _freeze_batchnorm(student)
-        if adversary is not None:
-            adversary.step(student, rng)
-        if config.transfer == "fresh":
-            x, y = sampler.sample(config.batch_size, rng)
-            if config.mixup > 0:
-                x, y = mix_samples(x, config.mixup, rng), None  # mixed samples have no single label
-            with torch.no_grad():
-                t_logits = teacher(x)
-        else:
-            idx = torch.randint(len(pool_x), (config.batch_size,), generator=rng, device=device)
-            x, t_logits = pool_x[idx], pool_t[idx]
-            y = None if pool_y is None else pool_y[idx]
-        s_logits = student(x)
-        loss = kd_loss(s_logits, t_logits, config.temperature)
-        if config.hard_label_weight > 0 and y is not None:
-            loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler:
-            scheduler.step()
-        loss_sum += loss.detach()
+    with contextlib.ExitStack() as hooks:  # the taps' hooks never outlive this call (cancel included)
+        taps = None
+        if config.feature_weight > 0 and feature_layers:
+            taps = (hooks.enter_context(FeatureTap(teacher, feature_layers)),
+                    hooks.enter_context(FeatureTap(student, feature_layers)))
 
-        if step % config.eval_every == 0 or step == config.steps:
-            n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
-            student.eval()
-            agree = agreement(teacher, student, holdout_x)
-            mean_loss = (loss_sum / n).item()
-            loss_sum.zero_()
-            result.curve.append({"step": step, "loss": mean_loss, "agreement": agree})
-            if agree >= result.best_agreement or not config.select_best:
-                result.best_step, result.best_agreement = step, agree
-                best_state = copy.deepcopy(student.state_dict())
-            if on_eval:
-                on_eval(step, {"loss": mean_loss, "agreement": agree})
-            if should_cancel and should_cancel():
-                raise Cancelled("cancelled while fine-tuning the student")
+        loss_sum = torch.zeros((), device=device)
+        for step in range(1, config.steps + 1):
+            student.train()
+            _freeze_batchnorm(student)
+            if adversary is not None:
+                adversary.step(student, rng)
+            if config.transfer == "fresh":
+                x, y = sampler.sample(config.batch_size, rng)
+                if config.mixup > 0:
+                    x, y = mix_samples(x, config.mixup, rng), None  # mixed samples have no single label
+                with torch.no_grad():
+                    t_logits = teacher(x)
+            else:
+                idx = torch.randint(len(pool_x), (config.batch_size,), generator=rng, device=device)
+                x, t_logits = pool_x[idx], pool_t[idx]
+                y = None if pool_y is None else pool_y[idx]
+                if taps:
+                    with torch.no_grad():
+                        teacher(x)  # the features of this batch (the logits are in the pool)
+            s_logits = student(x)
+            loss = kd_loss(s_logits, t_logits, config.temperature)
+            if taps:
+                t_feats = {k: v.detach() for k, v in taps[0].outputs.items()}
+                loss = loss + config.feature_weight * feature_loss(taps[1].outputs, t_feats)
+            if config.hard_label_weight > 0 and y is not None:
+                loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler:
+                scheduler.step()
+            loss_sum += loss.detach()
+
+            if step % config.eval_every == 0 or step == config.steps:
+                n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
+                student.eval()
+                agree = agreement(teacher, student, holdout_x)
+                mean_loss = (loss_sum / n).item()
+                loss_sum.zero_()
+                result.curve.append({"step": step, "loss": mean_loss, "agreement": agree})
+                if agree >= result.best_agreement or not config.select_best:
+                    result.best_step, result.best_agreement = step, agree
+                    best_state = copy.deepcopy(student.state_dict())
+                if on_eval:
+                    on_eval(step, {"loss": mean_loss, "agreement": agree})
+                if should_cancel and should_cancel():
+                    raise Cancelled("cancelled while fine-tuning the student")
     student.load_state_dict(best_state)
     return result

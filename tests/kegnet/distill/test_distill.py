@@ -55,8 +55,8 @@ def test_adversary_moves_copies_toward_disagreement_and_leaves_the_originals() -
     assert last > first  # the copies found samples where the student disagrees more
     assert all(torch.equal(before[i][k], v) for i, g in enumerate(gens) for k, v in g.state_dict().items())
     assert all(p.grad is None for p in [*teacher.parameters(), *student.parameters()])
-    x, _ = adversary.sampler.sample(10, rng)
-    assert x.shape == (10, 6)
+    x, y = adversary.sample(10, rng)  # half from the moved copies, half from the originals
+    assert x.shape == (10, 6) and y.shape == (10,)
 
 
 def test_adversarial_fine_tuning_runs_through_distill() -> None:
