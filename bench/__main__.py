@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -32,11 +33,14 @@ from kegnet.pipeline import resolve_device
 RESULTS = Path(__file__).parent / "results"
 
 
-def make_config(scenario: Scenario, setting: str, method: str, scale: float) -> PipelineConfig:
-    """The "fast" preset with the scenario's overrides, the setting's compression, and budgets × ``scale``."""
+def make_config(scenario: Scenario, setting: str, method: str, scale: float,
+                extra: dict[str, Any] | None = None) -> PipelineConfig:
+    """The "fast" preset with the scenario's overrides, then ``extra`` (``--config``), the setting's
+    compression, and budgets × ``scale``."""
     base = PipelineConfig.from_preset("fast")
-    gen = dict(scenario.overrides.get("generator", {}))
-    dist = dict(scenario.overrides.get("distill", {}))
+    extra = extra or {}
+    gen = {**scenario.overrides.get("generator", {}), **extra.get("generator", {})}
+    dist = {**scenario.overrides.get("distill", {}), **extra.get("distill", {})}
     gen["steps"] = max(2, round(gen.get("steps", base.generator.steps) * scale))
     dist["steps"] = max(2, round(dist.get("steps", base.distill.steps) * scale))
     dist["eval_every"] = max(1, min(dist.get("eval_every", base.distill.eval_every), dist["steps"] // 5))
@@ -49,7 +53,8 @@ def make_config(scenario: Scenario, setting: str, method: str, scale: float) -> 
 
 
 def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None = None,
-        methods: list[str] | None = None, settings: list[str] | None = None) -> dict[str, Any]:
+        methods: list[str] | None = None, settings: list[str] | None = None,
+        extra: dict[str, Any] | None = None) -> dict[str, Any]:
     sc = SCENARIOS[name]
     dev = resolve_device(device)
     x, y = sc.test_set()
@@ -71,7 +76,7 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
             row: dict[str, Any] = {"setting": setting, "method": method, "accuracy": [], "agreement": [],
                                    "seconds": [], "timings_s": [], "peak_gpu_mb": []}
             for seed in range(seeds):
-                cfg = make_config(sc, setting, method, scale)
+                cfg = make_config(sc, setting, method, scale, extra)
                 if cfg.method == "tucker-only" and seed > 0:
                     break  # deterministic: one run says it all
                 gens, gen_s = shared.get((seed, method), (None, 0.0))
@@ -144,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sides", default="32,64,128", help="scale: image sides")
     parser.add_argument("--batches", default="64,256,1024", help="scale: batch sizes")
+    parser.add_argument("--config", type=json.loads, default=None,
+                        help='generator/distill overrides for an ablation, e.g. \'{"generator": {"activation": 0}}\'')
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<scenario>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -157,8 +164,8 @@ def main() -> None:
     else:
         split = lambda text: text.split(",") if text else None  # noqa: E731
         result = run(args.scenario, args.seeds, args.device, args.scale, args.test_limit, split(args.methods),
-                     split(args.settings))
-    result["command"] = "python -m bench " + " ".join(sys.argv[1:])
+                     split(args.settings), args.config)
+    result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
     out = args.out or RESULTS / f"{args.scenario}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -30,4 +30,5 @@ def test_paper_preset_matches_the_paper() -> None:
     assert (g.num_generators, g.steps, g.batch_size, g.lr, g.alpha, g.beta, g.noise_dim) == (5, 20_000, 256, 1e-3,
                                                                                              1.0, 0.0, 10)
     assert g.teacher_mode == "train" and cfg.distill.transfer == "fixed"
+    assert (g.smoothness, g.activation, g.batchnorm_prior) == (0.0, 0.0, 0.0)  # the paper's loss, nothing added
     assert cfg.distill.samples_per_generator == 6400
