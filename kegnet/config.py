@@ -14,6 +14,9 @@ Method = Literal["kegnet", "gaussian", "uniform", "tucker-only"]
 RankMethod = Literal["evbmf", "fraction", "explicit", "ratio"]
 Preset = Literal["fast", "paper"]
 
+# Teachers in one job: each costs a forward pass per step in every stage, and memory.
+MAX_TEACHERS = 8
+
 LayerPattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.*?\[\]]+$")]
 Rank = Annotated[int, Field(ge=1, le=65_536)]
 
@@ -33,8 +36,11 @@ class GeneratorConfig(_Strict):
     alpha: float = Field(1.0, ge=0, le=1e3, description="weight of the decoder (noise reconstruction) loss")
     beta: float = Field(1.0, ge=0, le=1e3, description="weight of the diversity loss")
     smoothness: float = Field(1.0, ge=0, le=1e3, description="weight of a total-variation image prior (images)")
-    activation: float = Field(0.1, ge=0, le=1e3,
-                              description="weight of rewarding strong penultimate teacher features (DAFL)")
+    activation: float | None = Field(
+        None, ge=0, le=1e3,
+        description="weight of rewarding strong penultimate teacher features (DAFL); "
+                    "None: 0.1 for images, 0 for vectors (measured: it helps on MNIST, hurts on pendigits)",
+    )
     batchnorm_prior: float = Field(
         0.0, ge=0, le=1e3,
         description="weight of matching the teacher's BatchNorm running statistics (DeepInversion); eval mode only",
@@ -67,7 +73,13 @@ class CompressionConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """Fine-tuning the compressed student on synthetic samples by distillation (Hinton et al. 2015)."""
+    """Fine-tuning the compressed student on synthetic samples by distillation (Hinton et al. 2015).
+
+    The teacher term is Hinton's: KL between the softened outputs at ``temperature`` times T², plus
+    ``hard_label_weight`` times the cross-entropy on the generator's sampled labels (the labels it was asked
+    to make). Optional terms: hints (``feature_weight``), relational KD (``rkd_*``), data-distortion
+    self-distillation (``self_distill_*``); with several teachers, the ``ensemble_*`` fields.
+    """
 
     steps: int = Field(1500, ge=0, le=500_000)
     batch_size: int = Field(256, ge=2, le=4096)
@@ -98,6 +110,43 @@ class DistillConfig(_Strict):
                                      description="share of each batch from the adversarially trained generators")
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
+    # Relational KD (Park et al. 2019, kegnet/distill/relational.py): the student keeps the teacher's
+    # pairwise distances and triplet angles between samples, whatever the feature widths.
+    rkd_distance_weight: float = Field(0.0, ge=0.0, le=1000.0,
+                                       description="weight of the RKD distance loss (Huber on mean-normalized "
+                                                   "pairwise distances)")
+    rkd_angle_weight: float = Field(0.0, ge=0.0, le=1000.0,
+                                    description="weight of the RKD angle loss (Huber on triplet angle cosines)")
+    rkd_on: Literal["features", "logits"] = Field(
+        "features", description="relations between penultimate features (the last Linear's input) or logits"
+    )
+    # Data-distortion guided self-distillation (Xu & Liu 2019, kegnet/distill/self_distill.py).
+    self_distill_weight: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="weight of the symmetric KL between the student's outputs on two distorted views",
+    )
+    self_distill_mmd_weight: float = Field(
+        0.0, ge=0.0, le=1000.0,
+        description="weight of the squared linear MMD between the mean penultimate features of the two views",
+    )
+    distortion_strength: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="images: shifts up to round(4*s) px and noise std 0.2*s; vectors: noise std 0.2*s and "
+                    "feature dropout 0.2*s",
+    )
+    # Several teachers (kegnet/distill/ensemble.py); with one teacher these change nothing.
+    ensemble_weighting: Literal["mean", "entropy", "mc_dropout"] = Field(
+        "mean", description="per-sample weights of the teachers' soft outputs: plain average, or from each "
+                            "teacher's predictive entropy or MC-dropout variance (lower uncertainty, more weight)",
+    )
+    ensemble_temperature: float = Field(0.1, ge=1e-3, le=100.0,
+                                        description="tau of the weights softmax(-uncertainty/tau); uncertainty "
+                                                    "is normalized to [0, 1]")
+    mc_dropout_passes: int = Field(8, ge=2, le=32, description="stochastic passes per teacher for mc_dropout")
+    ensemble_student: Literal["first", "best"] = Field(
+        "first", description="compress the first teacher, or the one agreeing best with the ensemble on "
+                             "held-out synthetic samples",
+    )
 
 
 class PipelineConfig(_Strict):

@@ -20,6 +20,7 @@ from kegnet.config import GeneratorConfig
 from kegnet.errors import Cancelled
 from kegnet.generation.losses import decoder_loss, diversity_loss, smoothness_loss
 from kegnet.generation.models import Decoder, make_generator
+from kegnet.models.taps import PenultimateTap, ensemble_members
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +31,6 @@ def sample_labels(n: int, num_classes: int, generator: torch.Generator, device: 
     """Uniformly drawn classes as one-hot rows ``(n, num_classes)``."""
     idx = torch.randint(num_classes, (n,), generator=generator, device=device)
     return F.one_hot(idx, num_classes).float()
-
-
-class PenultimateTap:
-    """Keeps the input of the model's last ``nn.Linear`` (its penultimate features) from each forward pass."""
-
-    def __init__(self, model: nn.Module) -> None:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError("the model has no nn.Linear classifier head")
-        self.value = torch.zeros(())
-        linears[-1].register_forward_pre_hook(self._keep)
-
-    def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        self.value = inputs[0]
 
 
 class BatchNormStatistics:
@@ -96,11 +83,16 @@ def train_generators(
 ) -> list[nn.Module]:
     """Train ``config.num_generators`` generators; returns them in eval mode.
 
+    ``teacher`` may be a ``kegnet.distill.ensemble.TeacherEnsemble``: the generators then learn samples of
+    the asked class for the ensemble's mixture, and the activation reward averages over its members.
+
     ``on_step(step, metrics)`` is called every ``report_every`` steps with the mean losses and the teacher's
     accuracy on the generators' labels since the last report.
     """
     frozen = freeze(teacher, config.teacher_mode).to(device)
-    features = PenultimateTap(frozen) if config.activation > 0 else None
+    activation = config.activation if config.activation is not None else (0.1 if len(input_shape) == 3 else 0.0)
+    # One tap per teacher: with an ensemble, every member's features are rewarded (their mean).
+    features = [PenultimateTap(m) for m in ensemble_members(frozen)] if activation > 0 else None
     statistics = (BatchNormStatistics(frozen, config.num_generators)
                   if config.batchnorm_prior > 0 and config.teacher_mode == "eval" else None)
     if statistics is not None and not statistics.layers:
@@ -138,7 +130,8 @@ def train_generators(
             loss = loss + config.batchnorm_prior * statistics.pop() * k
         if features is not None:
             # DAFL's activation loss (Chen et al. 2019): real inputs excite the teacher's features strongly.
-            loss = loss - config.activation * features.value.abs().mean() * k
+            strength = torch.stack([tap.value.abs().mean() for tap in features]).mean()
+            loss = loss - activation * strength * k
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

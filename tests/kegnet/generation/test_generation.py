@@ -116,6 +116,18 @@ def test_activation_reward_strengthens_the_teachers_features() -> None:
     assert strength[1] > 1.2 * strength[0]
 
 
+def test_activation_default_is_off_for_vectors() -> None:
+    # The default (None) means 0.1 for images and 0 for vectors: on a vector teacher it must train exactly
+    # what activation=0 trains.
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    weights = []
+    for activation in (None, 0.0, 0.5):
+        cfg = GeneratorConfig(num_generators=1, steps=5, batch_size=16, activation=activation)
+        (g,) = train_generators(teacher, (6,), 3, cfg, device=torch.device("cpu"), seed=0)
+        weights.append(torch.cat([p.flatten() for p in g.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
 def test_batchnorm_prior_pulls_batches_toward_the_running_statistics() -> None:
     from kegnet.generation.train import BatchNormStatistics, freeze
 
