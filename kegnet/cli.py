@@ -12,7 +12,7 @@ import typer
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from kegnet.config import PipelineConfig
+from kegnet.config import MAX_TEACHERS, PipelineConfig
 from kegnet.errors import KegnetError
 from kegnet.events import ProgressEvent
 from kegnet.spec import ModelSpec
@@ -49,7 +49,10 @@ def _parse_ranks(text: str | None) -> dict[str, list[int]]:
 
 @app.command()
 def compress(
-    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help=".safetensors or torch.save state dict"),
+    checkpoints: list[Path] = typer.Argument(
+        ..., exists=True, dir_okay=False,
+        help=f".safetensors or torch.save state dict; up to {MAX_TEACHERS} of one architecture for a teacher ensemble",
+    ),
     arch: str = typer.Option(..., help="architecture name (lenet5, resnet, mlp, ...)"),
     input_shape: str = typer.Option(..., help="C,H,W or F"),
     num_classes: int = typer.Option(...),
@@ -70,7 +73,14 @@ def compress(
     seed: int = typer.Option(0),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Compress CHECKPOINT without data and write the student, manifest and curves to OUT."""
+    """Compress CHECKPOINTS without data and write the student, manifest and curves to OUT.
+
+    Several CHECKPOINTS of one architecture form a teacher ensemble (distill.ensemble_* fields in --config).
+    """
+    if len(checkpoints) > MAX_TEACHERS:
+        typer.secho(f"invalid options: at most {MAX_TEACHERS} checkpoints, got {len(checkpoints)}", fg="red",
+                    err=True)
+        raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from kegnet.pipeline import run_pipeline  # torch import deferred until a command needs it
 
@@ -116,7 +126,8 @@ def compress(
         bar.refresh()
 
     try:
-        result = run_pipeline(checkpoint, spec, config, out, device=device, seed=seed, progress=show)
+        source = checkpoints[0] if len(checkpoints) == 1 else checkpoints
+        result = run_pipeline(source, spec, config, out, device=device, seed=seed, progress=show)
     except KegnetError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
@@ -126,8 +137,13 @@ def compress(
     m = result.manifest
     typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
                f"({m['compression_ratio']:.2f}x); MACs {m['macs']['teacher']:,} -> {m['macs']['student']:,}")
+    if m["teachers"]["count"] > 1:
+        t = m["teachers"]
+        typer.echo(f"{t['count']} teachers, {t['weighting']} weighting; student compressed from teacher "
+                   f"{t['student_from']}")
     if m["synthetic_agreement"]:
-        typer.echo(f"synthetic agreement with the teacher: {m['synthetic_agreement']['best']:.4f}")
+        what = "the teacher" if m["teachers"]["count"] == 1 else "the teacher ensemble"
+        typer.echo(f"synthetic agreement with {what}: {m['synthetic_agreement']['best']:.4f}")
     typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
 
 

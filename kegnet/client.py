@@ -2,6 +2,7 @@
 
     client = KegnetClient("http://127.0.0.1:8000", api_key="kgn_...")
     job = client.submit("teacher.safetensors", {"arch": "lenet5", "input_shape": [1, 32, 32], "num_classes": 10})
+    job = client.submit(["a.safetensors", "b.safetensors"], model, {"distill": {"ensemble_weighting": "entropy"}})
     job = client.wait(job["id"])
     client.download(job["id"], "out/")
 
@@ -10,10 +11,12 @@ The URL and key default to ``KEGNET_URL`` and ``KEGNET_API_KEY``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +70,19 @@ class KegnetClient:
             raise ClientError(r.status_code, detail)
         return r
 
-    def submit(self, checkpoint: str | Path, model: Any, config: Any = None, *, seed: int = 0,
-               device: str = "auto", idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(self, checkpoint: str | Path | Sequence[str | Path], model: Any, config: Any = None, *,
+               seed: int = 0, device: str = "auto", idempotency_key: str | None = None) -> dict[str, Any]:
+        """Upload one checkpoint, or several (a teacher ensemble, in this order), and queue the job."""
+        paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
         spec: dict[str, Any] = {"model": _plain(model), "seed": seed, "device": device}
         if config is not None:
             spec["config"] = _plain(config)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        with Path(checkpoint).open("rb") as f:
-            r = self.http.post("/v1/jobs", files={"checkpoint": ("checkpoint", f, "application/octet-stream")},
-                               data={"spec": json.dumps(spec)}, headers=headers)
+        with contextlib.ExitStack() as files:
+            # The same field repeated, one part per teacher; the server never uses the file names.
+            parts = [("checkpoint", ("checkpoint", files.enter_context(Path(p).open("rb")), "application/octet-stream"))
+                     for p in paths]
+            r = self.http.post("/v1/jobs", files=parts, data={"spec": json.dumps(spec)}, headers=headers)
         return self._check(r).json()
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -156,7 +163,10 @@ def register_client_commands(app: Any) -> None:
 
     @app.command("submit")
     def submit_cmd(
-        checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="safetensors or state-dict file"),
+        checkpoints: list[Path] = typer.Argument(
+            ..., exists=True, dir_okay=False,
+            help="safetensors or state-dict file; several (one architecture) for a teacher ensemble",
+        ),
         arch: str = typer.Option(None, help="architecture, e.g. lenet5, resnet, mlp"),
         input_shape: str = typer.Option(None, help="C,H,W or F, e.g. 1,32,32"),
         num_classes: int = typer.Option(None),
@@ -170,7 +180,7 @@ def register_client_commands(app: Any) -> None:
         out: Path = typer.Option(None, help="download the artifacts here when it succeeds (implies --wait)"),
         url: str = url_opt, api_key: str = key_opt,
     ) -> None:
-        """Upload a teacher and queue a compression job."""
+        """Upload a teacher (or several, an ensemble) and queue a compression job."""
         spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
         model = spec.get("model")
         if model is None:
@@ -181,7 +191,7 @@ def register_client_commands(app: Any) -> None:
         config = json.loads(config_file.read_text()) if config_file else spec.get("config")
         with KegnetClient(url, api_key) as client:
             try:
-                job = client.submit(checkpoint, model, config, seed=spec.get("seed", seed),
+                job = client.submit(checkpoints, model, config, seed=spec.get("seed", seed),
                                     device=spec.get("device", device), idempotency_key=idempotency_key)
                 if wait or out:
                     job = client.wait(job["id"])

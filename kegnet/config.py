@@ -148,6 +148,12 @@ class DistillConfig(_Strict):
                              "held-out synthetic samples",
     )
 
+    @model_validator(mode="after")
+    def _angles_need_triplets(self) -> DistillConfig:
+        if self.rkd_angle_weight > 0 and self.batch_size < 3:
+            raise ValueError("rkd_angle_weight needs batch_size >= 3 (angles are between triplets of samples)")
+        return self
+
 
 class PipelineConfig(_Strict):
     """Everything the pipeline needs besides the teacher, its spec, a device and a seed."""

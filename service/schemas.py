@@ -23,6 +23,11 @@ class JobRequest(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class CheckpointInfo(BaseModel):
+    sha256: str
+    size: int
+
+
 class ArtifactInfo(BaseModel):
     name: str
     size: int
@@ -41,8 +46,9 @@ class JobOut(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float | None = None
-    checkpoint_sha256: str
+    checkpoint_sha256: str  # of the first checkpoint file; ``checkpoints`` lists all, in upload order
     checkpoint_size: int
+    checkpoints: list[CheckpointInfo] = Field(default_factory=list)
     request: dict[str, Any]
     artifacts: list[ArtifactInfo] = Field(default_factory=list)
     links: dict[str, str] = Field(default_factory=dict)
@@ -57,7 +63,8 @@ class JobOut(BaseModel):
             progress=job.get("progress") or 0.0, metrics=job["metrics"], error=job.get("error") or None,
             created_at=job["created_at"], started_at=job["started_at"], finished_at=job["finished_at"],
             updated_at=job["updated_at"], checkpoint_sha256=job["checkpoint_sha256"],
-            checkpoint_size=job["checkpoint_size"], request=job["request"], artifacts=arts,
+            checkpoint_size=job["checkpoint_size"], checkpoints=job.get("checkpoints") or [],
+            request=job["request"], artifacts=arts,
             links={"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel",
                    "artifacts": f"{base}/artifacts"},
         )

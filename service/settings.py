@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kegnet.config import MAX_TEACHERS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KEGNET_", env_file=None, extra="ignore")
@@ -19,7 +21,10 @@ class Settings(BaseSettings):
     key_prefix: str = Field("kegnet", pattern=r"^[a-z0-9_:-]{1,32}$")
 
     auth_disabled: bool = False
+    # The cap on all of a job's checkpoint files together (the body cap below is its sum too).
     max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    # Checkpoint files in one job (a teacher ensemble); the library's own bound is the ceiling.
+    max_teachers: int = Field(MAX_TEACHERS, ge=1, le=MAX_TEACHERS)
     # Room for the multipart framing and the JSON spec on top of the file itself.
     form_overhead_bytes: int = Field(256 * 1024, ge=1024)
     max_active_jobs_per_key: int = Field(2, ge=1)

@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from kegnet.config import MAX_TEACHERS
+
 CHUNK = 1024 * 1024
 
 
@@ -19,10 +21,10 @@ class UploadTooLarge(Exception):  # noqa: N818
 class Storage(Protocol):
     """What the API and the worker need from file storage (a shared directory today; could be S3)."""
 
-    def checkpoint_path(self, job_id: str) -> Path: ...
+    def checkpoint_path(self, job_id: str, index: int = 0) -> Path: ...
     def out_dir(self, job_id: str) -> Path: ...
     def save_stream(self, src: BinaryIO, max_bytes: int) -> tuple[Path, str, int]: ...
-    def commit_checkpoint(self, tmp: Path, job_id: str) -> Path: ...
+    def commit_checkpoint(self, tmp: Path, job_id: str, index: int = 0) -> Path: ...
     def discard(self, tmp: Path) -> None: ...
     def delete_job(self, job_id: str) -> None: ...
 
@@ -41,8 +43,12 @@ class LocalStorage:
             raise ValueError("invalid job id")
         return self.root / "jobs" / job_id
 
-    def checkpoint_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "teacher.ckpt"
+    def checkpoint_path(self, job_id: str, index: int = 0) -> Path:
+        """The job's ``index``-th teacher: ``teacher.ckpt`` (the only one of a one-teacher job), then
+        ``teacher.1.ckpt``, ``teacher.2.ckpt``... Names are made here from an int, never from client text."""
+        if not (isinstance(index, int) and 0 <= index < MAX_TEACHERS):
+            raise ValueError("invalid checkpoint index")
+        return self.job_dir(job_id) / ("teacher.ckpt" if index == 0 else f"teacher.{index}.ckpt")
 
     def out_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "out"
@@ -67,9 +73,9 @@ class LocalStorage:
             raise
         return tmp, digest.hexdigest(), size
 
-    def commit_checkpoint(self, tmp: Path, job_id: str) -> Path:
+    def commit_checkpoint(self, tmp: Path, job_id: str, index: int = 0) -> Path:
         """Atomically move an upload into the job's directory (same file system, so rename is atomic)."""
-        dest = self.checkpoint_path(job_id)
+        dest = self.checkpoint_path(job_id, index)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
         return dest

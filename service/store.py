@@ -26,7 +26,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED = (
 )
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({QUEUED, RUNNING, CANCELLING})
-_JSON_FIELDS = ("metrics", "request", "artifacts")
+_JSON_FIELDS = ("metrics", "request", "artifacts", "checkpoints")
 
 # ARGV: new status ("" keeps it), allowed current statuses (comma list), terminal flag, job id, then
 # field/value pairs. KEYS: job hash, global active set, owner's active set.
@@ -82,7 +82,10 @@ class JobStore:
 
     # ---- jobs
     def create(self, owner: str, request: dict[str, Any], *, sha256: str, size: int,
-               request_hash: str, job_id: str | None = None) -> dict[str, Any]:
+               request_hash: str, job_id: str | None = None,
+               checkpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """A queued job. ``sha256``/``size`` describe its first checkpoint file; ``checkpoints`` lists every
+        file in order (``{"sha256", "size"}``; default: the first only)."""
         job_id = job_id or uuid.uuid4().hex
         t = now()
         fields = {
@@ -91,6 +94,7 @@ class JobStore:
             "updated_at": repr(t), "request": json.dumps(request), "checkpoint_sha256": sha256,
             "checkpoint_size": str(size), "artifacts": "{}", "cancel_requested": "0", "heartbeat": "",
             "request_hash": request_hash,
+            "checkpoints": json.dumps(checkpoints or [{"sha256": sha256, "size": size}]),
         }
         pipe = self.r.pipeline()
         pipe.hset(self._job(job_id), mapping=fields)
@@ -111,6 +115,8 @@ class JobStore:
         for key in ("created_at", "started_at", "finished_at", "updated_at", "heartbeat", "progress"):
             job[key] = float(job[key]) if job.get(key) else None
         job["checkpoint_size"] = int(job.get("checkpoint_size") or 0)
+        if not job["checkpoints"]:  # jobs created before several checkpoints were possible
+            job["checkpoints"] = [{"sha256": job.get("checkpoint_sha256", ""), "size": job["checkpoint_size"]}]
         job["cancel_requested"] = job.get("cancel_requested") == "1"
         return job
 

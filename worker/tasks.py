@@ -135,8 +135,9 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
 
             out_dir = storage.out_dir(job_id)
             out_dir.mkdir(parents=True, exist_ok=True)
+            paths = [storage.checkpoint_path(job_id, i) for i in range(len(job["checkpoints"]))]
             result = run_pipeline(
-                storage.checkpoint_path(job_id), request.model, request.config, out_dir,
+                paths[0] if len(paths) == 1 else paths, request.model, request.config, out_dir,
                 device=device, seed=request.seed, progress=reporter.progress,
                 should_cancel=reporter.should_cancel,
             )
@@ -177,6 +178,7 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "synthetic_agreement": agreement.get("best"),
         "synthetic_agreement_before_finetune": agreement.get("before_finetune"),
         "seconds": sum((manifest.get("timings_s") or {}).values()),
+        "teachers": (manifest.get("teachers") or {}).get("count"),
     }
     return {k: v for k, v in out.items() if v is not None}
 

@@ -9,31 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from kegnet.models.taps import FeatureTap
 
-class FeatureTap:
-    """Keeps the latest output of each named submodule of ``model`` (forward hooks); ``close()`` removes them."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [model.get_submodule(name).register_forward_hook(self._keep(name)) for name in names]
-
-    def _keep(self, name: str):  # noqa: ANN202 - a hook closure
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.outputs[name] = output
-
-        return hook
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def __enter__(self) -> FeatureTap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+__all__ = ["FeatureTap", "feature_loss"]  # FeatureTap lives in kegnet.models.taps; re-exported here
 
 
 def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -18,11 +18,15 @@ from torch import nn
 
 from kegnet.config import DistillConfig
 from kegnet.distill.adversary import GeneratorAdversary
+from kegnet.distill.ensemble import feature_source
 from kegnet.distill.features import FeatureTap, feature_loss
 from kegnet.distill.losses import kd_loss
+from kegnet.distill.relational import rkd_angle_loss, rkd_distance_loss
+from kegnet.distill.self_distill import distort, linear_mmd2, symmetric_kl
 from kegnet.errors import Cancelled
 from kegnet.generation.samplers import KegNetSampler, Sampler
 from kegnet.metrics import agreement
+from kegnet.models.taps import PenultimateTap
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,33 @@ def mix_samples(x: torch.Tensor, fraction: float, rng: torch.Generator) -> torch
     return torch.cat([lam * x[i] + (1 - lam) * x[j], x[n:]])
 
 
+def relational_loss(config: DistillConfig, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The weighted RKD terms (distance and angle) between ``(N, ...)`` student and teacher relations."""
+    loss = torch.zeros((), device=student.device)
+    if config.rkd_distance_weight > 0:
+        loss = loss + config.rkd_distance_weight * rkd_distance_loss(student, teacher)
+    if config.rkd_angle_weight > 0:
+        loss = loss + config.rkd_angle_weight * rkd_angle_loss(student, teacher)
+    return loss
+
+
+def self_distill_loss(config: DistillConfig, student: nn.Module, features: PenultimateTap | None,
+                      x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """DDGSD: the student on two distorted views of ``x``, pulled to agree with itself (KL both ways, MMD).
+
+    ``features`` taps the student's penultimate layer (needed when ``self_distill_mmd_weight > 0``).
+    """
+    a = student(distort(x, config.distortion_strength, rng))
+    feat_a = features.value if features is not None else None
+    b = student(distort(x, config.distortion_strength, rng))
+    loss = torch.zeros((), device=x.device)
+    if config.self_distill_weight > 0:
+        loss = loss + config.self_distill_weight * symmetric_kl(a, b)
+    if config.self_distill_mmd_weight > 0 and features is not None:
+        loss = loss + config.self_distill_mmd_weight * linear_mmd2(feat_a, features.value)
+    return loss
+
+
 def distill(
     teacher: nn.Module, student: nn.Module, sampler: Sampler, config: DistillConfig, *, device: torch.device,
     seed: int, num_sources: int = 1, on_eval: Callable[[int, dict[str, float]], None] | None = None,
@@ -80,7 +111,9 @@ def distill(
     (see ``kegnet.distill.adversary``; ``diversity_beta`` weighs their diversity loss) and the student's
     samples come partly from the copies; the held-out selection set is drawn from the original generators.
     With ``config.feature_weight > 0``, the outputs of ``feature_layers`` (module names present in both
-    models with equal output shapes: the factorized layers) are matched too.
+    models with equal output shapes: the factorized layers) are matched too. ``rkd_*`` add relational KD
+    on penultimate features or logits, ``self_distill_*`` the data-distortion self-distillation terms.
+    ``teacher`` may be a ``TeacherEnsemble``; hints and feature relations then use its base member.
     """
     teacher = teacher.eval()
     holdout_x, _ = _fixed_transfer_set(sampler, config.holdout_samples,
@@ -110,9 +143,16 @@ def distill(
 
     with contextlib.ExitStack() as hooks:  # the taps' hooks never outlive this call (cancel included)
         taps = None
+        teacher_features = feature_source(teacher)  # an ensemble's base member, or the teacher itself
         if config.feature_weight > 0 and feature_layers:
-            taps = (hooks.enter_context(FeatureTap(teacher, feature_layers)),
+            taps = (hooks.enter_context(FeatureTap(teacher_features, feature_layers)),
                     hooks.enter_context(FeatureTap(student, feature_layers)))
+        relational = config.rkd_distance_weight > 0 or config.rkd_angle_weight > 0
+        self_distilling = config.self_distill_weight > 0 or config.self_distill_mmd_weight > 0
+        t_pen = (hooks.enter_context(PenultimateTap(teacher_features))
+                 if relational and config.rkd_on == "features" else None)
+        s_pen = (hooks.enter_context(PenultimateTap(student))
+                 if t_pen is not None or config.self_distill_mmd_weight > 0 else None)
 
         loss_sum = torch.zeros((), device=device)
         for step in range(1, config.steps + 1):
@@ -130,16 +170,22 @@ def distill(
                 idx = torch.randint(len(pool_x), (config.batch_size,), generator=rng, device=device)
                 x, t_logits = pool_x[idx], pool_t[idx]
                 y = None if pool_y is None else pool_y[idx]
-                if taps:
+                if taps or t_pen is not None:
                     with torch.no_grad():
-                        teacher(x)  # the features of this batch (the logits are in the pool)
+                        teacher_features(x)  # the features of this batch (the logits are in the pool)
             s_logits = student(x)
+            s_feat = s_pen.value if s_pen is not None else None  # before the distorted views overwrite it
             loss = kd_loss(s_logits, t_logits, config.temperature)
             if taps:
                 t_feats = {k: v.detach() for k, v in taps[0].outputs.items()}
                 loss = loss + config.feature_weight * feature_loss(taps[1].outputs, t_feats)
             if config.hard_label_weight > 0 and y is not None:
                 loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
+            if relational:
+                pair = (s_feat, t_pen.value) if t_pen is not None else (s_logits, t_logits)
+                loss = loss + relational_loss(config, *pair)
+            if self_distilling:
+                loss = loss + self_distill_loss(config, student, s_pen, x, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,13 +9,15 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kegnet.checkpoint import load_teacher
 from kegnet.errors import KegnetError
@@ -73,7 +75,11 @@ async def submit_job(
     settings: Settings = Depends(get_settings_dep),
     idempotency_key: str | None = Header(None),
 ) -> JSONResponse:
-    """Multipart form: ``checkpoint`` (safetensors or torch.save state dict) and ``spec`` (JSON)."""
+    """Multipart form: ``checkpoint`` (safetensors or torch.save state dict) and ``spec`` (JSON).
+
+    ``checkpoint`` may be repeated, up to ``max_teachers`` times, for a teacher ensemble (all of the spec's
+    architecture, in the order sent); ``max_upload_bytes`` caps the files together.
+    """
     if idempotency_key is not None and not _IDEM_KEY.match(idempotency_key):
         raise HTTPException(422, "Idempotency-Key must be 1-200 characters of A-Z a-z 0-9 _ . : -")
     known = idempotency_key and await run_in_threadpool(store.idempotency_get, owner, idempotency_key)
@@ -81,28 +87,41 @@ async def submit_job(
         # Refuse before the upload is read when the caller cannot get a job anyway.
         await run_in_threadpool(_check_caps, store, settings, owner)
 
-    # The body is capped by BodySizeLimitMiddleware while it streams, so this spool is bounded.
-    form = await request.form(max_files=1, max_fields=4)
+    tmps: list[Path] = []  # uploads in flight; whatever is not committed to a job is removed at the end
     try:
-        upload, spec_text = form.get("checkpoint"), form.get("spec")
-        if not isinstance(upload, UploadFile):
-            raise HTTPException(422, "missing file field 'checkpoint'")
-        if not isinstance(spec_text, str):
-            raise HTTPException(422, "missing form field 'spec' (JSON: {\"model\": {...}, \"config\": {...}})")
+        # The body is capped by BodySizeLimitMiddleware while it streams, so this spool is bounded.
+        form = await _read_form(request, settings)
         try:
-            job_request = JobRequest.model_validate_json(spec_text)
-        except ValidationError as exc:
-            raise _spec_error(exc) from None
-        try:
-            tmp, sha256, size = await run_in_threadpool(storage.save_stream, upload.file, settings.max_upload_bytes)
-        except UploadTooLarge:
-            raise HTTPException(413, f"the checkpoint is larger than {settings.max_upload_bytes} bytes") from None
-    finally:
-        await form.close()
+            uploads, spec_text = form.getlist("checkpoint"), form.get("spec")
+            if not uploads:
+                raise HTTPException(422, "missing file field 'checkpoint'")
+            if not all(isinstance(u, UploadFile) for u in uploads):
+                raise HTTPException(422, "every 'checkpoint' field must be a file")
+            if len(uploads) > settings.max_teachers:
+                raise _too_many_files(settings)
+            if not isinstance(spec_text, str):
+                raise HTTPException(422, "missing form field 'spec' (JSON: {\"model\": {...}, \"config\": {...}})")
+            try:
+                job_request = JobRequest.model_validate_json(spec_text)
+            except ValidationError as exc:
+                raise _spec_error(exc) from None
+            files: list[dict[str, Any]] = []
+            for upload in uploads:
+                budget = settings.max_upload_bytes - sum(f["size"] for f in files)  # one cap for all files
+                try:
+                    tmp, sha256, size = await run_in_threadpool(storage.save_stream, upload.file, budget)
+                except UploadTooLarge:
+                    what = "the checkpoint is" if len(uploads) == 1 else "the checkpoint files together are"
+                    raise HTTPException(413, f"{what} larger than {settings.max_upload_bytes} bytes") from None
+                tmps.append(tmp)
+                files.append({"sha256": sha256, "size": size})
+        finally:
+            await form.close()
 
-    try:
         canonical = json.dumps(job_request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        request_hash = hashlib.sha256(f"{sha256}\n{canonical}".encode()).hexdigest()
+        # Every file's digest, in order, is part of the request: another file or order is another request.
+        digests = "\n".join(f["sha256"] for f in files)
+        request_hash = hashlib.sha256(f"{digests}\n{canonical}".encode()).hexdigest()
         job_id = uuid.uuid4().hex
         if idempotency_key:
             claim = await run_in_threadpool(store.idempotency_claim, owner, idempotency_key, request_hash, job_id)
@@ -117,20 +136,25 @@ async def submit_job(
 
         # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors),
         # so pickled code, truncated files, wrong keys/shapes, NaNs and unknown architectures get a 422 now.
-        try:
-            async with request.app.state.validation_slots:
-                await run_in_threadpool(load_teacher, tmp, job_request.model)
-        except KegnetError as exc:
-            if idempotency_key:  # the key did not create a job: let the caller fix the file and reuse it
-                store.r.delete(f"{store.p}:idem:{owner}:{idempotency_key}")
-            raise HTTPException(422, str(exc)) from None
+        for i, tmp in enumerate(tmps):
+            try:
+                async with request.app.state.validation_slots:
+                    await run_in_threadpool(load_teacher, tmp, job_request.model)
+            except KegnetError as exc:
+                if idempotency_key:  # the key did not create a job: let the caller fix the file and reuse it
+                    store.r.delete(f"{store.p}:idem:{owner}:{idempotency_key}")
+                where = "" if len(tmps) == 1 else f"checkpoint {i + 1} of {len(tmps)} (index {i}): "
+                raise HTTPException(422, f"{where}{exc}") from None
 
-        storage.commit_checkpoint(tmp, job_id)
+        for i, tmp in enumerate(tmps):
+            storage.commit_checkpoint(tmp, job_id, i)
     finally:
-        storage.discard(tmp)  # no-op once committed
+        for tmp in tmps:
+            storage.discard(tmp)  # no-op once committed
 
-    job = await run_in_threadpool(store.create, owner, job_request.model_dump(mode="json"), sha256=sha256,
-                                  size=size, request_hash=request_hash, job_id=job_id)
+    job = await run_in_threadpool(store.create, owner, job_request.model_dump(mode="json"),
+                                  sha256=files[0]["sha256"], size=files[0]["size"], request_hash=request_hash,
+                                  job_id=job_id, checkpoints=files)
     try:
         await run_in_threadpool(request.app.state.enqueue, job_id)
     except Exception:
@@ -138,8 +162,24 @@ async def submit_job(
         store.transition(job_id, FAILED, {QUEUED}, error="the job could not be queued; retry later")
         raise HTTPException(503, "the job queue is unavailable; retry later",
                             headers={"Retry-After": str(settings.retry_after_s)}) from None
-    log.info("job %s queued for owner %s (%d bytes, sha256 %s)", job_id, owner, size, sha256[:12])
+    log.info("job %s queued for owner %s (%d checkpoint(s), %d bytes, sha256 %s)", job_id, owner, len(files),
+             sum(f["size"] for f in files), files[0]["sha256"][:12])
     return _accepted(job)
+
+
+def _too_many_files(settings: Settings) -> HTTPException:
+    return HTTPException(422, f"too many files: a job takes at most {settings.max_teachers} 'checkpoint' files")
+
+
+async def _read_form(request: Request, settings: Settings) -> FormData:
+    """The multipart form, parsed with at most ``max_teachers`` files (the parser stops at the next one)."""
+    try:
+        return await request.form(max_files=settings.max_teachers, max_fields=4)
+    except StarletteHTTPException as exc:
+        # Starlette's parser limits answer 400 "Too many files. ..."; say it in this API's terms.
+        if exc.status_code == 400 and "too many files" in str(exc.detail).lower():
+            raise _too_many_files(settings) from None
+        raise
 
 
 @router.get("", response_model=JobPage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,19 @@ def test_tiny_job_succeeds_and_student_loads(client, stack, teacher, tmp_path):
     events = client.events(job["id"])["events"]
     stages = {e.get("stage") for e in events if e["type"] == "progress"}
     assert {"generators", "finetune", "export"} <= stages
+
+
+def test_teacher_ensemble_job_over_http(client, stack, tmp_path):
+    teachers = [write_mlp_safetensors(tmp_path / f"t{i}.safetensors", seed=i) for i in range(2)]
+    config = {**TINY_CONFIG, "distill": {**TINY_CONFIG["distill"], "ensemble_weighting": "entropy"}}
+    job = client.submit(teachers, MLP_MODEL, config)
+    assert len(job["checkpoints"]) == 2
+    job = client.wait(job["id"], timeout=90, poll=0.3, progress=False)
+    assert job["status"] == "succeeded", (job, stack.logs())
+    assert job["metrics"]["teachers"] == 2
+    client.download(job["id"], tmp_path / "out", ["manifest.json"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["teachers"]["count"] == 2 and manifest["teachers"]["weighting"] == "entropy"
 
 
 @needs_shared(MNIST_TEACHER)

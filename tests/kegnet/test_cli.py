@@ -30,3 +30,22 @@ def test_cli_reports_bad_input_clearly(tmp_path: Path) -> None:
                            "--input-shape", "4", "--num-classes", "2", "--out", str(tmp_path / "o"),
                            "--config", '{"generator": {"steps": -3}}'], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid options" in proc.stderr
+
+
+def test_cli_takes_several_checkpoints_as_a_teacher_ensemble(tmp_path: Path) -> None:
+    from tests.service.svc_helpers import write_mlp_safetensors
+
+    files = [str(write_mlp_safetensors(tmp_path / f"t{i}.safetensors", seed=i)) for i in range(2)]
+    config = {"export_onnx": False, "export_portable": False,
+              "generator": {"num_generators": 1, "batch_size": 16},
+              "distill": {"batch_size": 16, "holdout_samples": 64, "ensemble_weighting": "entropy"}}
+    base = ["--arch", "mlp", "--arch-kwargs", '{"hidden": [16]}', "--input-shape", "8", "--num-classes", "3",
+            "--generator-steps", "2", "--distill-steps", "2", "--device", "cpu", "--config", json.dumps(config)]
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", *files, "--out", str(tmp_path / "o"), *base],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 teachers, entropy weighting" in proc.stdout
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["teachers"]["count"] == 2
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", *files * 5, "--out", str(tmp_path / "p"),
+                           *base], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "at most 8 checkpoints, got 10" in proc.stderr

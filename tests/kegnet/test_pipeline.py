@@ -79,3 +79,19 @@ def test_cancel_stops_between_steps(tmp_path: Path, small_cnn, small_cnn_spec) -
         run_pipeline(small_cnn, small_cnn_spec, tiny_config(), tmp_path, device="cpu", seed=0,
                      should_cancel=should_cancel)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_passing_trained_generators_gives_the_same_student(tmp_path: Path) -> None:
+    # The student has dropout (global RNG): fine-tuning must not depend on whether the generators were
+    # trained in this run or handed in (the bench reuses them across settings and runs).
+    spec = ModelSpec(arch="mlp", arch_kwargs={"hidden": [32, 32], "dropout": 0.2}, input_shape=(16,),
+                     num_classes=10)
+    from kegnet import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("mlp", input_shape=(16,), num_classes=10, hidden=[32, 32], dropout=0.2)
+    cfg = tiny_config("kegnet", compression={"rank_method": "explicit", "ranks": {"*": [5, 5]}})
+    first = run_pipeline(teacher, spec, cfg, tmp_path / "a", device="cpu", seed=3)
+    second = run_pipeline(teacher, spec, cfg, tmp_path / "b", device="cpu", seed=3, generators=first.generators)
+    for (name, a), b in zip(first.student.state_dict().items(), second.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -125,3 +125,18 @@ def test_celery_settings_follow_the_reference():
     assert c.task_routes["worker.tasks.compress_job"]["queue"] == "gpu"
     assert not torch.cuda.is_initialized()  # importing the worker must not touch CUDA
     assert QUEUED == "queued"
+
+
+def test_several_checkpoints_run_as_a_teacher_ensemble(env, tmp_path):
+    settings, store, storage = env
+    config = {**TINY_CONFIG, "distill": {**TINY_CONFIG["distill"], "ensemble_weighting": "entropy"}}
+    request = {"model": MLP_MODEL, "config": config, "seed": 0, "device": "cpu"}
+    files = [{"sha256": str(i) * 64, "size": 1} for i in range(2)]
+    job = store.create("alice", request, sha256=files[0]["sha256"], size=1, request_hash="h", checkpoints=files)
+    for i in range(2):
+        write_mlp_safetensors(tmp_path / f"t{i}.safetensors", seed=i)
+        storage.commit_checkpoint(tmp_path / f"t{i}.safetensors", job["id"], i)
+    assert run_job(job["id"], store, storage, settings) == "succeeded", store.get(job["id"])["error"]
+    manifest = json.loads((storage.out_dir(job["id"]) / "manifest.json").read_text())
+    assert manifest["teachers"]["count"] == 2 and manifest["teachers"]["weighting"] == "entropy"
+    assert store.get(job["id"])["metrics"]["teachers"] == 2

@@ -1,0 +1,73 @@
+"""Forward hooks that keep intermediate values of a model: named submodule outputs, penultimate features.
+
+Shared by generator training (DAFL's activation reward), hint matching and relational distillation, so a
+model's features are read one way everywhere. Every tap removes its hooks on ``close()`` (or at the end of
+a ``with`` block): a tap on a caller's module must not outlive the call that made it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Hooks:
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FeatureTap(_Hooks):
+    """Keeps the latest output of each named submodule of ``model`` (forward hooks); ``close()`` removes them."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [model.get_submodule(name).register_forward_hook(self._keep(name)) for name in names]
+
+    def _keep(self, name: str):  # noqa: ANN202 - a hook closure
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            self.outputs[name] = output
+
+        return hook
+
+
+class PenultimateTap(_Hooks):
+    """Keeps the input of the model's last ``nn.Linear`` (its penultimate features) from each forward pass.
+
+    ``value`` has shape ``(N, D)`` (whatever the head receives), or is a 0-d zero before the first pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("the model has no nn.Linear classifier head")
+        self.value = torch.zeros(())
+        self._handles = [linears[-1].register_forward_pre_hook(self._keep)]
+
+    def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.value = inputs[0]
+
+
+def ensemble_members(model: nn.Module) -> list[nn.Module]:
+    """The models an ensemble combines (a module with a ``members`` ``nn.ModuleList``), else ``[model]``.
+
+    Duck-typed so that generation code can tap every teacher of an ensemble without importing the
+    distillation package (which imports generation).
+    """
+    members = getattr(model, "members", None)
+    return list(members) if isinstance(members, nn.ModuleList) else [model]
+
+
+__all__ = ["FeatureTap", "PenultimateTap", "ensemble_members"]

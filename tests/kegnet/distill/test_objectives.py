@@ -1,0 +1,127 @@
+"""The objectives switched on inside ``distill``: each one changes training in the way it should."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from kegnet.config import DistillConfig
+from kegnet.distill import distill
+from kegnet.distill.relational import rkd_distance_loss
+from kegnet.distill.self_distill import distort, symmetric_kl
+from kegnet.generation import NoiseSampler, Sampler
+from kegnet.models.taps import PenultimateTap
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # These tests train in this process: on a small, busy CPU one torch thread is ~10x faster than two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ClassZeroSampler(Sampler):
+    """Gaussian inputs, every one labelled class 0 (as if a generator had been asked for class 0)."""
+
+    def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, 8, generator=rng), torch.zeros(n, dtype=torch.long)
+
+
+def nets(student_width: int = 32) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    student = nn.Sequential(nn.Linear(8, student_width), nn.ReLU(), nn.Linear(student_width, 4))
+    return teacher, student
+
+
+def run(sampler: Sampler, student_width: int = 32, **fields: object) -> tuple[nn.Module, nn.Module]:
+    teacher, student = nets(student_width)
+    cfg = DistillConfig(steps=60, batch_size=64, lr=3e-3, eval_every=30, holdout_samples=64, select_best=False,
+                        **fields)
+    distill(teacher, student, sampler, cfg, device=CPU, seed=0)
+    return teacher, student
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hinton_hard_labels_pull_the_student_toward_the_sampled_labels() -> None:
+    x = torch.randn(512, 8)
+    share = []
+    for weight in (0.0, 5.0):
+        _, student = run(ClassZeroSampler(), hard_label_weight=weight)
+        with torch.no_grad():
+            share.append((student(x).argmax(1) == 0).float().mean().item())
+    assert share[1] > share[0] + 0.3
+
+
+def test_relational_kd_aligns_features_of_another_width_and_leaves_no_hooks() -> None:
+    gaussian = NoiseSampler("gaussian", (8,), CPU)
+    x = torch.randn(256, 8)
+    losses = []
+    for weight in (0.0, 20.0):
+        teacher, student = run(gaussian, student_width=12, rkd_distance_weight=weight, rkd_angle_weight=weight)
+        assert hooks(teacher) == hooks(student) == 0
+        with PenultimateTap(teacher) as t_tap, PenultimateTap(student) as s_tap, torch.no_grad():
+            teacher(x)
+            student(x)
+            losses.append(rkd_distance_loss(s_tap.value, t_tap.value).item())
+    assert losses[1] < 0.7 * losses[0]
+
+
+def test_relational_kd_on_logits_trains() -> None:
+    teacher, student = run(NoiseSampler("gaussian", (8,), CPU), rkd_distance_weight=1.0, rkd_on="logits")
+    _, plain = run(NoiseSampler("gaussian", (8,), CPU))
+    assert not torch.equal(student[0].weight, plain[0].weight)
+
+
+def test_self_distillation_makes_the_student_consistent_across_views_deterministically() -> None:
+    gaussian = NoiseSampler("gaussian", (8,), CPU)
+    x = torch.randn(512, 8)
+    gaps, students = [], []
+    for weight in (0.0, 20.0, 20.0):
+        teacher, student = run(gaussian, self_distill_weight=weight, self_distill_mmd_weight=weight,
+                               distortion_strength=1.0)
+        assert hooks(student) == 0
+        students.append(student)
+        rng = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            gaps.append(symmetric_kl(student(distort(x, 1.0, rng)), student(distort(x, 1.0, rng))).item())
+    assert gaps[1] < 0.8 * gaps[0]
+    assert all(torch.equal(a, b) for a, b in zip(students[1].state_dict().values(),
+                                                 students[2].state_dict().values(), strict=True))
+
+
+def test_ensemble_teacher_goes_through_distill() -> None:
+    from kegnet.distill.ensemble import TeacherEnsemble
+
+    teacher, student = nets()
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    ens = TeacherEnsemble([teacher, other], weighting="entropy", temperature=4.0, base=1)
+    cfg = DistillConfig(steps=20, batch_size=32, eval_every=10, holdout_samples=64, feature_weight=1.0,
+                        rkd_distance_weight=1.0, transfer="fixed", samples_per_generator=64)
+    result = distill(ens, student, NoiseSampler("gaussian", (8,), CPU), cfg, device=CPU, seed=0,
+                     feature_layers=["0"])
+    assert [r["step"] for r in result.curve] == [0, 10, 20] and hooks(ens) == 0
+
+
+def test_new_fields_default_to_off_and_are_bounded() -> None:
+    from pydantic import ValidationError
+
+    d = DistillConfig()
+    assert (d.rkd_distance_weight, d.rkd_angle_weight, d.self_distill_weight, d.self_distill_mmd_weight) == (0, 0, 0, 0)
+    assert d.ensemble_weighting == "mean" and d.ensemble_student == "first"
+    for bad in ({"rkd_distance_weight": -1}, {"rkd_angle_weight": 1e4}, {"rkd_on": "pixels"},
+                {"self_distill_weight": 101}, {"self_distill_mmd_weight": -0.1}, {"distortion_strength": 1.5},
+                {"ensemble_weighting": "vote"}, {"ensemble_temperature": 0}, {"mc_dropout_passes": 1},
+                {"mc_dropout_passes": 33}, {"ensemble_student": "last"},
+                {"rkd_angle_weight": 1.0, "batch_size": 2}):
+        with pytest.raises(ValidationError):
+            DistillConfig(**bad)
