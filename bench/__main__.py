@@ -38,10 +38,24 @@ RESULTS = Path(__file__).parent / "results"
 CACHE = RESULTS / "generators"
 
 
-def _cache_file(scenario: str, cfg: PipelineConfig, seed: int) -> Path:
-    """Where the generators of this teacher, generator config and seed are kept (ablations reuse them)."""
-    key = hashlib.sha256(cfg.generator.model_dump_json().encode()).hexdigest()[:16]
-    return CACHE / f"{scenario}-seed{seed}-{key}.safetensors"
+def teacher_digest(teacher: torch.nn.Module) -> str:
+    """A fingerprint of a teacher's weights (scenarios that share a teacher share its generators)."""
+    h = hashlib.sha256()
+    for name, value in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _generator_key(cfg: PipelineConfig, teachers: list[str], seed: int) -> str:
+    """What KegNet generators depend on: their config, the teachers (digests) they learn from, the seed."""
+    text = json.dumps([cfg.generator.model_dump(), teachers, seed])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_file(key: str) -> Path:
+    """Where generators are kept on disk between runs (ablations reuse them)."""
+    return CACHE / f"{key}.safetensors"
 
 
 def _load_generators(path: Path, cfg: PipelineConfig, spec: ModelSpec) -> tuple[list[torch.nn.Module], float] | None:
@@ -75,10 +89,10 @@ def make_config(scenario: Scenario, setting: str, method: str, scale: float,
     gen["steps"] = max(2, round(gen.get("steps", base.generator.steps) * scale))
     dist["steps"] = max(2, round(dist.get("steps", base.distill.steps) * scale))
     dist["eval_every"] = max(1, min(dist.get("eval_every", base.distill.eval_every), dist["steps"] // 5))
-    name, _, teacher_mode = method.partition(":")
-    if teacher_mode:
-        gen["teacher_mode"] = teacher_mode
-    return PipelineConfig.from_preset("fast", method=name, generator=gen, distill=dist,
+    variant = scenario.variants.get(method, {})
+    gen.update(variant.get("generator", {}))
+    dist.update(variant.get("distill", {}))
+    return PipelineConfig.from_preset("fast", method=method.partition(":")[0], generator=gen, distill=dist,
                                       compression=scenario.settings[setting], export_portable=False,
                                       export_onnx=False)
 
@@ -94,13 +108,18 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
     x, y = sc.test_set()
     if test_limit:
         x, y = x[:test_limit], y[:test_limit]
-    teacher, spec = sc.teacher()
-    teacher = teacher.to(dev)
-    rows: list[dict[str, Any]] = [{"setting": "-", "method": "teacher", "accuracy": [accuracy(teacher, x, y)],
-                                   "ratio": 1.0, "parameters": count_parameters(teacher)}]
+    built, spec = sc.teacher()
+    teachers = [t.to(dev) for t in (built if isinstance(built, list) else [built])]
+    digests = [teacher_digest(t) for t in teachers]
+    rows: list[dict[str, Any]] = [
+        {"setting": "-", "method": "teacher" if len(teachers) == 1 else f"teacher{i}",
+         "accuracy": [accuracy(t, x, y)], "ratio": 1.0, "parameters": count_parameters(t)}
+        for i, t in enumerate(teachers)
+    ]
     print(_header(), flush=True)
-    print(_fmt(rows[0]), flush=True)
-    shared: dict[tuple[int, str], tuple[list[torch.nn.Module], float]] = {}  # (seed, method) -> gens, seconds
+    for row in rows:
+        print(_fmt(row), flush=True)
+    shared: dict[str, tuple[list[torch.nn.Module], float]] = {}  # generator key -> generators, seconds
     for setting in sc.settings:
         if settings and setting not in settings:
             continue
@@ -113,8 +132,11 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
                 cfg = make_config(sc, setting, method, scale, extra)
                 if cfg.method == "tucker-only" and seed > 0:
                     break  # deterministic: one run says it all
-                gens, gen_s = shared.get((seed, method), (None, 0.0))
-                cache = _cache_file(name, cfg, seed) if reuse_generators and cfg.method == "kegnet" else None
+                members = sc.teachers_of.get(method, list(range(len(teachers))))
+                teacher = [teachers[i] for i in members] if len(members) > 1 else teachers[members[0]]
+                key = _generator_key(cfg, [digests[i] for i in members], seed)
+                gens, gen_s = shared.get(key, (None, 0.0))
+                cache = _cache_file(key) if reuse_generators and cfg.method == "kegnet" else None
                 if gens is None and cache is not None:
                     gens, gen_s = _load_generators(cache, cfg, spec) or (None, 0.0)
                 if dev.type == "cuda":
@@ -125,7 +147,7 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
                     seconds = time.perf_counter() - t0
                 timings = dict(result.manifest["timings_s"])
                 if gens is None and result.generators is not None:
-                    shared[(seed, method)] = (result.generators, timings["generators"])
+                    shared[key] = (result.generators, timings["generators"])
                     if cache is not None:
                         _save_generators(cache, result.generators, timings["generators"])
                 elif gens is not None:

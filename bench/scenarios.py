@@ -25,11 +25,20 @@ RESNET14 = ModelSpec(arch="resnet", input_shape=(1, 32, 32), num_classes=10)
 
 @dataclass
 class Scenario:
-    teacher: Callable[[], tuple[nn.Module, ModelSpec]]
+    """``teacher`` builds one teacher, or several of one spec (an ensemble scenario).
+
+    A method is a pipeline method, optionally with a ``:variant`` label; ``variants`` maps a full method
+    label to its config sections (on top of ``overrides``) and ``teachers_of`` to the teacher indices it uses
+    (default: all of them).
+    """
+
+    teacher: Callable[[], tuple[nn.Module | list[nn.Module], ModelSpec]]
     test_set: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     settings: dict[str, dict[str, Any]]  # setting name -> CompressionConfig fields
     methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
     overrides: dict[str, Any] = field(default_factory=dict)  # PipelineConfig sections on top of "fast"
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teachers_of: dict[str, list[int]] = field(default_factory=dict)
     about: str = ""
 
 
@@ -45,12 +54,38 @@ def _uci_teacher(name: str) -> Callable[[], tuple[nn.Module, ModelSpec]]:
     return build
 
 
+def _uci_teachers(name: str, seeds: list[int]) -> Callable[[], tuple[list[nn.Module], ModelSpec]]:
+    def build() -> tuple[list[nn.Module], ModelSpec]:
+        built = [uci_teacher(name, seed=s) for s in seeds]
+        return [load_teacher(path, spec) for path, spec in built], built[0][1]
+
+    return build
+
+
 def _explicit(rank: int) -> dict[str, Any]:
     return {"layers": ["*"], "rank_method": "explicit", "ranks": {"*": [rank, rank]}}
 
 
 # The paper's Fashion/SVHN generator settings (its code: decoder depth 3, Adam 1e-2, beta 10 for Fashion).
 _FASHION_GEN = {"lr": 1e-2, "beta": 10.0, "decoder_layers": 3}
+
+# Issue 5's distillation objectives, each alone on top of KD at T=4 (the default), and combined.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "kegnet:kd": {},
+    "kegnet:kd+hard": {"distill": {"hard_label_weight": 1.0}},
+    "kegnet:rkd": {"distill": {"rkd_distance_weight": 1.0, "rkd_angle_weight": 2.0}},
+    "kegnet:ddgsd": {"distill": {"self_distill_weight": 1.0, "self_distill_mmd_weight": 1.0}},
+    "kegnet:all": {"distill": {"hard_label_weight": 1.0, "rkd_distance_weight": 1.0, "rkd_angle_weight": 2.0,
+                               "self_distill_weight": 1.0, "self_distill_mmd_weight": 1.0}},
+}
+
+
+def _objectives(base: Scenario, setting: str) -> Scenario:
+    """``base`` at one setting, with one row per entry of ``OBJECTIVES`` (the generators are shared)."""
+    return Scenario(teacher=base.teacher, test_set=base.test_set, settings={setting: base.settings[setting]},
+                    methods=list(OBJECTIVES), overrides=base.overrides, variants=OBJECTIVES,
+                    about=f"{base.about}; distillation objectives at {setting}")
+
 
 SCENARIOS: dict[str, Scenario] = {
     "mnist": Scenario(
@@ -79,6 +114,22 @@ SCENARIOS: dict[str, Scenario] = {
         settings={"1.58x": {"layers": ["layers3.*.conv2"]}},
         methods=["kegnet:eval", "kegnet:train"],
         overrides={"generator": _FASHION_GEN},
+        variants={"kegnet:eval": {"generator": {"teacher_mode": "eval"}},
+                  "kegnet:train": {"generator": {"teacher_mode": "train"}}},
         about="generators trained against an eval-mode teacher vs. one using batch statistics (the paper's code)",
     ),
+    # Three pendigits teachers (seeds 0-2) into one student: each alone, plain averaging, uncertainty weights.
+    "pendigits-ensemble": Scenario(
+        teacher=_uci_teachers("pendigits", [0, 1, 2]),
+        test_set=lambda: load_uci_split("pendigits", "test"),
+        settings={"rank10": _explicit(10)},
+        methods=["kegnet:teacher0", "kegnet:teacher1", "kegnet:teacher2", "kegnet:mean", "kegnet:entropy",
+                 "kegnet:mc_dropout"],
+        variants={f"kegnet:{w}": {"distill": {"ensemble_weighting": w}} for w in ["mean", "entropy", "mc_dropout"]},
+        teachers_of={f"kegnet:teacher{i}": [i] for i in range(3)},
+        about="three paper UCI MLPs (seeds 0-2) distilled into one rank-10 student, compressed from teacher 0",
+    ),
 }
+SCENARIOS["mnist-objectives"] = _objectives(SCENARIOS["mnist"], "4.10x")
+SCENARIOS["fashion-objectives"] = _objectives(SCENARIOS["fashion"], "1.58x")
+SCENARIOS["pendigits-objectives"] = _objectives(SCENARIOS["pendigits"], "rank10")

@@ -38,8 +38,10 @@ def redis_db() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(autouse=True)
-def _few_threads() -> None:
-    torch.set_num_threads(2)
+def _one_thread() -> None:
+    # The tests train tiny models: one torch thread is much faster than two on a small, busy CPU (and the
+    # integration tests' worker processes need the other core).
+    torch.set_num_threads(1)
 
 
 def tiny_config(method: str = "kegnet", **sections: dict) -> PipelineConfig:

@@ -32,3 +32,23 @@ def test_mnist_bench_smoke(tmp_path: Path) -> None:
     gen_times = [[t["generators"] for t in rows[(s, "kegnet")]["timings_s"]] for s in ("3.62x", "4.10x")]
     assert gen_times[0] == gen_times[1]
     assert result["command"].startswith("python -m bench mnist")
+
+
+def test_variants_set_their_config_and_ensembles_key_their_generators() -> None:
+    from bench.__main__ import _generator_key, make_config
+    from bench.scenarios import SCENARIOS
+
+    objectives = SCENARIOS["pendigits-objectives"]
+    cfg = make_config(objectives, "rank10", "kegnet:rkd", scale=0.1, extra={"distill": {"lr": 1e-4}})
+    assert cfg.method == "kegnet" and cfg.distill.rkd_angle_weight == 2.0 and cfg.distill.lr == 1e-4
+    assert cfg.generator.steps == 30 and cfg.compression.rank_method == "explicit"
+    base = make_config(objectives, "rank10", "kegnet:kd", scale=0.1)
+    # Objectives change only the student's training: the generators are shared ...
+    assert _generator_key(cfg, ["a"], 0) == _generator_key(base, ["a"], 0)
+    # ... but not across seeds, teachers or generator settings.
+    assert len({_generator_key(base, ["a"], 0), _generator_key(base, ["a"], 1), _generator_key(base, ["b"], 0),
+                _generator_key(base, ["a", "b"], 0),
+                _generator_key(make_config(objectives, "rank10", "kegnet:kd", 0.2), ["a"], 0)}) == 5
+    ensemble = SCENARIOS["pendigits-ensemble"]
+    assert make_config(ensemble, "rank10", "kegnet:entropy", 1.0).distill.ensemble_weighting == "entropy"
+    assert ensemble.teachers_of["kegnet:teacher2"] == [2]

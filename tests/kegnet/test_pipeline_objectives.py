@@ -1,6 +1,5 @@
 """Tiny pipeline runs with each distillation objective, and with several teachers."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,6 @@ from tests.conftest import tiny_config
 
 SPEC = ModelSpec(arch="resnet", arch_kwargs={"depth": 8, "widths": [4, 8]}, input_shape=(1, 12, 12), num_classes=3)
 MLP_SPEC = ModelSpec(arch="mlp", arch_kwargs={"hidden": [16, 16]}, input_shape=(8,), num_classes=3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests train in this process: on a small, busy CPU one torch thread is ~10x faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cnn(seed: int) -> torch.nn.Module:

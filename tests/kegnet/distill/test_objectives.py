@@ -1,6 +1,5 @@
 """The objectives switched on inside ``distill``: each one changes training in the way it should."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ from kegnet.generation import NoiseSampler, Sampler
 from kegnet.models.taps import PenultimateTap
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests train in this process: on a small, busy CPU one torch thread is ~10x faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ClassZeroSampler(Sampler):
