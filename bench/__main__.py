@@ -135,7 +135,8 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
                 members = sc.teachers_of.get(method, list(range(len(teachers))))
                 teacher = [teachers[i] for i in members] if len(members) > 1 else teachers[members[0]]
                 key = _generator_key(cfg, [digests[i] for i in members], seed)
-                gens, gen_s = shared.get(key, (None, 0.0))
+                # Only KegNet rows use (and are charged for) generators; the noise baselines have none.
+                gens, gen_s = shared.get(key, (None, 0.0)) if cfg.method == "kegnet" else (None, 0.0)
                 cache = _cache_file(key) if reuse_generators and cfg.method == "kegnet" else None
                 if gens is None and cache is not None:
                     gens, gen_s = _load_generators(cache, cfg, spec) or (None, 0.0)

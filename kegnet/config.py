@@ -108,6 +108,10 @@ class DistillConfig(_Strict):
     adversarial_lr: float = Field(1e-4, gt=0, le=1.0, description="generators' learning rate while fine-tuning")
     adversarial_share: float = Field(0.5, gt=0.0, le=1.0,
                                      description="share of each batch from the adversarially trained generators")
+    student_dropout: bool = Field(
+        False, description="keep the student's dropout layers active while it trains (off: measured on pendigits, "
+                           "dropout on gave 93.11 ± 2.27%, off 95.81 ± 0.53% at rank 10)",
+    )
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
     # Relational KD (Park et al. 2019, kegnet/distill/relational.py): the student keeps the teacher's
@@ -194,7 +198,7 @@ PRESETS: dict[str, PipelineConfig] = {
         ),
         distill=DistillConfig(
             steps=40_000, batch_size=64, lr=1e-4, schedule="constant", temperature=1.0,
-            transfer="fixed", samples_per_generator=6400, eval_every=100 * 10,
+            transfer="fixed", samples_per_generator=6400, student_dropout=True, eval_every=100 * 10,
         ),
     ),
 }

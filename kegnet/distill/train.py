@@ -39,10 +39,11 @@ class DistillResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # step, loss, agreement
 
 
-def _freeze_batchnorm(model: nn.Module) -> None:
+def _freeze_batchnorm(model: nn.Module, dropout: bool = True) -> None:
     # Synthetic batches have other statistics than real data: keep the teacher's running statistics.
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
+                not dropout and isinstance(m, nn.modules.dropout._DropoutNd)):
             m.eval()
 
 
@@ -157,7 +158,7 @@ def distill(
         loss_sum = torch.zeros((), device=device)
         for step in range(1, config.steps + 1):
             student.train()
-            _freeze_batchnorm(student)
+            _freeze_batchnorm(student, dropout=config.student_dropout)
             if adversary is not None:
                 adversary.step(student, rng)
             if config.transfer == "fresh":

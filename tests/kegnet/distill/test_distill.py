@@ -69,3 +69,20 @@ def test_adversarial_fine_tuning_runs_through_distill() -> None:
     cfg = DistillConfig(steps=20, batch_size=32, eval_every=10, holdout_samples=64, adversarial_weight=1.0)
     result = distill(teacher, student, sampler, cfg, device=torch.device("cpu"), seed=0, diversity_beta=1.0)
     assert [r["step"] for r in result.curve] == [0, 10, 20]
+
+
+def test_student_dropout_is_off_unless_asked_for() -> None:
+    teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    modes: dict[bool, set[bool]] = {False: set(), True: set()}
+    for keep in (False, True):
+        student = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+        def record(module: nn.Module, inputs: object, output: object, keep: bool = keep) -> None:
+            if torch.is_grad_enabled():  # training steps only, not the held-out evaluation
+                modes[keep].add(module.training)
+
+        student[2].register_forward_hook(record)
+        cfg = DistillConfig(steps=3, batch_size=8, holdout_samples=64, eval_every=3, student_dropout=keep)
+        distill(teacher, student, NoiseSampler("gaussian", (4,), torch.device("cpu")), cfg,
+                device=torch.device("cpu"), seed=0)
+    assert modes == {False: {False}, True: {True}}
