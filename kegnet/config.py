@@ -108,6 +108,9 @@ class DistillConfig(_Strict):
     adversarial_lr: float = Field(1e-4, gt=0, le=1.0, description="generators' learning rate while fine-tuning")
     adversarial_share: float = Field(0.5, gt=0.0, le=1.0,
                                      description="share of each batch from the adversarially trained generators")
+    noise_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of each student batch drawn as Gaussian noise instead (any sampler)",
+    )
     student_dropout: bool = Field(
         False, description="keep the student's dropout layers active while it trains (off: measured on pendigits, "
                            "dropout on gave 93.11 ± 2.27%, off 95.81 ± 0.53% at rank 10)",

@@ -24,7 +24,7 @@ from kegnet.distill.losses import kd_loss
 from kegnet.distill.relational import rkd_angle_loss, rkd_distance_loss
 from kegnet.distill.self_distill import distort, linear_mmd2, symmetric_kl
 from kegnet.errors import Cancelled
-from kegnet.generation.samplers import KegNetSampler, Sampler
+from kegnet.generation.samplers import KegNetSampler, MixedSampler, NoiseSampler, Sampler
 from kegnet.metrics import agreement
 from kegnet.models.taps import PenultimateTap
 
@@ -134,6 +134,9 @@ def distill(
                                        lr=config.adversarial_lr, batch_size=config.batch_size,
                                        temperature=config.temperature, share=config.adversarial_share)
         sampler = adversary
+    if config.noise_share > 0:
+        noise = NoiseSampler("gaussian", tuple(holdout_x.shape[1:]), device)
+        sampler = MixedSampler(sampler, noise, config.noise_share)
     if config.transfer == "fixed":
         pool_x, pool_y = _fixed_transfer_set(sampler, config.samples_per_generator * num_sources, rng)
         with torch.no_grad():

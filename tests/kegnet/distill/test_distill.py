@@ -86,3 +86,18 @@ def test_student_dropout_is_off_unless_asked_for() -> None:
         distill(teacher, student, NoiseSampler("gaussian", (4,), torch.device("cpu")), cfg,
                 device=torch.device("cpu"), seed=0)
     assert modes == {False: {False}, True: {True}}
+
+
+def test_noise_share_mixes_gaussian_noise_into_the_batches() -> None:
+    from kegnet.generation.samplers import MixedSampler, Sampler
+
+    class Ones(Sampler):
+        def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.ones(n, 4), torch.zeros(n, dtype=torch.long)
+
+    rng = torch.Generator().manual_seed(0)
+    x, y = MixedSampler(Ones(), NoiseSampler("gaussian", (4,), torch.device("cpu")), 0.25).sample(8, rng)
+    assert x.shape == (8, 4) and y is None  # noise has no labels
+    assert (x == 1).all(dim=1).sum() == 6  # 2 of the 8 rows are noise
+    x, y = MixedSampler(Ones(), Ones(), 0.5).sample(8, rng)
+    assert y is not None and len(y) == 8
