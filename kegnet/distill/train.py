@@ -39,8 +39,12 @@ class DistillResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # step, loss, agreement
 
 
-def _freeze_batchnorm(model: nn.Module, dropout: bool = True) -> None:
-    # Synthetic batches have other statistics than real data: keep the teacher's running statistics.
+def _hold_fixed_layers(model: nn.Module, dropout: bool = True) -> None:
+    """Puts the layers that must not behave as in training back in eval mode, after ``model.train()``.
+
+    BatchNorm always: synthetic batches have other statistics than real data, so the teacher's running
+    statistics are kept. Dropout unless ``dropout`` (``DistillConfig.student_dropout``).
+    """
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
                 not dropout and isinstance(m, nn.modules.dropout._DropoutNd)):
@@ -161,7 +165,7 @@ def distill(
         loss_sum = torch.zeros((), device=device)
         for step in range(1, config.steps + 1):
             student.train()
-            _freeze_batchnorm(student, dropout=config.student_dropout)
+            _hold_fixed_layers(student, dropout=config.student_dropout)
             if adversary is not None:
                 adversary.step(student, rng)
             if config.transfer == "fresh":

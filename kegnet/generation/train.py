@@ -20,7 +20,7 @@ from kegnet.config import GeneratorConfig
 from kegnet.errors import Cancelled
 from kegnet.generation.losses import decoder_loss, diversity_loss, smoothness_loss
 from kegnet.generation.models import Decoder, make_generator
-from kegnet.models.taps import PenultimateTap, ensemble_members
+from kegnet.models.taps import Hooks, PenultimateTap, ensemble_members
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,22 @@ def sample_labels(n: int, num_classes: int, generator: torch.Generator, device: 
     return F.one_hot(idx, num_classes).float()
 
 
-class BatchNormStatistics:
+class BatchNormStatistics(Hooks):
     """Distance of synthetic batches' feature statistics to the teacher's BatchNorm running statistics.
 
     DeepInversion (Yin et al. 2020): each BatchNorm layer remembers the mean and variance of its input over
     the real training data; samples whose batches reproduce them look like that data to every layer, not
     only to the classifier head. Statistics are taken per generator (``groups`` equal slices of the batch),
-    so each generator must match them on its own. ``value`` holds the sum over layers of the last forward.
+    so each generator must match them on its own. ``pop()`` returns the sum over layers of the last forward.
     """
 
     def __init__(self, model: nn.Module, groups: int) -> None:
+        super().__init__()
         self.groups = groups
         self.terms: list[torch.Tensor] = []
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                        and m.track_running_stats and m.running_mean is not None]
-        for m in self.layers:
-            m.register_forward_pre_hook(self._measure)
+        self._handles = [m.register_forward_pre_hook(self._measure) for m in self.layers]
 
     def _measure(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0]

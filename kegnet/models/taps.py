@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 
-class _Hooks:
+class Hooks:
+    """Owns forward-hook handles; ``close()`` (or leaving a ``with`` block) removes them all."""
+
     def __init__(self) -> None:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -27,7 +29,7 @@ class _Hooks:
         self.close()
 
 
-class FeatureTap(_Hooks):
+class FeatureTap(Hooks):
     """Keeps the latest output of each named submodule of ``model`` (forward hooks); ``close()`` removes them."""
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
@@ -42,7 +44,7 @@ class FeatureTap(_Hooks):
         return hook
 
 
-class PenultimateTap(_Hooks):
+class PenultimateTap(Hooks):
     """Keeps the input of the model's last ``nn.Linear`` (its penultimate features) from each forward pass.
 
     ``value`` has shape ``(N, D)`` (whatever the head receives), or is a 0-d zero before the first pass.
@@ -70,4 +72,4 @@ def ensemble_members(model: nn.Module) -> list[nn.Module]:
     return list(members) if isinstance(members, nn.ModuleList) else [model]
 
 
-__all__ = ["FeatureTap", "PenultimateTap", "ensemble_members"]
+__all__ = ["FeatureTap", "Hooks", "PenultimateTap", "ensemble_members"]
