@@ -113,7 +113,7 @@ class DistillConfig(_Strict):
     )
     student_dropout: bool = Field(
         False, description="keep the student's dropout layers active while it trains (off: measured on pendigits, "
-                           "dropout on gave 93.11 ± 2.27%, off 95.81 ± 0.53% at rank 10)",
+                           "dropout on gave 93.11 ± 2.27%, off 95.80 ± 0.54% at rank 10; docs/benchmarks.md)",
     )
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")

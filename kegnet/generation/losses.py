@@ -31,7 +31,7 @@ def smoothness_loss(samples: torch.Tensor) -> torch.Tensor:
 
     An image prior (as in DeepInversion, Yin et al. 2020): without it the generators settle on
     high-frequency textures that the teacher classifies with certainty but that look nothing like its
-    training data (measured on the MNIST teacher: 5.6x the total variation of real digits).
+    training data (seen on the MNIST teacher; docs/benchmarks.md measures what the prior does to the student).
     Shapes: ``(N, C, H, W) -> scalar``.
     """
     rows = (samples[:, :, 1:, :] - samples[:, :, :-1, :]).abs().mean()
