@@ -91,6 +91,12 @@ class DistillConfig(_Strict):
         "fresh", description="fresh samples every step, or a fixed transfer set (the paper)"
     )
     samples_per_generator: int = Field(6400, ge=64, le=200_000, description="size of a fixed transfer set")
+    label_codes: Literal["one_hot", "simplex"] = Field(
+        "simplex",
+        description="KegNet: the codes the generators get while the student learns: one class (one_hot, the "
+                    "paper) or a random mix of all classes (simplex: samples between classes; measured better, "
+                    "docs/benchmarks.md). Also used for the held-out selection samples",
+    )
     holdout_samples: int = Field(2048, ge=64, le=65_536, description="synthetic samples kept for selection")
     mixup: float = Field(
         0.0, ge=0.0, le=1.0,
@@ -113,7 +119,8 @@ class DistillConfig(_Strict):
     )
     student_dropout: bool = Field(
         False, description="keep the student's dropout layers active while it trains (off: measured on pendigits, "
-                           "dropout on gave 93.11 ± 2.27%, off 95.80 ± 0.54% at rank 10; docs/benchmarks.md)",
+                           "dropout on gave 93.11 ± 2.27%, off 95.80 ± 0.54% at rank 10 with one-hot codes; "
+                           "docs/benchmarks.md)",
     )
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
@@ -201,7 +208,8 @@ PRESETS: dict[str, PipelineConfig] = {
         ),
         distill=DistillConfig(
             steps=40_000, batch_size=64, lr=1e-4, schedule="constant", temperature=1.0,
-            transfer="fixed", samples_per_generator=6400, student_dropout=True, eval_every=100 * 10,
+            transfer="fixed", samples_per_generator=6400, label_codes="one_hot", student_dropout=True,
+            eval_every=100 * 10,
         ),
     ),
 }

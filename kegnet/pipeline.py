@@ -143,7 +143,8 @@ def run_pipeline(
     generator_curve: list[dict[str, float]] = []
     gcfg = config.generator
     if config.method == "kegnet" and generators is not None:
-        sampler = KegNetSampler([g.to(dev).eval() for g in generators], spec.num_classes, gcfg.noise_dim, dev)
+        sampler = KegNetSampler([g.to(dev).eval() for g in generators], spec.num_classes, gcfg.noise_dim, dev,
+                                dcfg.label_codes)
         num_sources = len(generators)
     elif config.method == "kegnet":
         def on_gen_step(step: int, metrics: dict[str, float]) -> None:
@@ -154,7 +155,7 @@ def run_pipeline(
             target, spec.input_shape, spec.num_classes, gcfg, device=dev, seed=seed,
             on_step=on_gen_step, should_cancel=should_cancel, report_every=max(1, min(50, gcfg.steps // 20 or 1)),
         )
-        sampler = KegNetSampler(generators, spec.num_classes, gcfg.noise_dim, dev)
+        sampler = KegNetSampler(generators, spec.num_classes, gcfg.noise_dim, dev, dcfg.label_codes)
         num_sources = len(generators)
     else:
         sampler = NoiseSampler(config.method, spec.input_shape, dev) if config.method != "tucker-only" else None

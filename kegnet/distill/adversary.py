@@ -40,7 +40,8 @@ class GeneratorAdversary(Sampler):
         for g in generators:
             g.requires_grad_(True)
         self.source, self.share = source, share
-        self.sampler = KegNetSampler(generators, source.num_classes, source.noise_dim, source.device)
+        self.sampler = KegNetSampler(generators, source.num_classes, source.noise_dim, source.device,
+                                     source.codes)
         self.teacher = teacher
         self.weight, self.beta, self.temperature = weight, beta, temperature
         self.per_generator = max(2, batch_size // len(generators))

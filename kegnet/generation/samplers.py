@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 
-from kegnet.generation.train import sample_labels
+from kegnet.generation.train import sample_labels, simplex_codes
 
 
 class Sampler:
@@ -18,19 +19,30 @@ class Sampler:
 
 
 class KegNetSampler(Sampler):
-    """Equal shares from each trained generator, labels drawn uniformly."""
+    """Equal shares from each trained generator, one code per sample; labels are each code's top class.
 
-    def __init__(self, generators: list[nn.Module], num_classes: int, noise_dim: int, device: torch.device):
+    ``codes``: ``"one_hot"`` asks each generator for one uniformly drawn class (the paper); ``"simplex"``
+    for a uniformly random mix of all classes (a point of the class simplex). The generators were trained
+    on one-hot codes only, so mixed codes make samples between their classes: near the teacher's decision
+    boundaries, where a student copying the teacher has the most to learn.
+    """
+
+    def __init__(self, generators: list[nn.Module], num_classes: int, noise_dim: int, device: torch.device,
+                 codes: Literal["one_hot", "simplex"] = "one_hot") -> None:
+        if codes not in ("one_hot", "simplex"):
+            raise ValueError(codes)
         self.generators, self.num_classes, self.noise_dim, self.device = generators, num_classes, noise_dim, device
+        self.codes = codes
 
     @torch.no_grad()
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         per = math.ceil(n / len(self.generators))
+        draw = sample_labels if self.codes == "one_hot" else simplex_codes
         xs, ys = [], []
         for g in self.generators:
-            labels = sample_labels(per, self.num_classes, rng, self.device)
-            xs.append(g(labels, torch.randn(per, self.noise_dim, generator=rng, device=self.device)))
-            ys.append(labels.argmax(1))
+            codes = draw(per, self.num_classes, rng, self.device)
+            xs.append(g(codes, torch.randn(per, self.noise_dim, generator=rng, device=self.device)))
+            ys.append(codes.argmax(1))
         perm = torch.randperm(per * len(self.generators), generator=rng, device=self.device)[:n]
         return torch.cat(xs)[perm], torch.cat(ys)[perm]
 
@@ -54,7 +66,7 @@ class MixedSampler(Sampler):
     """``share`` of each batch from ``other``, the rest from ``main`` (labels only if both give them).
 
     Used to add Gaussian noise to KegNet samples: on the pendigits MLP, noise alone taught the student
-    better than the generators did (their samples sit far from the decision boundaries).
+    better than one-hot generator samples did (those sit far from the decision boundaries).
     """
 
     def __init__(self, main: Sampler, other: Sampler, share: float) -> None:
@@ -68,3 +80,4 @@ class MixedSampler(Sampler):
         x_other, y_other = self.other.sample(k, rng)
         labels = None if y_main is None or y_other is None else torch.cat([y_main, y_other])
         return torch.cat([x_main, x_other]), labels
+

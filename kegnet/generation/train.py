@@ -33,6 +33,15 @@ def sample_labels(n: int, num_classes: int, generator: torch.Generator, device: 
     return F.one_hot(idx, num_classes).float()
 
 
+def simplex_codes(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Uniformly random points of the probability simplex (Dirichlet(1, ..., 1)) as rows ``(n, num_classes)``.
+
+    Normalized standard exponentials, drawn from ``generator`` so that a seed repeats them.
+    """
+    e = -torch.log1p(-torch.rand(n, num_classes, generator=generator, device=device))  # Exp(1), never inf
+    return e / e.sum(dim=1, keepdim=True)
+
+
 class BatchNormStatistics(Hooks):
     """Distance of synthetic batches' feature statistics to the teacher's BatchNorm running statistics.
 

@@ -95,3 +95,27 @@ def test_passing_trained_generators_gives_the_same_student(tmp_path: Path) -> No
     second = run_pipeline(teacher, spec, cfg, tmp_path / "b", device="cpu", seed=3, generators=first.generators)
     for (name, a), b in zip(first.student.state_dict().items(), second.student.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("codes", ["one_hot", "simplex"])
+def test_the_student_learns_from_the_configured_class_codes(tmp_path: Path, small_cnn, small_cnn_spec,
+                                                            monkeypatch: pytest.MonkeyPatch, codes: str) -> None:
+    from kegnet.generation import samplers
+
+    asked: list[torch.Tensor] = []
+    hooked: set[int] = set()
+    original = samplers.KegNetSampler.sample
+
+    def recording(self: samplers.KegNetSampler, n: int, rng: torch.Generator):  # type: ignore[no-untyped-def]
+        for g in self.generators:  # record what each generator is asked for, then sample as usual
+            if id(g) not in hooked:
+                hooked.add(id(g))
+                g.register_forward_pre_hook(lambda m, args: asked.append(args[0].detach()))
+        return original(self, n, rng)
+
+    monkeypatch.setattr(samplers.KegNetSampler, "sample", recording)
+    run_pipeline(small_cnn, small_cnn_spec, tiny_config(distill={"label_codes": codes}), tmp_path, device="cpu",
+                 seed=0)
+    codes_seen = torch.cat(asked)
+    one_hot = bool(((codes_seen == 0) | (codes_seen == 1)).all())
+    assert len(codes_seen) > 0 and one_hot == (codes == "one_hot")
