@@ -142,20 +142,18 @@ def run_pipeline(
     t0 = time.perf_counter()
     generator_curve: list[dict[str, float]] = []
     gcfg = config.generator
-    if config.method == "kegnet" and generators is not None:
+    if config.method == "kegnet":
+        if generators is None:  # none passed in (a rerun with other compression settings passes them)
+            def on_gen_step(step: int, metrics: dict[str, float]) -> None:
+                generator_curve.append({"step": step, **metrics})
+                report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", **metrics)
+
+            generators = train_generators(
+                target, spec.input_shape, spec.num_classes, gcfg, device=dev, seed=seed, on_step=on_gen_step,
+                should_cancel=should_cancel, report_every=max(1, min(50, gcfg.steps // 20 or 1)),
+            )
         sampler = KegNetSampler([g.to(dev).eval() for g in generators], spec.num_classes, gcfg.noise_dim, dev,
                                 dcfg.label_codes)
-        num_sources = len(generators)
-    elif config.method == "kegnet":
-        def on_gen_step(step: int, metrics: dict[str, float]) -> None:
-            generator_curve.append({"step": step, **metrics})
-            report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", **metrics)
-
-        generators = train_generators(
-            target, spec.input_shape, spec.num_classes, gcfg, device=dev, seed=seed,
-            on_step=on_gen_step, should_cancel=should_cancel, report_every=max(1, min(50, gcfg.steps // 20 or 1)),
-        )
-        sampler = KegNetSampler(generators, spec.num_classes, gcfg.noise_dim, dev, dcfg.label_codes)
         num_sources = len(generators)
     else:
         sampler = NoiseSampler(config.method, spec.input_shape, dev) if config.method != "tucker-only" else None

@@ -80,4 +80,3 @@ class MixedSampler(Sampler):
         x_other, y_other = self.other.sample(k, rng)
         labels = None if y_main is None or y_other is None else torch.cat([y_main, y_other])
         return torch.cat([x_main, x_other]), labels
-
