@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +20,10 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from kegnet.errors import CheckpointError, SpecError
+from kegnet.metrics import count_parameters
 from kegnet.models import create_model
+from kegnet.models.libraries import library_version
+from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
 from kegnet.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -91,9 +96,14 @@ def check_finite(state: StateDict) -> None:
         raise CheckpointError(f"weights contain NaN or infinite values in: {', '.join(bad[:5])}")
 
 
-def build_teacher(spec: ModelSpec, state: StateDict) -> nn.Module:
-    """Build ``spec``'s architecture, load ``state`` strictly, and check one forward pass on ``input_shape``."""
-    model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.kwargs())
+def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS
+                  ) -> nn.Module:
+    """Build ``spec``'s architecture, load ``state`` strictly, and check one forward pass on ``input_shape``.
+
+    The architecture is counted on the meta device first and refused above ``max_parameters``.
+    """
+    model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes,
+                         max_parameters=max_parameters, **spec.kwargs())
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -112,6 +122,12 @@ def build_teacher(spec: ModelSpec, state: StateDict) -> nn.Module:
         raise SpecError("shape mismatch: " + "; ".join(wrong[:4]) + " (check arch_kwargs and num_classes)")
     check_finite(state)
     model.load_state_dict(state, strict=True)
+    _check_forward(model, spec)
+    return model
+
+
+def _check_forward(model: nn.Module, spec: ModelSpec) -> None:
+    """One forward pass on zeros of ``spec.input_shape`` must give ``(2, num_classes)`` logits."""
     model.eval()
     try:
         with torch.no_grad():
@@ -120,9 +136,68 @@ def build_teacher(spec: ModelSpec, state: StateDict) -> nn.Module:
         raise SpecError(f"the model cannot run on input shape {spec.input_shape}: {exc}") from exc
     if out.shape != (2, spec.num_classes):
         raise SpecError(f"the model outputs shape {tuple(out.shape[1:])}, expected ({spec.num_classes},)")
-    return model
 
 
-def load_teacher(path: str | Path, spec: ModelSpec) -> nn.Module:
+@dataclass
+class LoadedTeacher:
+    """A teacher built from an upload: the module (eval mode, CPU), its spec with input shape and class
+    count filled in (an ONNX graph supplies them), and where its architecture came from (for the manifest)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    architecture: dict[str, Any] = field(default_factory=dict)
+
+
+def open_teacher(path: str | Path, spec: ModelSpec, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
+                 onnx_limits: Any = None) -> LoadedTeacher:
+    """Read an uploaded checkpoint (state dict, safetensors, or an ONNX graph for ``arch="onnx"``) and build
+    the teacher it describes."""
+    if spec.arch == "onnx":
+        return _open_onnx(Path(path), spec, max_parameters, onnx_limits)
+    model = build_teacher(spec, read_state_dict(path), max_parameters=max_parameters)
+    source = spec.source
+    architecture = {"source": source, "name": spec.arch.partition(":")[2] or spec.arch, "kwargs": spec.kwargs()}
+    if library_version(source):
+        architecture["library_version"] = library_version(source)
+    return LoadedTeacher(model, spec, architecture)
+
+
+def _open_onnx(path: Path, spec: ModelSpec, max_parameters: int | None, limits: Any) -> LoadedTeacher:
+    from kegnet.models import onnx_graph
+
+    if spec.arch_kwargs:
+        raise SpecError("an onnx architecture takes no arch_kwargs: everything is in the graph")
+    graph = onnx_graph.read_graph(path, limits)
+    declared = graph.input_shape
+    shape = spec.input_shape
+    if shape is None:
+        if any(d is None for d in declared):
+            raise SpecError(f"the ONNX graph leaves its input size free ({_dims(declared)}); give input_shape")
+        shape = tuple(int(d) for d in declared)  # type: ignore[arg-type]
+    elif len(shape) != len(declared) or any(d is not None and d != s for d, s in zip(declared, shape, strict=False)):
+        raise SpecError(f"input_shape {_dims(shape)} does not match the ONNX graph's input {_dims(declared)}")
+    classes = spec.num_classes or graph.num_classes
+    if classes is None:
+        raise SpecError("the ONNX graph does not declare its class count; give num_classes")
+    if spec.num_classes and graph.num_classes and spec.num_classes != graph.num_classes:
+        raise SpecError(f"num_classes {spec.num_classes} does not match the ONNX graph's output "
+                        f"({graph.num_classes} classes)")
+    resolved = ModelSpec(arch="onnx", input_shape=shape, num_classes=classes)  # validates the bounds too
+    model = onnx_graph.to_torch(graph)
+    count = count_parameters(model)
+    if max_parameters is not None and count > max_parameters:
+        raise SpecError(f"the ONNX graph has {count:,} parameters, above this service's limit of "
+                        f"{max_parameters:,}")
+    check_finite({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)})
+    _check_forward(model, resolved)
+    return LoadedTeacher(model, resolved, {"source": "onnx", **graph.info})
+
+
+def _dims(shape: tuple[int | None, ...]) -> str:
+    return ",".join("?" if d is None else str(d) for d in shape)
+
+
+def load_teacher(path: str | Path, spec: ModelSpec, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS
+                 ) -> nn.Module:
     """Read a checkpoint and build the teacher it describes; the model is in eval mode on the CPU."""
-    return build_teacher(spec, read_state_dict(path))
+    return open_teacher(path, spec, max_parameters=max_parameters).model

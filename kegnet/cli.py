@@ -47,15 +47,28 @@ def _parse_ranks(text: str | None) -> dict[str, list[int]]:
     return ranks
 
 
+def spec_from_options(checkpoints: list[Path], arch: str | None, arch_kwargs: str, input_shape: str | None,
+                      num_classes: int | None) -> ModelSpec:
+    """The ``ModelSpec`` of the command's options; ``.onnx`` files default to ``arch=onnx``."""
+    if arch is None:
+        if not all(p.suffix.lower() == ".onnx" for p in checkpoints):
+            raise typer.BadParameter("give --arch (lenet5, resnet, mlp, torchvision:<name>, timm:<name>); only "
+                                     ".onnx files bring their own architecture", param_hint="--arch")
+        arch = "onnx"
+    return ModelSpec(arch=arch, arch_kwargs=json.loads(arch_kwargs),
+                     input_shape=_parse_shape(input_shape) if input_shape else None, num_classes=num_classes)
+
+
 @app.command()
 def compress(
     checkpoints: list[Path] = typer.Argument(
         ..., exists=True, dir_okay=False,
         help=f".safetensors or torch.save state dict; up to {MAX_TEACHERS} of one architecture for a teacher ensemble",
     ),
-    arch: str = typer.Option(..., help="architecture name (lenet5, resnet, mlp, ...)"),
-    input_shape: str = typer.Option(..., help="C,H,W or F"),
-    num_classes: int = typer.Option(...),
+    arch: str | None = typer.Option(
+        None, help="lenet5 | resnet | mlp | torchvision:<name> | timm:<name> | onnx (default for .onnx files)"),
+    input_shape: str | None = typer.Option(None, help="C,H,W or F (an ONNX graph may give it)"),
+    num_classes: int | None = typer.Option(None, help="(an ONNX graph may give it)"),
     out: Path = typer.Option(..., help="output directory"),
     arch_kwargs: str = typer.Option("{}", help="JSON keyword arguments of the architecture"),
     method: str = typer.Option("kegnet", help="kegnet | gaussian | uniform | tucker-only"),
@@ -65,6 +78,8 @@ def compress(
     ranks: str | None = typer.Option(None, help="explicit ranks: LAYER=IN:OUT,..."),
     rank_fraction: float | None = typer.Option(None),
     target_ratio: float | None = typer.Option(None),
+    keep_slower: bool = typer.Option(False, "--keep-slower",
+                                     help="keep factorizations that measured slower than their layer on this device"),
     generator_steps: int | None = typer.Option(None, help="override the preset's generator steps"),
     num_generators: int | None = typer.Option(None),
     distill_steps: int | None = typer.Option(None, help="override the preset's student steps"),
@@ -92,7 +107,7 @@ def compress(
         comp["ranks"] = _parse_ranks(ranks)
         comp.setdefault("rank_method", "explicit")
     for key, value in (("rank_method", rank_method), ("rank_fraction", rank_fraction),
-                       ("target_ratio", target_ratio)):
+                       ("target_ratio", target_ratio), ("keep_slower", keep_slower or None)):
         if value is not None:
             comp[key] = value
     gen = {k: v for k, v in (("steps", generator_steps), ("num_generators", num_generators)) if v is not None}
@@ -102,8 +117,7 @@ def compress(
         overrides[section] = {**extra.pop(section, {}), **values}
     overrides.update(extra)
     try:
-        spec = ModelSpec(arch=arch, arch_kwargs=json.loads(arch_kwargs), input_shape=_parse_shape(input_shape),
-                         num_classes=num_classes)
+        spec = spec_from_options(checkpoints, arch, arch_kwargs, input_shape, num_classes)
         config = PipelineConfig.from_preset(preset, **overrides)  # type: ignore[arg-type]
     except (ValidationError, json.JSONDecodeError, KeyError) as exc:
         typer.secho(f"invalid options: {exc}", fg="red", err=True)
@@ -137,6 +151,11 @@ def compress(
     m = result.manifest
     typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
                f"({m['compression_ratio']:.2f}x); MACs {m['macs']['teacher']:,} -> {m['macs']['student']:,}")
+    lat = m["latency"]
+    typer.echo(f"latency on {lat['device']} (ms, batch 1 / 64): teacher {lat['teacher']['batch1_ms']:.3f} / "
+               f"{lat['teacher']['batch64_ms']:.2f}, student {lat['student']['batch1_ms']:.3f} / "
+               f"{lat['student']['batch64_ms']:.2f}; {len(m['plan']['layers'])} layers factorized, "
+               f"{len(m['plan']['skipped'])} left as they were (manifest.json says why)")
     if m["teachers"]["count"] > 1:
         t = m["teachers"]
         typer.echo(f"{t['count']} teachers, {t['weighting']} weighting; student compressed from teacher "

@@ -17,7 +17,8 @@ Preset = Literal["fast", "paper"]
 # Teachers in one job: each costs a forward pass per step in every stage, and memory.
 MAX_TEACHERS = 8
 
-LayerPattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.*?\[\]]+$")]
+# Module names, with globs; ``/`` appears in the names of ONNX graphs converted by onnx2torch.
+LayerPattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.*?/\[\]]+$")]
 Rank = Annotated[int, Field(ge=1, le=65_536)]
 
 
@@ -55,7 +56,9 @@ class CompressionConfig(_Strict):
     """Which layers to decompose and at what ranks."""
 
     layers: list[LayerPattern] | None = Field(
-        None, max_length=256, description="module names or globs; default: every conv except the first"
+        None, max_length=256,
+        description="module names or globs; default: every conv except the first, and every linear except the "
+                    "head where linears hold more weights than those convs (ViTs, ConvNeXts, MLPs)",
     )
     rank_method: RankMethod = "evbmf"
     rank_fraction: float = Field(0.5, gt=0, le=1.0, description="for rank_method=fraction")
@@ -64,6 +67,19 @@ class CompressionConfig(_Strict):
     )
     target_ratio: float = Field(2.0, gt=1.0, le=1000.0, description="whole-model ratio for rank_method=ratio")
     n_iter_max: int = Field(100, ge=1, le=1000, description="HOOI iterations of partial_tucker")
+    keep_slower: bool = Field(
+        False, description="keep factorizations that run slower than the layer they replace (measured on the "
+                           "job's device at latency_batch); off: such layers are left as they are",
+    )
+    latency_batch: int = Field(1, ge=1, le=1024, description="batch size at which a factorization must not be "
+                                                              "slower than the original layer")
+    latency_tolerance: float = Field(
+        0.05, ge=0.0, le=1.0, description="a factorization counts as not slower up to this relative margin "
+                                          "(repeated timings of one layer vary by a few percent)",
+    )
+    latency_repeats: int = Field(15, ge=3, le=1000, description="timed runs per latency measurement (the median "
+                                                                 "is kept), within latency_budget_s")
+    latency_budget_s: float = Field(2.0, gt=0, le=60.0, description="seconds one latency measurement may take")
 
     @model_validator(mode="after")
     def _explicit_needs_ranks(self) -> CompressionConfig:
@@ -206,6 +222,7 @@ PRESETS: dict[str, PipelineConfig] = {
             num_generators=5, steps=20_000, batch_size=256, lr=1e-3, alpha=1.0, beta=0.0,
             smoothness=0.0, activation=0.0, decoder_layers=1, teacher_mode="train",
         ),
+        compression=CompressionConfig(keep_slower=True),  # the paper compresses its layers whatever their speed
         distill=DistillConfig(
             steps=40_000, batch_size=64, lr=1e-4, schedule="constant", temperature=1.0,
             transfer="fixed", samples_per_generator=6400, label_codes="one_hot", student_dropout=True,

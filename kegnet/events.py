@@ -8,12 +8,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Stage = Literal["load", "generators", "decompose", "finetune", "export", "done"]
+Stage = Literal["load", "plan", "generators", "decompose", "finetune", "export", "done"]
 
 # Share of the whole job each stage accounts for, used to turn a stage's own fraction into an overall one.
 STAGE_WEIGHTS: dict[str, float] = {
     "load": 0.02,
-    "generators": 0.50,
+    "plan": 0.03,
+    "generators": 0.47,
     "decompose": 0.05,
     "finetune": 0.38,
     "export": 0.05,

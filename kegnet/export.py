@@ -46,8 +46,12 @@ def save_weights(student: nn.Module, spec: ModelSpec, plan: CompressionPlan, pat
     save_file(state, str(path), metadata=meta)
 
 
-def load_student(path: str | Path) -> nn.Module:
-    """Rebuild a student from ``student.safetensors`` (or a run directory holding it); eval mode, CPU."""
+def load_student(path: str | Path, onnx_teacher: str | Path | None = None) -> nn.Module:
+    """Rebuild a student from ``student.safetensors`` (or a run directory holding it); eval mode, CPU.
+
+    A student of an ONNX teacher is rebuilt on the teacher's converted graph: pass the teacher's ``.onnx``
+    file as ``onnx_teacher`` (or use ``student.onnx``, which needs nothing else).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS
@@ -55,7 +59,16 @@ def load_student(path: str | Path) -> nn.Module:
         meta = f.metadata() or {}
     spec = ModelSpec.model_validate_json(meta["kegnet_spec"])
     plan = CompressionPlan.from_dict(json.loads(meta["kegnet_plan"]))
-    model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.kwargs())
+    if spec.arch == "onnx":
+        if onnx_teacher is None:
+            raise ValueError("this student's teacher was an ONNX graph: pass onnx_teacher=<the teacher's .onnx>, "
+                             f"or load {ONNX} with an ONNX runtime")
+        from kegnet.models import onnx_graph
+
+        model = onnx_graph.to_torch(onnx_graph.read_graph(onnx_teacher))
+    else:
+        model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes,
+                             max_parameters=None, **spec.kwargs())
     student = apply_plan(model, plan, initialize=False)
     student.load_state_dict(load_file(str(path)), strict=True)
     return student.eval()
@@ -91,12 +104,37 @@ def export_onnx(student: nn.Module, input_shape: tuple[int, ...], path: Path) ->
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dynamic, input_names=["x"],
-                                        output_names=["logits"], verbose=False)
-        program.save(str(path))
+            try:
+                program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dynamic,
+                                            input_names=["x"], output_names=["logits"], verbose=False)
+                program.save(str(path))
+            except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; the older one may cope
+                # Graphs converted from ONNX by onnx2torch hold modules torch.export cannot trace; the
+                # TorchScript-based exporter handles them.
+                log.info("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
+                torch.onnx.export(model, example, str(path), dynamo=False, input_names=["x"],
+                                  output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=17)
     finally:
         onnx_log.setLevel(level)
     return None
+
+
+def check_onnx(path: Path, student: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> dict[str, float | str]:
+    """Run ``student.onnx`` in onnxruntime on a random batch and compare with the torch student.
+
+    Returns ``{"max_abs_diff": ..., "runtime": "onnxruntime X"}``, or ``{"skipped": why}``.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"skipped": "onnxruntime is not installed"}
+    x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(seed))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = student.cpu().eval()(x)
+    return {"max_abs_diff": float((torch.from_numpy(got) - want).abs().max()), "runtime": f"onnxruntime {ort.__version__}"}
 
 
 def plot_curves(generator_curve: list[dict], distill_curve: list[dict], path: Path) -> None:

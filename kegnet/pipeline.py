@@ -1,7 +1,9 @@
-"""The whole job: load → generators → decompose → fine-tune → export.
+"""The whole job, as stages: load → plan → generate → decompose → distill → export.
 
 ``run_pipeline`` is the one entry point used by the CLI and the worker. It reports progress through a
 callback, checks a cancel function between steps, and never reads any data: the teacher is the only input.
+Each stage is one function below that reads and fills a ``_Job``; the compression is planned (layers, ranks,
+measured latency) before the generators train, so a bad plan fails in seconds, not after the longest stage.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +22,19 @@ import torch
 from torch import nn
 
 from kegnet import export
-from kegnet.checkpoint import load_teacher
-from kegnet.compression import apply_plan, plan_compression
+from kegnet.checkpoint import LoadedTeacher, open_teacher
+from kegnet.compression import CompressionPlan, apply_plan, plan_compression
+from kegnet.compression.latency import model_latency
+from kegnet.compression.plan import drop_slower_layers
 from kegnet.config import MAX_TEACHERS, PipelineConfig
-from kegnet.distill import distill
+from kegnet.distill import DistillResult, distill
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
-from kegnet.errors import Cancelled, KegnetError
+from kegnet.errors import Cancelled, CompressionError, KegnetError
 from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, overall_progress
-from kegnet.generation import KegNetSampler, NoiseSampler, train_generators
+from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.metrics import count_macs, count_parameters
+from kegnet.models.libraries import library_version
+from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
 from kegnet.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -77,27 +83,48 @@ class _Reporter:
             raise Cancelled("cancelled by request")
 
 
-def _load_teachers(sources: list[TeacherSource], spec: ModelSpec, report: _Reporter) -> list[nn.Module]:
-    """Load every teacher (all of one ``spec``); a bad file's error names which one it is."""
-    if not 1 <= len(sources) <= MAX_TEACHERS:
-        raise KegnetError(f"give 1 to {MAX_TEACHERS} teachers, got {len(sources)}")
-    teachers = []
-    for i, source in enumerate(sources):
-        if len(sources) > 1:
-            report("load", i / len(sources), f"loading teacher {i + 1} of {len(sources)}")
-        try:
-            teachers.append(source if isinstance(source, nn.Module) else load_teacher(source, spec))
-        except KegnetError as exc:
-            if len(sources) == 1:
-                raise
-            raise type(exc)(f"checkpoint {i + 1} of {len(sources)} (index {i}): {exc}") from exc
-    return teachers
+@dataclass
+class _Job:
+    """What the stages share: inputs first, then what each stage adds, in stage order."""
+
+    spec: ModelSpec
+    config: PipelineConfig
+    device: torch.device
+    seed: int
+    out: Path
+    report: _Reporter
+    should_cancel: CancelCheck | None
+    timings: dict[str, float] = field(default_factory=dict)
+    # load
+    teachers: list[nn.Module] = field(default_factory=list)
+    teacher: nn.Module | None = None  # the one the student is compressed from
+    ensemble: TeacherEnsemble | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    # plan
+    plan: CompressionPlan | None = None
+    layer_latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    # generate
+    sampler: Sampler | None = None
+    generators: list[nn.Module] | None = None
+    generator_curve: list[dict[str, float]] = field(default_factory=list)
+    # decompose
+    student: nn.Module | None = None
+    agreements: list[float] | None = None
+    # distill
+    distill_result: DistillResult | None = None
+
+    def timed(self, stage: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn(self, *args)
+        self.timings[stage] = time.perf_counter() - t0
+        return result
 
 
 def run_pipeline(
     checkpoint: TeacherSource | Sequence[TeacherSource], spec: ModelSpec, config: PipelineConfig,
     out_dir: str | Path, *, device: str = "auto", seed: int = 0, progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None, generators: list[nn.Module] | None = None,
+    max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
 ) -> RunResult:
     """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
 
@@ -105,149 +132,228 @@ def run_pipeline(
     are then trained against their plain average, the student is compressed from one of them
     (``config.distill.ensemble_student``) and distilled from their per-sample weighted mixture
     (``config.distill.ensemble_weighting``; see ``kegnet.distill.ensemble``). One teacher in a list is the
-    same as one teacher.
+    same as one teacher. ``spec.arch == "onnx"``: each file is an ONNX graph (kegnet/models/onnx_graph.py).
 
     ``generators``: KegNet generators already trained against this teacher (for example by an earlier run at
-    another compression setting); the generator stage is then skipped. Raises ``KegnetError`` subclasses for
-    bad input (user-facing messages) and ``Cancelled`` on request.
+    another compression setting); the generator stage is then skipped. ``max_parameters`` refuses larger
+    architectures before they are built. Raises ``KegnetError`` subclasses for bad input (user-facing
+    messages) and ``Cancelled`` on request.
     """
-    report = _Reporter(progress, should_cancel)
-    dev = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    timings: dict[str, float] = {}
-
-    # 1. load
-    t0 = time.perf_counter()
-    report("load", 0.0, "loading the teacher")
+    job = _Job(spec, config, resolve_device(device), seed, out, _Reporter(progress, should_cancel), should_cancel)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
-    teachers = [t.to(dev).eval() for t in _load_teachers(sources, spec, report)]
-    teacher = teachers[0]  # the one the student is compressed from, unless ensemble_student picks another
-    timings["load"] = time.perf_counter() - t0
-    report("load", 1.0, "teacher loaded" if len(teachers) == 1 else f"{len(teachers)} teachers loaded",
-           parameters=count_parameters(teacher))
-    dcfg = config.distill
-    # Generators learn against the plain mean of the teachers' probabilities (not of their log-probabilities):
-    # a sample then only has to be class y for some teacher, not for all at once, so teachers of different
-    # domains can each contribute samples of their own domain; it is also the family of targets the
-    # student learns (a mixture of probabilities). Uncertainty weights are for the student's targets only:
-    # through them a generator could lower its loss by choosing whom to convince.
-    ensemble = (TeacherEnsemble(teachers, weighting=dcfg.ensemble_weighting, temperature=dcfg.temperature,
-                                tau=dcfg.ensemble_temperature, mc_passes=dcfg.mc_dropout_passes)
-                if len(teachers) > 1 else None)
-    target = teacher if ensemble is None else TeacherEnsemble(teachers, weighting="mean", temperature=1.0)
-
-    # 2. generators (KegNet only; the baselines draw noise)
-    t0 = time.perf_counter()
-    generator_curve: list[dict[str, float]] = []
-    gcfg = config.generator
-    if config.method == "kegnet":
-        if generators is None:  # none passed in (a rerun with other compression settings passes them)
-            def on_gen_step(step: int, metrics: dict[str, float]) -> None:
-                generator_curve.append({"step": step, **metrics})
-                report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", **metrics)
-
-            generators = train_generators(
-                target, spec.input_shape, spec.num_classes, gcfg, device=dev, seed=seed, on_step=on_gen_step,
-                should_cancel=should_cancel, report_every=max(1, min(50, gcfg.steps // 20 or 1)),
-            )
-        sampler = KegNetSampler([g.to(dev).eval() for g in generators], spec.num_classes, gcfg.noise_dim, dev,
-                                dcfg.label_codes)
-        num_sources = len(generators)
-    else:
-        sampler = NoiseSampler(config.method, spec.input_shape, dev) if config.method != "tucker-only" else None
-        num_sources = 1
-    timings["generators"] = time.perf_counter() - t0
-    report("generators", 1.0, "samples ready" if sampler else "no sampler for this method")
-    generators = sampler.generators if isinstance(sampler, KegNetSampler) else None
-
-    # 3. decompose (with several teachers, first choose which one)
-    t0 = time.perf_counter()
-    agreements = None
-    if ensemble is not None and sampler is not None:
-        probe_x, _ = sampler.sample(dcfg.holdout_samples, torch.Generator(device=dev).manual_seed(seed + 104_729))
-        agreements = member_agreements(ensemble, probe_x)
-        if dcfg.ensemble_student == "best":
-            ensemble.base = max(range(len(teachers)), key=lambda i: agreements[i])  # first of equals
-            teacher = teachers[ensemble.base]
-    elif ensemble is not None and dcfg.ensemble_student == "best":
-        log.info("ensemble_student=best needs synthetic samples; method %s has none: compressing teacher 0",
-                 config.method)
-    plan = plan_compression(teacher, config.compression)
-    student = apply_plan(teacher, plan, n_iter_max=config.compression.n_iter_max, seed=seed).to(dev)
-    params_before, params_after = count_parameters(teacher), count_parameters(student)
-    ranks = {p.name: [p.in_rank, p.out_rank] for p in plan.layers}
-    timings["decompose"] = time.perf_counter() - t0
-    report("decompose", 1.0, f"{len(plan.layers)} layers factorized", ranks=ranks,
-           compression_ratio=params_before / params_after)
-
-    # 4. fine-tune
-    t0 = time.perf_counter()
-    # Dropout in the student draws from the global generator: reseed, so that this stage gives the same
-    # student whether the generators were trained in this run or passed in.
-    torch.manual_seed(seed + 1)
-    distill_result = None
-    if sampler is not None and config.distill.steps > 0:
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            report("finetune", step / dcfg.steps, f"student step {step}/{dcfg.steps}", **metrics)
-
-        distill_result = distill(ensemble or teacher, student, sampler, dcfg, device=dev, seed=seed,
-                                 num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel,
-                                 diversity_beta=gcfg.beta, feature_layers=[p.name for p in plan.layers])
-    timings["finetune"] = time.perf_counter() - t0
-    report("finetune", 1.0, "student ready")
-
-    # 5. export
-    t0 = time.perf_counter()
-    student = student.cpu().eval()
-    for t in teachers:
-        t.cpu()
-    teacher_cpu = teacher
-    export.save_weights(student, spec, plan, out / export.WEIGHTS)
-    if config.export_portable:
-        export.export_program(student, spec.input_shape, out / export.PROGRAM)
-    onnx_skipped = export.export_onnx(student, spec.input_shape, out / export.ONNX) if config.export_onnx else None
-    if onnx_skipped:
-        log.warning("no ONNX file: %s", onnx_skipped)
-    export.plot_curves(generator_curve, distill_result.curve if distill_result else [], out / export.CURVES)
-    timings["export"] = time.perf_counter() - t0
-
-    manifest: dict[str, Any] = {
-        "spec": spec.model_dump(mode="json"),
-        "config": config.model_dump(mode="json"),
-        "seed": seed,
-        "device": str(dev),
-        "plan": plan.to_dict(),
-        "parameters": {"teacher": params_before, "student": params_after},
-        "macs": {"teacher": count_macs(teacher_cpu, spec.input_shape),
-                 "student": count_macs(student, spec.input_shape)},
-        "compression_ratio": params_before / params_after,
-        "teachers": {
-            "count": len(teachers),
-            "weighting": ensemble.weighting if ensemble is not None else "mean",  # after any fallback
-            "student_from": ensemble.base if ensemble is not None else 0,
-            "agreement_with_ensemble": agreements,  # per teacher, on synthetic samples (several teachers)
-        },
-        "synthetic_agreement": None if distill_result is None else {
-            "before_finetune": distill_result.initial_agreement,
-            "best": distill_result.best_agreement,
-            "best_step": distill_result.best_step,
-        },
-        "generator_curve": generator_curve,
-        "distill_curve": distill_result.curve if distill_result else [],
-        "timings_s": timings,
-        "onnx_skipped": onnx_skipped,
-        "versions": {"kegnet": _version(), "torch": torch.__version__, "tensorly": tensorly.__version__,
-                     "safetensors": safetensors.__version__, "python": platform.python_version()},
-    }
-    export.write_manifest(out, manifest)
-    report("export", 1.0, "artifacts written")
+    job.timed("load", _load, sources, max_parameters)
+    job.timed("plan", _plan)
+    job.timed("generators", _generate, generators)
+    job.timed("decompose", _decompose)
+    job.timed("finetune", _distill)
+    manifest = job.timed("export", _export)
     if progress:
         progress(ProgressEvent(stage="done", stage_progress=1.0, progress=1.0, message="done",
                                metrics={"compression_ratio": manifest["compression_ratio"]}))
-    log.info("compressed %s: %.2fx in %.1fs", spec.arch, manifest["compression_ratio"], sum(timings.values()))
-    return RunResult(out, manifest, student, generators)
+    log.info("compressed %s: %.2fx in %.1fs", job.spec.arch, manifest["compression_ratio"], sum(job.timings.values()))
+    assert job.student is not None
+    return RunResult(out, manifest, job.student, job.generators)
+
+
+# 1. load ------------------------------------------------------------------------------------------------
+def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None) -> None:
+    """Build every teacher (all of one spec); a bad file's error names which one it is."""
+    if not 1 <= len(sources) <= MAX_TEACHERS:
+        raise KegnetError(f"give 1 to {MAX_TEACHERS} teachers, got {len(sources)}")
+    job.report("load", 0.0, "loading the teacher")
+    loaded: list[LoadedTeacher] = []
+    for i, source in enumerate(sources):
+        if len(sources) > 1:
+            job.report("load", i / len(sources), f"loading teacher {i + 1} of {len(sources)}")
+        try:
+            loaded.append(_open(source, job.spec, max_parameters))
+        except KegnetError as exc:
+            if len(sources) == 1:
+                raise
+            raise type(exc)(f"checkpoint {i + 1} of {len(sources)} (index {i}): {exc}") from exc
+    job.spec = loaded[0].spec  # an ONNX graph fills in input shape and classes
+    job.architecture = loaded[0].architecture
+    job.teachers = [t.model.to(job.device).eval() for t in loaded]
+    job.teacher = job.teachers[0]  # unless ensemble_student picks another, after the generators
+    dcfg = job.config.distill
+    if len(job.teachers) > 1:
+        job.ensemble = TeacherEnsemble(job.teachers, weighting=dcfg.ensemble_weighting, temperature=dcfg.temperature,
+                                       tau=dcfg.ensemble_temperature, mc_passes=dcfg.mc_dropout_passes)
+    job.report("load", 1.0, "teacher loaded" if len(job.teachers) == 1 else f"{len(job.teachers)} teachers loaded",
+               parameters=count_parameters(job.teacher))
+
+
+def _open(source: TeacherSource, spec: ModelSpec, max_parameters: int | None) -> LoadedTeacher:
+    if not isinstance(source, nn.Module):
+        return open_teacher(source, spec, max_parameters=max_parameters)
+    if not spec.resolved:
+        raise KegnetError("a teacher passed as a module needs input_shape and num_classes in its spec")
+    architecture: dict[str, Any] = {"source": spec.source, "name": spec.arch.partition(":")[2] or spec.arch}
+    if library_version(spec.source):
+        architecture["library_version"] = library_version(spec.source)
+    return LoadedTeacher(source, spec, architecture)
+
+
+# 2. plan -----------------------------------------------------------------------------------------------
+def _plan(job: _Job) -> None:
+    """Layers and ranks on the teacher, then drop the factorizations that run slower on this device."""
+    job.report("plan", 0.0, "choosing layers and ranks")
+    cfg = job.config.compression
+    job.plan = plan_compression(job.teacher, cfg)
+    job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
+    job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg)
+    if not job.plan.layers:
+        raise CompressionError(
+            f"every factorization ran slower than its layer on {job.device.type} at batch {cfg.latency_batch}, so "
+            "none is worth making; set compression.keep_slower to compress anyway, or raise latency_batch")
+    job.report("plan", 1.0, f"{len(job.plan.layers)} layers to factorize",
+               ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers})
+
+
+# 3. generate -------------------------------------------------------------------------------------------
+def _generate(job: _Job, generators: list[nn.Module] | None) -> None:
+    """KegNet generators (trained here unless given), or the noise baselines' samplers."""
+    config, gcfg, dcfg, dev = job.config, job.config.generator, job.config.distill, job.device
+    if config.method == "kegnet":
+        if generators is None:  # none passed in (a rerun with other compression settings passes them)
+            def on_gen_step(step: int, metrics: dict[str, float]) -> None:
+                job.generator_curve.append({"step": step, **metrics})
+                job.report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", **metrics)
+
+            # Generators learn against the plain mean of the teachers' probabilities: a sample then only has
+            # to be class y for some teacher, so teachers of different domains each contribute samples of
+            # their own domain. Uncertainty weights are for the student's targets only: through them a
+            # generator could lower its loss by choosing whom to convince.
+            target = job.teacher if job.ensemble is None else TeacherEnsemble(job.teachers, weighting="mean",
+                                                                               temperature=1.0)
+            generators = train_generators(
+                target, job.spec.input_shape, job.spec.num_classes, gcfg, device=dev, seed=job.seed,
+                on_step=on_gen_step, should_cancel=job.should_cancel,
+                report_every=max(1, min(50, gcfg.steps // 20 or 1)),
+            )
+        job.sampler = KegNetSampler([g.to(dev).eval() for g in generators], job.spec.num_classes, gcfg.noise_dim,
+                                    dev, dcfg.label_codes)
+        job.generators = job.sampler.generators
+    elif config.method != "tucker-only":
+        job.sampler = NoiseSampler(config.method, job.spec.input_shape, dev)
+    job.report("generators", 1.0, "samples ready" if job.sampler else "no sampler for this method")
+
+
+# 4. decompose ------------------------------------------------------------------------------------------
+def _decompose(job: _Job) -> None:
+    """Factorize the planned layers (with several teachers, first choose which one to compress)."""
+    dcfg = job.config.distill
+    if job.ensemble is not None and job.sampler is not None:
+        probe_x, _ = job.sampler.sample(dcfg.holdout_samples,
+                                        torch.Generator(device=job.device).manual_seed(job.seed + 104_729))
+        job.agreements = member_agreements(job.ensemble, probe_x)
+        if dcfg.ensemble_student == "best":
+            job.ensemble.base = max(range(len(job.teachers)), key=lambda i: job.agreements[i])  # first of equals
+            if job.teachers[job.ensemble.base] is not job.teacher:
+                job.teacher = job.teachers[job.ensemble.base]
+                # Same architecture, so the same layers; ranks are chosen again on this teacher's weights.
+                kept = {p.name for p in job.plan.layers}
+                job.plan = plan_compression(job.teacher, job.config.compression)
+                job.plan.layers = [p for p in job.plan.layers if p.name in kept]
+    elif job.ensemble is not None and dcfg.ensemble_student == "best":
+        log.info("ensemble_student=best needs synthetic samples; method %s has none: compressing teacher 0",
+                 job.config.method)
+    job.student = apply_plan(job.teacher, job.plan, n_iter_max=job.config.compression.n_iter_max,
+                             seed=job.seed).to(job.device)
+    ratio = count_parameters(job.teacher) / count_parameters(job.student)
+    job.report("decompose", 1.0, f"{len(job.plan.layers)} layers factorized",
+               ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers}, compression_ratio=ratio)
+
+
+# 5. distill --------------------------------------------------------------------------------------------
+def _distill(job: _Job) -> None:
+    """Fine-tune the student on synthetic samples (nothing to do for tucker-only or zero steps)."""
+    dcfg = job.config.distill
+    # Dropout in the student draws from the global generator: reseed, so that this stage gives the same
+    # student whether the generators were trained in this run or passed in.
+    torch.manual_seed(job.seed + 1)
+    if job.sampler is not None and dcfg.steps > 0:
+        def on_eval(step: int, metrics: dict[str, float]) -> None:
+            job.report("finetune", step / dcfg.steps, f"student step {step}/{dcfg.steps}", **metrics)
+
+        job.distill_result = distill(
+            job.ensemble or job.teacher, job.student, job.sampler, dcfg, device=job.device, seed=job.seed,
+            num_sources=len(job.generators) if job.generators else 1, on_eval=on_eval,
+            should_cancel=job.should_cancel, diversity_beta=job.config.generator.beta,
+            feature_layers=[p.name for p in job.plan.layers])
+    job.report("finetune", 1.0, "student ready")
+
+
+# 6. export ---------------------------------------------------------------------------------------------
+def _export(job: _Job) -> dict[str, Any]:
+    """Latency of teacher and student on the job's device, then the files and the manifest."""
+    spec, config, out, cfg = job.spec, job.config, job.out, job.config.compression
+    t0 = time.perf_counter()
+    job.report("export", 0.0, "measuring latency")
+    timing = {"repeats": cfg.latency_repeats, "budget_s": cfg.latency_budget_s}
+    latency = {"device": str(job.device),
+               "teacher": model_latency(job.teacher.eval(), spec.input_shape, job.device, **timing),
+               "student": model_latency(job.student.eval(), spec.input_shape, job.device, **timing),
+               "layers": job.layer_latency}
+    student = job.student.cpu().eval()
+    for t in job.teachers:
+        t.cpu()
+    export.save_weights(student, spec, job.plan, out / export.WEIGHTS)
+    program_skipped = None
+    if config.export_portable:
+        try:
+            export.export_program(student, spec.input_shape, out / export.PROGRAM)
+        except Exception as exc:  # noqa: BLE001 - some converted graphs cannot be traced; the other files stand
+            program_skipped = f"torch.export could not trace this student ({type(exc).__name__})"
+            log.warning("no %s: %s", export.PROGRAM, program_skipped)
+    onnx_skipped = export.export_onnx(student, spec.input_shape, out / export.ONNX) if config.export_onnx else None
+    onnx_check = None if onnx_skipped or not config.export_onnx else export.check_onnx(out / export.ONNX, student,
+                                                                                        spec.input_shape, job.seed)
+    if onnx_skipped:
+        log.warning("no ONNX file: %s", onnx_skipped)
+    result = job.distill_result
+    export.plot_curves(job.generator_curve, result.curve if result else [], out / export.CURVES)
+
+    params_before, params_after = count_parameters(job.teacher), count_parameters(student)
+    manifest: dict[str, Any] = {
+        "spec": spec.model_dump(mode="json"),
+        "architecture": job.architecture,
+        "config": config.model_dump(mode="json"),
+        "seed": job.seed,
+        "device": str(job.device),
+        "plan": job.plan.to_dict(),
+        "parameters": {"teacher": params_before, "student": params_after},
+        "macs": {"teacher": count_macs(job.teacher, spec.input_shape), "student": count_macs(student, spec.input_shape)},
+        "compression_ratio": params_before / params_after,
+        "latency": latency,
+        "teachers": {
+            "count": len(job.teachers),
+            "weighting": job.ensemble.weighting if job.ensemble is not None else "mean",  # after any fallback
+            "student_from": job.ensemble.base if job.ensemble is not None else 0,
+            "agreement_with_ensemble": job.agreements,  # per teacher, on synthetic samples (several teachers)
+        },
+        "synthetic_agreement": None if result is None else {
+            "before_finetune": result.initial_agreement,
+            "best": result.best_agreement,
+            "best_step": result.best_step,
+        },
+        "generator_curve": job.generator_curve,
+        "distill_curve": result.curve if result else [],
+        "timings_s": job.timings,
+        "onnx_skipped": onnx_skipped,
+        "onnx_check": onnx_check,
+        "program_skipped": program_skipped,
+        "versions": {"kegnet": _version(), "torch": torch.__version__, "tensorly": tensorly.__version__,
+                     "safetensors": safetensors.__version__, "python": platform.python_version()},
+    }
+    job.timings["export"] = time.perf_counter() - t0  # the file's figure; the caller's timer adds the write
+    export.write_manifest(out, manifest)
+    job.report("export", 1.0, "artifacts written")
+    job.student = student
+    return manifest
 
 
 def _version() -> str:

@@ -1,10 +1,15 @@
-"""What a user tells us about their model: architecture, its arguments, input shape, classes."""
+"""What a user tells us about their model: architecture, its arguments, input shape, classes.
+
+``arch`` is a built-in name (``lenet5``, ``resnet``, ``mlp``), ``torchvision:<name>``, ``timm:<name>``, or
+``onnx`` for an uploaded ONNX graph, whose input shape and class count may be left out (they are read
+from the graph: ``kegnet.models.onnx_graph``).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Bounds keep a stranger's spec from asking for absurd allocations before anything is checked.
 MAX_SIDE = 512
@@ -20,16 +25,22 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="registered architecture name")]
+    arch: Annotated[str, Field(
+        pattern=r"^(?:(?:torchvision|timm):)?[a-z][a-z0-9_]{0,63}$",
+        description="built-in name (lenet5, resnet, mlp), torchvision:<name>, timm:<name>, or onnx",
+    )]
     arch_kwargs: dict[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,63}$")], ArchKwarg] = Field(
         default_factory=dict, max_length=32
     )
-    input_shape: tuple[int, ...] = Field(description="(C, H, W) for images or (F,) for feature vectors")
-    num_classes: int = Field(ge=2, le=10_000)
+    input_shape: tuple[int, ...] | None = Field(None, description="(C, H, W) for images or (F,) for feature vectors; "
+                                                             "optional for onnx (read from the graph)")
+    num_classes: int | None = Field(None, ge=2, le=10_000, description="optional for onnx (read from the graph)")
 
     @field_validator("input_shape")
     @classmethod
-    def _check_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def _check_shape(cls, shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if shape is None:
+            return None
         if len(shape) == 1:
             if not 1 <= shape[0] <= MAX_FEATURES:
                 raise ValueError(f"feature count must be in 1..{MAX_FEATURES}, got {shape[0]}")
@@ -42,6 +53,22 @@ class ModelSpec(BaseModel):
         else:
             raise ValueError("input_shape must be C,H,W for images or F for feature vectors")
         return shape
+
+    @model_validator(mode="after")
+    def _shape_and_classes_known(self) -> ModelSpec:
+        if self.arch != "onnx" and (self.input_shape is None or self.num_classes is None):
+            raise ValueError("input_shape and num_classes are required (only an onnx graph can supply its own)")
+        return self
+
+    @property
+    def source(self) -> str:
+        """Where the architecture comes from: ``kegnet`` (built-in), ``torchvision``, ``timm`` or ``onnx``."""
+        return "onnx" if self.arch == "onnx" else (self.arch.partition(":")[0] if ":" in self.arch else "kegnet")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether input shape and class count are known (an onnx spec gets them from its graph)."""
+        return self.input_shape is not None and self.num_classes is not None
 
     @property
     def is_image(self) -> bool:

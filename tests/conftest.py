@@ -48,6 +48,8 @@ def tiny_config(method: str = "kegnet", **sections: dict) -> PipelineConfig:
     """A budget of a few steps per stage: exercises every code path in seconds."""
     base = {
         "generator": {"num_generators": 2, "steps": 4, "batch_size": 16},
+        # Tiny layers are slower factorized (three calls for one): keep them, and time them briefly.
+        "compression": {"keep_slower": True, "latency_repeats": 3, "latency_budget_s": 0.01},
         "distill": {"steps": 6, "batch_size": 16, "holdout_samples": 64, "eval_every": 3,
                     "samples_per_generator": 64},
     }

@@ -14,8 +14,10 @@ from typing import Literal
 
 import numpy as np
 import tensorly as tl
+import torch
 from torch import nn
 
+from kegnet.compression import latency
 from kegnet.compression.evbmf import evbmf_rank
 from kegnet.compression.layers import LowRankLinear, Tucker2Conv2d
 from kegnet.config import CompressionConfig
@@ -53,15 +55,25 @@ def _factorizable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
 
 
+def _fused_attention_projections(model: nn.Module) -> dict[str, str]:
+    """Projections inside ``nn.MultiheadAttention``: its fused kernel reads their weights directly, so
+    they cannot be swapped for a factorized module (timm's attention uses plain Linears and can)."""
+    return {f"{name}.out_proj": "a projection of nn.MultiheadAttention, whose fused kernel reads its weight "
+                                "directly; not factorized"
+            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def select_layers(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
-    """Layers named by ``patterns`` (exact names or globs); default: every conv but the first, or, in a
-    model without convs, every linear but the classifier head."""
+    """Layers named by ``patterns`` (exact names or globs). Default: every conv but the first (the stem
+    sees raw pixels and is tiny), plus every linear but the classifier head when those linears hold more
+    weights than the convs chosen (ViTs, ConvNeXts, MLPs: there the weights are in the linears)."""
     candidates = _factorizable(model)
     if patterns is None:
-        convs = [n for n, m in candidates.items() if isinstance(m, nn.Conv2d)]
-        linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)]
-        names = convs[1:] if len(convs) > 1 else linears[:-1]
-        return {n: candidates[n] for n in names}
+        convs = [n for n, m in candidates.items() if isinstance(m, nn.Conv2d)][1:]
+        linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)][:-1]
+        weight = lambda names: sum(candidates[n].weight.numel() for n in names)  # noqa: E731
+        names = set(convs) | (set(linears) if weight(linears) > weight(convs) else set())
+        return {n: m for n, m in candidates.items() if n in names}
     chosen: dict[str, nn.Module] = {}
     for pattern in patterns:
         hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
@@ -121,6 +133,8 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
     """Choose layers and ranks for ``model`` following ``config``."""
     plan = CompressionPlan()
     layers: dict[str, nn.Module] = {}
+    if config.layers is None:
+        plan.skipped.update(_fused_attention_projections(model))
     for name, m in select_layers(model, config.layers).items():
         if isinstance(m, nn.Conv2d) and m.groups > 1 and m.in_channels // m.groups == 1:
             plan.skipped[name] = "depthwise convolution: one input channel per group leaves nothing to factorize"
@@ -152,6 +166,45 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
         raise CompressionError("no layer gets smaller at these ranks; choose lower ranks or other layers "
                                f"({'; '.join(f'{n}: {why}' for n, why in plan.skipped.items())})")
     return plan
+
+
+def drop_slower_layers(model: nn.Module, plan: CompressionPlan, input_shape: tuple[int, ...],
+                       device: torch.device, config: CompressionConfig) -> dict[str, dict[str, float]]:
+    """Time each planned layer, original and factorized, on ``device``; returns per-layer milliseconds.
+
+    Unless ``config.keep_slower``, a layer whose factorized form is slower than the original at
+    ``config.latency_batch`` (beyond ``latency_tolerance``) is moved from ``plan.layers`` to
+    ``plan.skipped`` with the figures. The factorized forms are timed with random factors (latency does
+    not depend on the values), so no decomposition is computed here. Other batch sizes of
+    ``latency.BATCHES`` are recorded too.
+    """
+    shapes = latency.layer_input_shapes(model, [p.name for p in plan.layers], input_shape, device)
+    batches = sorted({config.latency_batch, *latency.BATCHES})
+    timings: dict[str, dict[str, float]] = {}
+    kept = []
+    for p in plan.layers:
+        original = model.get_submodule(p.name)
+        factorized = _structure(original, p).to(device)
+        row: dict[str, float] = {}
+        for b in batches:
+            for what, module in (("original", original), ("factorized", factorized)):
+                row[f"{what}_batch{b}_ms"] = latency.module_latency_ms(
+                    module, shapes[p.name], b, device, repeats=config.latency_repeats,
+                    budget_s=config.latency_budget_s)
+        timings[p.name] = row
+        before, after = row[f"original_batch{config.latency_batch}_ms"], row[f"factorized_batch{config.latency_batch}_ms"]
+        if config.keep_slower or after <= before * (1 + config.latency_tolerance):
+            kept.append(p)
+        else:
+            plan.skipped[p.name] = (f"factorized it ran slower on {device.type} at batch {config.latency_batch} "
+                                    f"({after:.3f} ms vs {before:.3f} ms); set keep_slower to keep it")
+    plan.layers = kept
+    return timings
+
+
+def _structure(layer: nn.Module, p: LayerPlan) -> nn.Module:
+    """The factorized module for ``p`` with uninitialized factors (shapes only)."""
+    return Tucker2Conv2d(layer, p.in_rank, p.out_rank) if p.kind == "conv" else LowRankLinear(layer, p.in_rank)
 
 
 def _explicit_ranks(name: str, ranks: dict[str, tuple[int, int]]) -> tuple[int, int]:

@@ -1,23 +1,34 @@
 """Architecture registry: ``register_model`` adds a constructor, ``create_model(name, **kwargs)`` builds one.
 
 Constructors take ``input_shape`` and ``num_classes`` plus their own keyword arguments; server-side code can
-add architectures with the decorator. Only registered names can be built: a client never names a Python path.
+add architectures with the decorator. ``torchvision:<name>`` and ``timm:<name>`` build those libraries'
+models (kegnet/models/libraries.py). Only listed names can be built: a client never names a Python path.
+
+``create_model`` first builds the model on the meta device (no memory) and refuses it when it has more than
+``max_parameters`` parameters, so a spec cannot make the server allocate a huge model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from kegnet.errors import SpecError
+from kegnet.models import libraries
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
 
 _REGISTRY: dict[str, ModelFactory] = {}
+_LIBRARIES: dict[str, ModelFactory] = {"torchvision": libraries.build_torchvision, "timm": libraries.build_timm}
+
+# Parameters of the largest model built by default (ViT-L is 304 M); callers pass their own cap.
+DEFAULT_MAX_PARAMETERS = 400_000_000
 
 
 def register_model(name: str) -> Callable[[F], F]:
@@ -36,19 +47,75 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build the registered architecture ``name``; raise ``SpecError`` with a fixable message otherwise."""
-    if name not in _REGISTRY:
-        raise SpecError(f"unknown architecture {name!r}; available: {', '.join(list_models())}")
+def _factory(name: str) -> tuple[ModelFactory, dict[str, Any]]:
+    """The constructor for ``name`` and the arguments it gets besides the spec's kwargs."""
+    source, short = libraries.split_arch(name)
+    if source in _LIBRARIES:
+        return _LIBRARIES[source], {"name": short}
+    if source != "kegnet" or name not in _REGISTRY:
+        raise SpecError(f"unknown architecture {name!r}; available: {', '.join(list_models())}, "
+                        "torchvision:<name>, timm:<name>, or onnx (upload an .onnx file)")
     fn = _REGISTRY[name]
-    accepted = set(inspect.signature(fn).parameters) - {"input_shape", "num_classes"}
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise SpecError(
-            f"architecture {name!r} does not take argument(s) {', '.join(unknown)}; "
-            f"it takes: {', '.join(sorted(accepted)) or 'none'}"
-        )
+    return fn, {}
+
+
+def _build(name: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    fn, fixed = _factory(name)
+    if not fixed:  # a registered constructor: its signature says which arguments it takes
+        accepted = set(inspect.signature(fn).parameters) - {"input_shape", "num_classes"}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise SpecError(
+                f"architecture {name!r} does not take argument(s) {', '.join(unknown)}; "
+                f"it takes: {', '.join(sorted(accepted)) or 'none'}"
+            )
     try:
-        return fn(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as exc:  # bad kwarg values or an input shape the net cannot take
+        return fn(input_shape=tuple(input_shape), num_classes=num_classes, **fixed, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # bad values, or a shape the net rejects
         raise SpecError(f"cannot build {name!r} with these arguments: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside moves to the meta device at once (as accelerate's
+    ``init_empty_weights``): for constructors that compute on real tensors (torchvision's RegNet sizes its
+    stages with numpy), so only one parameter at a time is ever allocated."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def count_model_parameters(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> int:
+    """Parameters of the architecture, counted without allocating them (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            model = _build(name, input_shape, num_classes, dict(kwargs))
+    except SpecError as exc:
+        if "meta" not in str(exc):
+            raise
+        with _parameters_on_meta():  # the constructor needs real tensors for its own arithmetic
+            model = _build(name, input_shape, num_classes, dict(kwargs))
+    return sum(p.numel() for p in model.parameters())
+
+
+def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
+                 max_parameters: int | None = DEFAULT_MAX_PARAMETERS, **kwargs: Any) -> nn.Module:
+    """Build the architecture ``name``; raise ``SpecError`` with a fixable message otherwise.
+
+    With ``max_parameters``, the model is counted on the meta device first and refused above the cap.
+    """
+    if max_parameters is not None:
+        count = count_model_parameters(name, input_shape=input_shape, num_classes=num_classes, **kwargs)
+        if count > max_parameters:
+            raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
+                            f"of {max_parameters:,}; choose a smaller architecture or arguments")
+    return _build(name, input_shape, num_classes, dict(kwargs))

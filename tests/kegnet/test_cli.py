@@ -11,7 +11,8 @@ def test_cli_compresses_the_shared_mnist_teacher(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "kegnet", "compress", str(MNIST_TEACHER), "--arch", "lenet5",
            "--input-shape", "1,32,32", "--num-classes", "10", "--out", str(out), "--layers", "conv2,conv3",
-           "--num-generators", "2", "--generator-steps", "10", "--distill-steps", "20", "--device", "cpu"]
+           "--num-generators", "2", "--generator-steps", "10", "--distill-steps", "20", "--device", "cpu",
+           "--keep-slower"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(4.10x)" in proc.stdout
@@ -40,7 +41,8 @@ def test_cli_takes_several_checkpoints_as_a_teacher_ensemble(tmp_path: Path) -> 
               "generator": {"num_generators": 1, "batch_size": 16},
               "distill": {"batch_size": 16, "holdout_samples": 64, "ensemble_weighting": "entropy"}}
     base = ["--arch", "mlp", "--arch-kwargs", '{"hidden": [16]}', "--input-shape", "8", "--num-classes", "3",
-            "--generator-steps", "2", "--distill-steps", "2", "--device", "cpu", "--config", json.dumps(config)]
+            "--generator-steps", "2", "--distill-steps", "2", "--device", "cpu", "--keep-slower",
+            "--config", json.dumps(config)]
     proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", *files, "--out", str(tmp_path / "o"), *base],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

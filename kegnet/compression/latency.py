@@ -1,0 +1,85 @@
+"""Measured latency: of one layer before and after factorization, and of a whole model.
+
+A Tucker-2 layer is three kernels where the conv it replaces was one, and is often *slower*, especially at
+batch 1 and on GPUs (../shared/REFERENCE.md). So the plan keeps a factorization only where it measured
+not slower, and the manifest reports latency next to parameters. Timings are medians of repeated runs
+after a warm-up, synchronized on CUDA, within a time budget per measurement.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+BATCHES = (1, 64)  # what the manifest reports: one request at a time, and a throughput batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int = 15,
+                   budget_s: float = 2.0, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` over up to ``repeats`` runs (at least 3) within about ``budget_s``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def layer_input_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, ...],
+                       device: torch.device) -> dict[str, tuple[int, ...]]:
+    """The shape of each named layer's input for one sample of ``input_shape`` (batch dimension dropped)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def keep(name: str):  # noqa: ANN202 - a hook closure; it must return None (else it replaces the input)
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def module_latency_ms(module: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device, *,
+                      repeats: int = 15, budget_s: float = 2.0) -> float:
+    """Median milliseconds of ``module`` on a batch of ``batch`` random inputs of ``input_shape``."""
+    was_training = module.training
+    module.eval()
+    x = torch.randn(batch, *input_shape, device=device)
+    try:
+        return 1e3 * median_seconds(lambda: module(x), device, repeats=repeats, budget_s=budget_s)
+    finally:
+        module.train(was_training)
+
+
+def model_latency(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
+                  batches: tuple[int, ...] = BATCHES, repeats: int = 15, budget_s: float = 2.0) -> dict[str, float]:
+    """``{"batch1_ms": ..., "batch64_ms": ...}``: median milliseconds per forward pass of the whole model."""
+    return {f"batch{b}_ms": module_latency_ms(model, input_shape, b, device, repeats=repeats, budget_s=budget_s)
+            for b in batches}
+
+
+__all__ = ["BATCHES", "layer_input_shapes", "median_seconds", "model_latency", "module_latency_ms"]
