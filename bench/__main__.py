@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from bench.datasets import accuracy
 from bench.scenarios import SCENARIOS, Scenario
 from kegnet import ModelSpec, PipelineConfig, run_pipeline
+from kegnet.compression.latency import model_latency
 from kegnet.generation import make_generator
 from kegnet.metrics import count_parameters
 from kegnet.pipeline import resolve_device
@@ -92,8 +93,10 @@ def make_config(scenario: Scenario, setting: str, method: str, scale: float,
     variant = scenario.variants.get(method, {})
     gen.update(variant.get("generator", {}))
     dist.update(variant.get("distill", {}))
+    compression = {"keep_slower": scenario.keep_slower, **scenario.settings[setting],
+                   **extra.get("compression", {})}
     return PipelineConfig.from_preset("fast", method=method.partition(":")[0], generator=gen, distill=dist,
-                                      compression=scenario.settings[setting], export_portable=False,
+                                      compression=compression, export_portable=False,
                                       export_onnx=False)
 
 
@@ -111,9 +114,14 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
     built, spec = sc.teacher()
     teachers = [t.to(dev) for t in (built if isinstance(built, list) else [built])]
     digests = [teacher_digest(t) for t in teachers]
+    # An upload scenario hands the pipeline the file (it builds its own module from it, as for a user).
+    source = sc.teacher_file() if sc.teacher_file is not None else None
+    if source is not None and len(teachers) > 1:
+        raise ValueError("teacher_file scenarios have one teacher")
     rows: list[dict[str, Any]] = [
         {"setting": "-", "method": "teacher" if len(teachers) == 1 else f"teacher{i}",
-         "accuracy": [accuracy(t, x, y)], "ratio": 1.0, "parameters": count_parameters(t)}
+         "accuracy": [accuracy(t, x, y)], "ratio": 1.0, "parameters": count_parameters(t),
+         "latency_ms": [{"device": str(dev), "teacher": model_latency(t.eval(), tuple(spec.input_shape), dev)}]}
         for i, t in enumerate(teachers)
     ]
     print(_header(), flush=True)
@@ -127,7 +135,8 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
             if methods and method not in methods:
                 continue
             row: dict[str, Any] = {"setting": setting, "method": method, "accuracy": [], "agreement": [],
-                                   "seconds": [], "timings_s": [], "peak_gpu_mb": []}
+                                   "seconds": [], "timings_s": [], "peak_gpu_mb": [], "latency_ms": [],
+                                   "layers": []}
             for seed in range(seeds):
                 cfg = make_config(sc, setting, method, scale, extra)
                 if cfg.method == "tucker-only" and seed > 0:
@@ -144,7 +153,11 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
                     torch.cuda.reset_peak_memory_stats(dev)
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.perf_counter()
-                    result = run_pipeline(teacher, spec, cfg, tmp, device=str(dev), seed=seed, generators=gens)
+                    if source is not None:
+                        result = run_pipeline(source[0], source[1], cfg, tmp, device=str(dev), seed=seed,
+                                              generators=gens)
+                    else:
+                        result = run_pipeline(teacher, spec, cfg, tmp, device=str(dev), seed=seed, generators=gens)
                     seconds = time.perf_counter() - t0
                 timings = dict(result.manifest["timings_s"])
                 if gens is None and result.generators is not None:
@@ -159,6 +172,11 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
                 row["seconds"].append(seconds)
                 row["timings_s"].append(timings)
                 row["peak_gpu_mb"].append(torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None)
+                lat = result.manifest["latency"]
+                row["latency_ms"].append({"device": lat["device"], "teacher": lat["teacher"],
+                                          "student": lat["student"]})
+                row["layers"].append({"factorized": len(result.manifest["plan"]["layers"]),
+                                      "skipped": result.manifest["plan"].get("skipped", {})})
                 row["ratio"] = result.manifest["compression_ratio"]
                 row["parameters"] = result.manifest["parameters"]["student"]
             rows.append(row)
@@ -173,9 +191,20 @@ def _pct(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+STAGES = ("load", "plan", "generators", "decompose", "finetune", "export")
+
+
 def _header() -> str:
-    return ("| setting | method | params | ratio | test acc. % | synth. agreement % | generators s | student s "
-            "| total s | peak GPU MiB | seeds |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    return ("| setting | method | params | ratio | test acc. % | synth. agreement % | b1 ms | b64 ms "
+            "| s: load / plan / generators / decompose / student / export | total s | peak GPU MiB | seeds |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _latency_cell(row: dict[str, Any], key: str) -> str:
+    """The row's model (the student; the teacher in a teacher row) at one batch, mean over seeds."""
+    lat = row.get("latency_ms") or []
+    values = [entry.get("student", entry["teacher"])[key] for entry in lat]
+    return f"{statistics.mean(values):.2f}" if values else "-"
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -186,10 +215,11 @@ def _fmt(row: dict[str, Any]) -> str:
     def mean_or_dash(values: list[float]) -> str:
         return f"{statistics.mean(values):.1f}" if values else "-"
 
+    stages = " / ".join(mean_or_dash([t[s] for t in timings if s in t]) for s in STAGES) if timings else "-"
     cells = [row["setting"], row["method"], f"{row['parameters']:,}", f"{row['ratio']:.2f}x", _pct(row["accuracy"]),
-             _pct(agreement) if agreement else "-",
-             mean_or_dash([t["generators"] for t in timings]), mean_or_dash([t["finetune"] for t in timings]),
-             mean_or_dash(row.get("seconds", [])), f"{max(peak):.0f}" if peak else "-", str(len(row["accuracy"]))]
+             _pct(agreement) if agreement else "-", _latency_cell(row, "batch1_ms"), _latency_cell(row, "batch64_ms"),
+             stages, mean_or_dash(row.get("seconds", [])), f"{max(peak):.0f}" if peak else "-",
+             str(len(row["accuracy"]))]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -211,6 +241,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sides", default="32,64,128", help="scale: image sides")
     parser.add_argument("--batches", default="64,256,1024", help="scale: batch sizes")
+    parser.add_argument("--teacher", default="resnet8", help="scale: resnet8 or a library name, e.g. "
+                                                             "torchvision:resnet18")
+    parser.add_argument("--steps", type=int, default=5, help="scale: timed steps per configuration")
+    parser.add_argument("--forms", default="cdist,broadcast", help="scale: diversity-loss forms to time")
     parser.add_argument("--config", type=json.loads, default=None,
                         help='generator/distill overrides for an ablation, e.g. \'{"generator": {"activation": 0}}\'')
     parser.add_argument("--reuse-generators", action="store_true",
@@ -224,7 +258,8 @@ def main() -> None:
         from bench.scale import run_scale
 
         ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
-        result = run_scale(args.device, ints(args.sides), ints(args.batches))
+        result = run_scale(args.device, ints(args.sides), ints(args.batches), teacher=args.teacher,
+                           steps=args.steps, forms=tuple(args.forms.split(",")), threads=args.threads)
     else:
         split = lambda text: text.split(",") if text else None  # noqa: E731
         result = run(args.scenario, args.seeds, args.device, args.scale, args.test_limit, split(args.methods),

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bench.datasets import load_image_split, load_uci_split, shared_dir
-from bench.teachers import uci_teacher
+from bench.teachers import fashion_inputs, image_teacher, onnx_teacher, uci_teacher
 from kegnet import ModelSpec, load_teacher
+from kegnet.checkpoint import open_teacher
 
 # The paper's comparison rows: Tucker alone, Tucker + a noise baseline, Tucker + KegNet samples.
 PAPER_METHODS = ["tucker-only", "gaussian", "uniform", "kegnet"]
@@ -30,6 +32,11 @@ class Scenario:
     A method is a pipeline method, optionally with a ``:variant`` label; ``variants`` maps a full method
     label to its config sections (on top of ``overrides``) and ``teachers_of`` to the teacher indices it uses
     (default: all of them).
+
+    ``keep_slower``: the paper's comparison rows compress fixed layers whatever their speed (True); False
+    gives the product's default, which drops factorizations that run slower on the job's device.
+    ``teacher_file``: the pipeline gets this file and spec (an upload, e.g. an ONNX graph) instead of the
+    built module; ``teacher`` still builds the module the bench scores and fingerprints.
     """
 
     teacher: Callable[[], tuple[nn.Module | list[nn.Module], ModelSpec]]
@@ -40,6 +47,8 @@ class Scenario:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     teachers_of: dict[str, list[int]] = field(default_factory=dict)
     about: str = ""
+    keep_slower: bool = True
+    teacher_file: Callable[[], tuple[Path, ModelSpec]] | None = None
 
 
 def _shared_teacher(file: str, spec: ModelSpec) -> Callable[[], tuple[nn.Module, ModelSpec]]:
@@ -62,6 +71,23 @@ def _uci_teachers(name: str, seeds: list[int]) -> Callable[[], tuple[list[nn.Mod
     return build
 
 
+def _image_teacher(name: str) -> Callable[[], tuple[nn.Module, ModelSpec]]:
+    def build() -> tuple[nn.Module, ModelSpec]:
+        path, spec = image_teacher(name)
+        return load_teacher(path, spec), spec
+
+    return build
+
+
+def _onnx_module(name: str) -> Callable[[], tuple[nn.Module, ModelSpec]]:
+    """The module the pipeline will build from the ONNX file (converted by onnx2torch), and its read spec."""
+    def build() -> tuple[nn.Module, ModelSpec]:
+        loaded = open_teacher(onnx_teacher(name), ONNX)
+        return loaded.model, loaded.spec
+
+    return build
+
+
 def _explicit(rank: int) -> dict[str, Any]:
     return {"layers": ["*"], "rank_method": "explicit", "ranks": {"*": [rank, rank]}}
 
@@ -78,6 +104,36 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "kegnet:all": {"distill": {"hard_label_weight": 1.0, "rkd_distance_weight": 1.0, "rkd_angle_weight": 2.0,
                                "self_distill_weight": 1.0, "self_distill_mmd_weight": 1.0}},
 }
+
+
+# Library teachers (bench/teachers.py) on real Fashion-MNIST. Budgets sized for a 2-core CPU, where one
+# training step of ResNet-18 or MobileNetV3 at batch 128 takes about 2 s: 2 generators x 30 steps at batch
+# 64, 120 student steps at batch 64 (the fast preset's 5 x 300 x 256 and 1,500 x 256 would take hours).
+# The default compression: every conv but the first, ranks for a 2.5x smaller model, latency filter on.
+ONNX = ModelSpec(arch="onnx")
+_LIBRARY_BUDGET: dict[str, Any] = {
+    "generator": {"num_generators": 2, "steps": 30, "batch_size": 64},
+    "distill": {"steps": 120, "batch_size": 64, "eval_every": 40, "holdout_samples": 512},
+}
+_LIBRARY_SETTINGS = {"2.5x": {"rank_method": "ratio", "target_ratio": 2.5}}
+# DeepInversion's BatchNorm prior (summed over layers of the L2 distances of mean and variance).
+BNPRIOR = 0.1
+_LIBRARY_METHODS = ["tucker-only", "gaussian", "kegnet", "kegnet:bnprior"]
+_LIBRARY_VARIANTS = {"kegnet:bnprior": {"generator": {"batchnorm_prior": BNPRIOR}}}
+
+
+def _library(name: str, about: str, **kwargs: Any) -> Scenario:
+    channels = image_teacher_spec(name).input_shape[0]
+    fields: dict[str, Any] = {"teacher": _image_teacher(name), "methods": list(_LIBRARY_METHODS),
+                              "variants": dict(_LIBRARY_VARIANTS), **kwargs}
+    return Scenario(test_set=lambda: fashion_inputs("test", channels), settings=dict(_LIBRARY_SETTINGS),
+                    overrides=_LIBRARY_BUDGET, keep_slower=False, about=about, **fields)
+
+
+def image_teacher_spec(name: str) -> ModelSpec:
+    from bench.teachers import IMAGE_TEACHERS
+
+    return IMAGE_TEACHERS[name]
 
 
 def _objectives(base: Scenario, setting: str) -> Scenario:
@@ -133,3 +189,16 @@ SCENARIOS: dict[str, Scenario] = {
 SCENARIOS["mnist-objectives"] = _objectives(SCENARIOS["mnist"], "4.10x")
 SCENARIOS["fashion-objectives"] = _objectives(SCENARIOS["fashion"], "1.58x")
 SCENARIOS["pendigits-objectives"] = _objectives(SCENARIOS["pendigits"], "rank10")
+
+SCENARIOS["fashion-resnet18"] = _library(
+    "fashion-resnet18", "torchvision ResNet-18 trained here on Fashion-MNIST (grey replicated to 3x32x32); "
+    "ranks for 2.5x fewer parameters, latency filter on")
+SCENARIOS["fashion-mobilenetv3"] = _library(
+    "fashion-mobilenetv3", "timm mobilenetv3_small_100 trained here on Fashion-MNIST (1x32x32); ranks for 2.5x "
+    "fewer parameters, latency filter on")
+# The same ResNet-18 as an ONNX upload (BatchNorm folded into the convs by the exporter, so no BatchNorm prior).
+SCENARIOS["fashion-resnet18-onnx"] = _library(
+    "fashion-resnet18", "the fashion-resnet18 teacher exported to ONNX (external_data=False) and compressed "
+    "from the file (arch=onnx); ranks for 2.5x fewer parameters, latency filter on",
+    teacher=_onnx_module("fashion-resnet18"), methods=["tucker-only", "gaussian", "kegnet"],
+    teacher_file=lambda: (onnx_teacher("fashion-resnet18"), ONNX))

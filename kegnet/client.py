@@ -3,6 +3,9 @@
     client = KegnetClient("http://127.0.0.1:8000", api_key="kgn_...")
     job = client.submit("teacher.safetensors", {"arch": "lenet5", "input_shape": [1, 32, 32], "num_classes": 10})
     job = client.submit(["a.safetensors", "b.safetensors"], model, {"distill": {"ensemble_weighting": "entropy"}})
+    job = client.submit("resnet18.safetensors", {"arch": "torchvision:resnet18", "input_shape": [3, 224, 224],
+                                                 "num_classes": 10})
+    job = client.submit("model.onnx", {"arch": "onnx"})    # shape and classes from the graph
     job = client.wait(job["id"])
     client.download(job["id"], "out/")
 
@@ -167,7 +170,8 @@ def register_client_commands(app: Any) -> None:
             ..., exists=True, dir_okay=False,
             help="safetensors or state-dict file; several (one architecture) for a teacher ensemble",
         ),
-        arch: str = typer.Option(None, help="architecture, e.g. lenet5, resnet, mlp"),
+        arch: str = typer.Option(None, help="lenet5 | resnet | mlp | torchvision:<name> | timm:<name> | onnx "
+                                            "(default for .onnx files)"),
         input_shape: str = typer.Option(None, help="C,H,W or F, e.g. 1,32,32"),
         num_classes: int = typer.Option(None),
         arch_kwargs: str = typer.Option("{}", help="JSON object of architecture arguments"),
@@ -184,10 +188,16 @@ def register_client_commands(app: Any) -> None:
         spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
         model = spec.get("model")
         if model is None:
-            if not (arch and input_shape and num_classes):
-                fail(ValueError("give --spec-file, or --arch, --input-shape and --num-classes"))
-            model = {"arch": arch, "input_shape": [int(x) for x in input_shape.split(",")],
-                     "num_classes": num_classes, "arch_kwargs": json.loads(arch_kwargs)}
+            onnx = all(p.suffix.lower() == ".onnx" for p in checkpoints)
+            arch = arch or ("onnx" if onnx else None)
+            if not (arch and ((input_shape and num_classes) or arch == "onnx")):
+                fail(ValueError("give --spec-file, or --arch, --input-shape and --num-classes (an .onnx file needs "
+                                "none of them: its graph says)"))
+            model = {"arch": arch, "arch_kwargs": json.loads(arch_kwargs)}
+            if input_shape:
+                model["input_shape"] = [int(x) for x in input_shape.split(",")]
+            if num_classes:
+                model["num_classes"] = num_classes
         config = json.loads(config_file.read_text()) if config_file else spec.get("config")
         with KegnetClient(url, api_key) as client:
             try:

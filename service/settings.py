@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_teachers: int = Field(MAX_TEACHERS, ge=1, le=MAX_TEACHERS)
     # Room for the multipart framing and the JSON spec on top of the file itself.
     form_overhead_bytes: int = Field(256 * 1024, ge=1024)
+    # Largest model a job may describe, counted on the meta device before anything is allocated
+    # (ViT-B/16 has 86 M, ResNet-50 26 M).
+    max_parameters: int = Field(200_000_000, ge=1_000)
     max_active_jobs_per_key: int = Field(2, ge=1)
     max_queued_jobs: int = Field(50, ge=1)
     # Upload checks load the weights in the API process: bound how many run at once (memory).

@@ -139,7 +139,7 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
             result = run_pipeline(
                 paths[0] if len(paths) == 1 else paths, request.model, request.config, out_dir,
                 device=device, seed=request.seed, progress=reporter.progress,
-                should_cancel=reporter.should_cancel,
+                should_cancel=reporter.should_cancel, max_parameters=settings.max_parameters,
             )
             artifacts = list_artifacts(Path(result.out_dir))
             metrics = {**reporter.metrics, **_summary(result.manifest), "device": device}
@@ -178,6 +178,9 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "synthetic_agreement": agreement.get("best"),
         "synthetic_agreement_before_finetune": agreement.get("before_finetune"),
         "seconds": sum((manifest.get("timings_s") or {}).values()),
+        "teacher_latency_ms": (manifest.get("latency") or {}).get("teacher"),
+        "student_latency_ms": (manifest.get("latency") or {}).get("student"),
+        "architecture_source": (manifest.get("architecture") or {}).get("source"),
         "teachers": (manifest.get("teachers") or {}).get("count"),
     }
     return {k: v for k, v in out.items() if v is not None}

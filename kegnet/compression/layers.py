@@ -67,6 +67,46 @@ class Tucker2Conv2d(nn.Module):
         return self.last(self.core(self.first(x)))
 
 
+class LowRankConv1x1(nn.Module):
+    """A 1×1 conv factorized by truncated SVD: ``C_in → R·g`` (1×1, the original stride, no bias) then
+    ``R·g → C_out`` (1×1, the original bias), per group.
+
+    Tucker-2 would add an R×R core to a 1×1 kernel for nothing; MobileNets, EfficientNets, RegNets and
+    ConvNeXts keep most of their weights in 1×1 convs. Shapes: as the original conv.
+    """
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        g = conv.groups
+        self.rank = rank
+        self.first = nn.Conv2d(conv.in_channels, rank * g, 1, stride=conv.stride, padding=conv.padding,
+                               groups=g, bias=False, padding_mode=conv.padding_mode)
+        self.last = nn.Conv2d(rank * g, conv.out_channels, 1, groups=g, bias=conv.bias is not None)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int) -> LowRankConv1x1:
+        layer = cls(conv, rank).to(conv.weight.device)
+        g = conv.groups
+        weight = conv.weight.detach().cpu().double().numpy()[:, :, 0, 0]  # (C_out, C_in/g)
+        per_out = conv.out_channels // g
+        firsts, lasts = [], []
+        for i in range(g):
+            u, s, vh = np.linalg.svd(weight[i * per_out:(i + 1) * per_out], full_matrices=False)
+            root = np.sqrt(s[:rank])
+            firsts.append(root[:, None] * vh[:rank])   # (R, C_in/g)
+            lasts.append(u[:, :rank] * root[None, :])   # (C_out/g, R)
+        dtype = conv.weight.dtype
+        with torch.no_grad():
+            layer.first.weight.copy_(_t(np.concatenate(firsts))[..., None, None].to(dtype))
+            layer.last.weight.copy_(_t(np.concatenate(lasts))[..., None, None].to(dtype))
+            if conv.bias is not None:
+                layer.last.bias.copy_(conv.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.first(x))
+
+
 class LowRankLinear(nn.Module):
     """Linear factorized by truncated SVD: ``in → rank`` (no bias) then ``rank → out`` (original bias).
 

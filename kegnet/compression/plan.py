@@ -19,7 +19,7 @@ from torch import nn
 
 from kegnet.compression import latency
 from kegnet.compression.evbmf import evbmf_rank
-from kegnet.compression.layers import LowRankLinear, Tucker2Conv2d
+from kegnet.compression.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from kegnet.config import CompressionConfig
 from kegnet.errors import CompressionError
 
@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is factorized. For a linear layer ``in_rank == out_rank`` is the SVD rank."""
+    """How one layer is factorized: ``conv`` by Tucker-2, ``pointwise`` (a 1×1 conv) and ``linear`` by
+    truncated SVD, where ``in_rank == out_rank`` is the SVD rank."""
 
     name: str
-    kind: Literal["conv", "linear"]
+    kind: Literal["conv", "pointwise", "linear"]
     in_rank: int
     out_rank: int
     params_before: int
@@ -96,7 +97,19 @@ def _linear_params(linear: nn.Linear, r: int) -> int:
     return linear.in_features * r + r * linear.out_features + (linear.out_features if linear.bias is not None else 0)
 
 
+def _pointwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+
+
+def _pointwise_params(conv: nn.Conv2d, r: int) -> int:
+    bias = conv.out_channels if conv.bias is not None else 0
+    return (conv.in_channels + conv.out_channels) * r + bias
+
+
 def _full_ranks(m: nn.Module) -> tuple[int, int]:
+    if _pointwise(m):
+        full = min(m.in_channels, m.out_channels) // m.groups
+        return full, full
     if isinstance(m, nn.Conv2d):
         return m.in_channels // m.groups, m.out_channels // m.groups
     full = min(m.in_features, m.out_features)
@@ -107,6 +120,9 @@ def _evbmf_ranks(m: nn.Module) -> tuple[int, int]:
     if isinstance(m, nn.Linear):
         r = max(1, evbmf_rank(m.weight.detach().cpu().double().numpy()))
         return r, r
+    if _pointwise(m):
+        r = max(1, evbmf_rank(m.weight.detach().cpu().double().numpy()[: m.out_channels // m.groups, :, 0, 0]))
+        return r, r
     w = m.weight.detach().cpu().double().numpy()[: m.out_channels // m.groups]  # first group
     # Clamped to 1: EVBMF returns 0 for untrained or tiny layers.
     return max(1, evbmf_rank(tl.unfold(w, 1))), max(1, evbmf_rank(tl.unfold(w, 0)))
@@ -114,7 +130,7 @@ def _evbmf_ranks(m: nn.Module) -> tuple[int, int]:
 
 def _fraction_ranks(m: nn.Module, fraction: float) -> tuple[int, int]:
     full_in, full_out = _full_ranks(m)
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or _pointwise(m):
         r = max(1, int(full_in * fraction))
         return r, r
     return max(1, int(full_in * fraction)), max(1, int(full_out * fraction))
@@ -124,6 +140,8 @@ def _layer_plan(name: str, m: nn.Module, r_in: int, r_out: int) -> LayerPlan:
     full_in, full_out = _full_ranks(m)
     r_in, r_out = min(r_in, full_in), min(r_out, full_out)
     before = sum(p.numel() for p in m.parameters())
+    if _pointwise(m):
+        return LayerPlan(name, "pointwise", r_in, r_in, before, _pointwise_params(m, r_in))
     if isinstance(m, nn.Conv2d):
         return LayerPlan(name, "conv", r_in, r_out, before, _conv_params(m, r_in, r_out))
     return LayerPlan(name, "linear", r_in, r_in, before, _linear_params(m, r_in))
@@ -163,8 +181,10 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
         else:
             plan.layers.append(layer)
     if not plan.layers:
-        raise CompressionError("no layer gets smaller at these ranks; choose lower ranks or other layers "
-                               f"({'; '.join(f'{n}: {why}' for n, why in plan.skipped.items())})")
+        reasons = [f"{n}: {why}" for n, why in plan.skipped.items()]
+        more = f"; and {len(reasons) - 6} more" if len(reasons) > 6 else ""
+        raise CompressionError("no layer gets smaller at these ranks; choose lower ranks (rank_method fraction or "
+                               f"ratio) or other layers ({'; '.join(reasons[:6])}{more})")
     return plan
 
 
@@ -204,7 +224,9 @@ def drop_slower_layers(model: nn.Module, plan: CompressionPlan, input_shape: tup
 
 def _structure(layer: nn.Module, p: LayerPlan) -> nn.Module:
     """The factorized module for ``p`` with uninitialized factors (shapes only)."""
-    return Tucker2Conv2d(layer, p.in_rank, p.out_rank) if p.kind == "conv" else LowRankLinear(layer, p.in_rank)
+    if p.kind == "conv":
+        return Tucker2Conv2d(layer, p.in_rank, p.out_rank)
+    return LowRankConv1x1(layer, p.in_rank) if p.kind == "pointwise" else LowRankLinear(layer, p.in_rank)
 
 
 def _explicit_ranks(name: str, ranks: dict[str, tuple[int, int]]) -> tuple[int, int]:
@@ -251,6 +273,8 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, *, initialize: bool = Tr
                 Tucker2Conv2d.from_conv(old, p.in_rank, p.out_rank, n_iter_max=n_iter_max, seed=seed)
                 if initialize else Tucker2Conv2d(old, p.in_rank, p.out_rank)
             )
+        elif p.kind == "pointwise":
+            new = LowRankConv1x1.from_conv(old, p.in_rank) if initialize else LowRankConv1x1(old, p.in_rank)
         else:
             new = LowRankLinear.from_linear(old, p.in_rank) if initialize else LowRankLinear(old, p.in_rank)
         setattr(parent, attr, new.to(old.weight.device))

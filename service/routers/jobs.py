@@ -19,8 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kegnet.checkpoint import load_teacher
+from kegnet.checkpoint import open_teacher
+from kegnet.compression import plan_compression
 from kegnet.errors import KegnetError
+from kegnet.models.onnx_graph import OnnxLimits
 from service.deps import current_owner, get_settings_dep, get_storage, get_store
 from service.schemas import EventPage, JobOut, JobPage, JobRequest
 from service.settings import Settings
@@ -134,12 +136,13 @@ async def submit_job(
                 return _accepted(existing, replayed=True)
             await run_in_threadpool(_check_caps, store, settings, owner)
 
-        # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors),
-        # so pickled code, truncated files, wrong keys/shapes, NaNs and unknown architectures get a 422 now.
+        # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors / ONNX),
+        # so pickled code, truncated files, wrong keys/shapes, NaNs, unknown or oversized architectures and
+        # compression plans that name no layer get a 422 now, not a failed job after the generators.
         for i, tmp in enumerate(tmps):
             try:
                 async with request.app.state.validation_slots:
-                    await run_in_threadpool(load_teacher, tmp, job_request.model)
+                    await run_in_threadpool(_validate, tmp, job_request, settings, i == 0)
             except KegnetError as exc:
                 if idempotency_key:  # the key did not create a job: let the caller fix the file and reuse it
                     store.r.delete(f"{store.p}:idem:{owner}:{idempotency_key}")
@@ -165,6 +168,14 @@ async def submit_job(
     log.info("job %s queued for owner %s (%d checkpoint(s), %d bytes, sha256 %s)", job_id, owner, len(files),
              sum(f["size"] for f in files), files[0]["sha256"][:12])
     return _accepted(job)
+
+
+def _validate(path: Path, job_request: JobRequest, settings: Settings, plan: bool) -> None:
+    """Build the teacher as the worker will (and, for the first one, plan its compression)."""
+    limits = OnnxLimits(max_bytes=settings.max_upload_bytes, max_initializer_bytes=settings.max_upload_bytes)
+    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters, onnx_limits=limits)
+    if plan:
+        plan_compression(teacher.model, job_request.config.compression)
 
 
 def _too_many_files(settings: Settings) -> HTTPException:

@@ -73,7 +73,7 @@ def test_teacher_ensemble_job_over_http(client, stack, tmp_path):
 @needs_shared(MNIST_TEACHER)
 def test_shared_mnist_teacher_over_http(client, stack, tmp_path):
     model = {"arch": "lenet5", "input_shape": [1, 32, 32], "num_classes": 10}
-    config = {**TINY_CONFIG, "compression": {"rank_method": "evbmf"}}
+    config = {**TINY_CONFIG, "compression": {"rank_method": "evbmf", "keep_slower": True}}
     job = client.submit(MNIST_TEACHER, model, config)
     job = client.wait(job["id"], timeout=120, poll=0.3, progress=False)
     assert job["status"] == "succeeded", (job, stack.logs())
