@@ -9,7 +9,7 @@ COPY pyproject.toml README.md* ./
 COPY kegnet ./kegnet
 COPY service ./service
 COPY worker ./worker
-RUN pip install "torch==2.13.0" && pip install ".[service,onnx]"
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install ".[service,onnx]"
 
 # Uploads are parsed by the service: never run it as root.
 RUN useradd --create-home --uid 10001 kegnet && mkdir -p /data && chown kegnet /data

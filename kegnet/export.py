@@ -134,7 +134,8 @@ def check_onnx(path: Path, student: nn.Module, input_shape: tuple[int, ...], see
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         want = student.cpu().eval()(x)
-    return {"max_abs_diff": float((torch.from_numpy(got) - want).abs().max()), "runtime": f"onnxruntime {ort.__version__}"}
+    diff = float((torch.from_numpy(got) - want).abs().max())
+    return {"max_abs_diff": diff, "runtime": f"onnxruntime {ort.__version__}"}
 
 
 def plot_curves(generator_curve: list[dict], distill_curve: list[dict], path: Path) -> None:

@@ -326,7 +326,8 @@ def _export(job: _Job) -> dict[str, Any]:
         "device": str(job.device),
         "plan": job.plan.to_dict(),
         "parameters": {"teacher": params_before, "student": params_after},
-        "macs": {"teacher": count_macs(job.teacher, spec.input_shape), "student": count_macs(student, spec.input_shape)},
+        "macs": {"teacher": count_macs(job.teacher, spec.input_shape),
+                 "student": count_macs(student, spec.input_shape)},
         "compression_ratio": params_before / params_after,
         "latency": latency,
         "teachers": {

@@ -212,7 +212,8 @@ def drop_slower_layers(model: nn.Module, plan: CompressionPlan, input_shape: tup
                     module, shapes[p.name], b, device, repeats=config.latency_repeats,
                     budget_s=config.latency_budget_s)
         timings[p.name] = row
-        before, after = row[f"original_batch{config.latency_batch}_ms"], row[f"factorized_batch{config.latency_batch}_ms"]
+        b = config.latency_batch
+        before, after = row[f"original_batch{b}_ms"], row[f"factorized_batch{b}_ms"]
         if config.keep_slower or after <= before * (1 + config.latency_tolerance):
             kept.append(p)
         else:

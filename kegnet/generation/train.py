@@ -101,7 +101,12 @@ def train_generators(
     frozen = freeze(teacher, config.teacher_mode).to(device)
     activation = config.activation if config.activation is not None else (0.1 if len(input_shape) == 3 else 0.0)
     # One tap per teacher: with an ensemble, every member's features are rewarded (their mean).
-    features = [PenultimateTap(m) for m in ensemble_members(frozen)] if activation > 0 else None
+    features = None
+    if activation > 0:
+        try:
+            features = [PenultimateTap(m) for m in ensemble_members(frozen)]
+        except ValueError:  # no nn.Linear head (an ONNX graph ending in MatMul): nothing to reward
+            log.info("the teacher has no nn.Linear head: the activation reward is off")
     statistics = (BatchNormStatistics(frozen, config.num_generators)
                   if config.batchnorm_prior > 0 and config.teacher_mode == "eval" else None)
     if statistics is not None and not statistics.layers:

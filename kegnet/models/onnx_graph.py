@@ -213,10 +213,10 @@ def _normalize(model: Any) -> None:
             g.initializer.append(t)
             inits[t.name] = t
             continue
-        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits:
-            if (numpy_helper.to_array(inits[node.input[1]]) != 0).all():
-                for attr in [a for a in node.attribute if a.name == "allowzero"]:
-                    node.attribute.remove(attr)
+        constant_shape = node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits
+        if constant_shape and (numpy_helper.to_array(inits[node.input[1]]) != 0).all():
+            for attr in [a for a in node.attribute if a.name == "allowzero"]:
+                node.attribute.remove(attr)
         keep.append(node)
     del g.node[:]
     g.node.extend(keep)

@@ -51,3 +51,31 @@ def test_cli_takes_several_checkpoints_as_a_teacher_ensemble(tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", *files * 5, "--out", str(tmp_path / "p"),
                            *base], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "at most 8 checkpoints, got 10" in proc.stderr
+
+
+def test_cli_takes_an_onnx_file_without_arch_or_shapes(tmp_path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 4)).eval()
+    path = tmp_path / "mine.onnx"
+    torch.onnx.export(net, (torch.zeros(2, 6),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, opset_version=17)
+    config = {"export_portable": False, "generator": {"num_generators": 1, "batch_size": 16},
+              "distill": {"batch_size": 16, "holdout_samples": 64}}
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", str(path), "--out", str(tmp_path / "o"),
+                           "--generator-steps", "2", "--distill-steps", "2", "--device", "cpu", "--keep-slower",
+                           "--rank-method", "fraction", "--rank-fraction", "0.25", "--config", json.dumps(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "latency on cpu" in proc.stdout
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["spec"]["input_shape"] == [6] and manifest["spec"]["num_classes"] == 4
+    assert manifest["onnx_check"]["max_abs_diff"] < 1e-4
+    # Without an .onnx file the architecture must be named.
+    other = tmp_path / "x.safetensors"
+    other.write_bytes(b"0")
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", str(other), "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--arch" in proc.stderr
