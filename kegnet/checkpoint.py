@@ -7,8 +7,12 @@ becomes a ``CheckpointError`` or ``SpecError`` whose message tells the user what
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import pickle
+import pickletools
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,23 +44,38 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
 
 
-def read_state_dict(path: str | Path) -> StateDict:
-    """Read a ``.safetensors`` or ``torch.save`` file into a flat ``{name: tensor}`` dict on the CPU."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError("the checkpoint file is empty")
-    with path.open("rb") as f:
-        head = f.read(16)
+# Bounds on the structure of an upload, checked before any reader allocates what the file declares.
+MAX_ARCHIVE_ENTRIES = 100_000  # a state dict of 100,000 tensors; Python's zipfile keeps ~0.5 KB per entry
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # safetensors' own limit on its JSON header
+_MAX_DIMS = 64
 
-    if _looks_like_safetensors(head):
+_SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6,
+    "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+}
+
+_PROGRAM_REFUSED = (
+    "programs carry code and are never loaded here; upload the weights instead: "
+    "torch.save(model.state_dict(), path), safetensors.torch.save_file, or an ONNX file with arch \"onnx\""
+)
+
+
+def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> StateDict:
+    """Read a ``.safetensors`` or ``torch.save`` file into a flat ``{name: tensor}`` dict on the CPU.
+
+    ``max_bytes`` is the memory budget of the tensors the file may declare (default: the file's own size):
+    the file is inspected first (``check_checkpoint_file``) so that nothing larger is ever allocated.
+    """
+    path = Path(path)
+    kind = check_checkpoint_file(path, max_bytes=max_bytes)
+    if kind == "safetensors":
         try:
             return _unwrap(load_safetensors(str(path), device="cpu"))
         except (SafetensorError, ValueError, OSError) as exc:
-            raise CheckpointError(f"the safetensors file is damaged or truncated ({exc})") from exc
-
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        raise CheckpointError(f"the file is neither safetensors nor a torch.save checkpoint; {_HOW_TO_SAVE}")
+            log.info("safetensors refused %s: %s", path.name, exc)
+            raise CheckpointError("the safetensors file is damaged or truncated; save it again with "
+                                  "safetensors.torch.save_file") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -66,9 +85,168 @@ def read_state_dict(path: str | Path) -> StateDict:
             "the checkpoint holds Python objects other than tensors (a pickled model or code) and was "
             f"refused without running it; {_HOW_TO_SAVE}"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"the checkpoint could not be read; it looks truncated or damaged ({exc})") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
+        # torch's own message may advise weights_only=False: log it, never pass it on.
+        log.info("torch.load refused %s: %s", path.name, str(exc).splitlines()[0] if str(exc) else type(exc))
+        raise CheckpointError(f"the checkpoint could not be read; it looks truncated or damaged; "
+                              f"{_HOW_TO_SAVE}") from exc
     return _unwrap(obj)
+
+
+def check_checkpoint_file(path: str | Path, *, max_bytes: int | None = None) -> str:
+    """Inspect an uploaded weights file without loading it; returns ``"safetensors"``, ``"zip"`` (torch.save)
+    or ``"legacy"`` (torch.save before torch 1.6), or raises ``CheckpointError`` saying what to fix.
+
+    What it declares must fit ``max_bytes`` (default: the file's size) and the file itself:
+    - a torch.save zip archive: only stored (uncompressed) entries, as torch.save writes them (a deflated
+      entry expands without limit while torch.load reads it); the entries' total size at most the file's
+      size (overlapping entries expand too) and ``max_bytes``; at most ``MAX_ARCHIVE_ENTRIES`` entries.
+      TorchScript archives and ``torch.export`` programs (``.pt2``) are recognized by their entry names
+      and refused: they carry code.
+    - safetensors: every tensor's dtype × shape equals its ``data_offsets`` span, and the spans tile the
+      data exactly up to the end of the file.
+    - legacy pickles: the storages they declare (allocated by torch.load before their bytes are read) at
+      most ``max_bytes`` in all (``_legacy_storage_bytes``).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError("the checkpoint file is empty")
+    budget = size if max_bytes is None else max_bytes
+    if size > budget:
+        raise CheckpointError(f"the checkpoint is {size:,} bytes, above this service's limit of {budget:,}")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if _looks_like_safetensors(head):
+        _check_safetensors(path, size, budget)
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        _check_torch_archive(path, size, budget)
+        return "zip"
+    if head[:1] == b"\x80":
+        declared = _legacy_storage_bytes(path)
+        if declared > budget:
+            raise CheckpointError(f"the checkpoint declares {declared:,} bytes of tensors, above this "
+                                  f"service's limit of {budget:,}; {_HOW_TO_SAVE}")
+        return "legacy"
+    raise CheckpointError(f"the file is neither safetensors nor a torch.save checkpoint; {_HOW_TO_SAVE}")
+
+
+def _check_torch_archive(path: Path, size: int, budget: int) -> None:
+    count = _zip_entry_count(path, size)
+    if count is not None and count > MAX_ARCHIVE_ENTRIES:
+        raise CheckpointError(f"the checkpoint archive has {count:,} entries, above the limit of "
+                              f"{MAX_ARCHIVE_ENTRIES:,}; {_HOW_TO_SAVE}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
+        log.info("unreadable zip %s: %s", path.name, exc)
+        raise CheckpointError(f"the checkpoint could not be read; it looks truncated or damaged; "
+                              f"{_HOW_TO_SAVE}") from exc
+    if len(infos) > MAX_ARCHIVE_ENTRIES:
+        raise CheckpointError(f"the checkpoint archive has {len(infos):,} entries, above the limit of "
+                              f"{MAX_ARCHIVE_ENTRIES:,}; {_HOW_TO_SAVE}")
+    program = _program_kind([i.filename for i in infos])
+    if program:
+        raise CheckpointError(f"the file is {program}, not a state dict; {_PROGRAM_REFUSED}")
+    compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(
+            f"the checkpoint archive has compressed entries ({', '.join(compressed[:3])}), which torch.save "
+            f"never writes; save it with torch.save(model.state_dict(), path) and upload that file as it is "
+            "(do not re-zip it)")
+    total = sum(i.file_size for i in infos)
+    if total > budget:
+        raise CheckpointError(f"the checkpoint archive holds {total:,} bytes, above this service's limit of "
+                              f"{budget:,}")
+    if total > size or any(i.compress_size != i.file_size for i in infos):
+        raise CheckpointError(f"the checkpoint archive's entries declare more bytes ({total:,}) than the file "
+                              f"holds ({size:,}): it is malformed; {_HOW_TO_SAVE}")
+
+
+def _program_kind(names: list[str]) -> str | None:
+    """What a zip archive holds when it is a program rather than weights, from its entry names.
+
+    torch.jit.save writes ``<name>/code/...`` and ``<name>/constants.pkl``; torch.export.save (``.pt2``)
+    writes ``<name>/archive_format``, ``<name>/models/*.json`` and ``<name>/data/weights/...`` (torch 2.14).
+    """
+    rests = {n.partition("/")[2] for n in names}
+    if any(r.startswith("code/") for r in rests) or "constants.pkl" in rests:
+        return "a TorchScript archive (torch.jit.save)"
+    if ("archive_format" in rests or any(r.startswith(("models/", "data/weights/")) for r in rests)
+            or any(n.endswith("serialized_exported_program.json") for n in names)):
+        return "a torch.export program (.pt2, torch.export.save)"
+    return None
+
+
+def _zip_entry_count(path: Path, size: int) -> int | None:
+    """The entry count an archive's end-of-central-directory record declares (zip64 too), read before
+    zipfile builds an object per entry; None when no record is found (zipfile then says it is damaged)."""
+    with path.open("rb") as f:
+        tail_len = min(size, 22 + 65_535)
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return None
+        count = struct.unpack_from("<H", tail, at + 10)[0]
+        if count != 0xFFFF or at < 20 or tail[at - 20:at - 16] != b"PK\x06\x07":
+            return int(count)
+        (zip64_at,) = struct.unpack_from("<Q", tail, at - 20 + 8)
+        if zip64_at + 56 > size:
+            return None
+        f.seek(zip64_at)
+        record = f.read(56)
+        if record[:4] != b"PK\x06\x06":
+            return None
+        return int(struct.unpack_from("<Q", record, 32)[0])
+
+
+def _check_safetensors(path: Path, size: int, budget: int) -> None:
+    damaged = "the safetensors file is damaged or truncated"
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise CheckpointError(f"{damaged}: its header declares {n:,} bytes, more than the file holds")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{damaged}: its header is not valid JSON") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{damaged}: its header is not a JSON object")
+    data_len = size - 8 - n
+    spans: list[tuple[int, int]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        label = repr(name[:80])
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{damaged}: tensor {label} has no dtype/shape/data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        bits = _SAFETENSORS_DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+        if bits is None:
+            raise CheckpointError(f"tensor {label} has an unsupported dtype {str(dtype)[:20]!r}")
+        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
+            raise CheckpointError(f"{damaged}: tensor {label} has an invalid shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise CheckpointError(f"{damaged}: tensor {label} has data_offsets outside the file")
+        declared = -(-math.prod(shape) * bits // 8)
+        if declared > budget or declared != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{damaged}: tensor {label} declares {declared:,} bytes ({dtype} × "
+                                  f"{tuple(shape)}) but its data_offsets span {offsets[1] - offsets[0]:,}")
+        spans.append((offsets[0], offsets[1]))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise CheckpointError(f"{damaged}: its tensors overlap or leave gaps in the data")
+        position = end
+    if position != data_len:
+        raise CheckpointError(f"{damaged}: its tensors declare {position:,} bytes of data but the file holds "
+                              f"{data_len:,}")
 
 
 def _unwrap(obj: object) -> StateDict:

@@ -150,3 +150,30 @@ def test_batchnorm_prior_pulls_batches_toward_the_running_statistics() -> None:
         distance.append(stats.pop().item())
     assert distance[1] < 0.5 * distance[0]
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_one_teacher_call_per_generator_gives_the_same_gradients(monkeypatch) -> None:
+    """Large inputs train each generator in its own teacher call (memory); the update must not change."""
+    import kegnet.generation.train as train
+
+    class FirstStep(Exception):
+        pass
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, closure=None):  # noqa: ANN001, ANN202 - the optimizer's own signature
+            grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+            raise FirstStep
+
+    monkeypatch.setattr(train.torch.optim, "Adam", RecordingAdam)
+    torch.manual_seed(0)
+    teacher = _BNTeacher().eval()
+    cfg = GeneratorConfig(num_generators=3, steps=1, batch_size=8, batchnorm_prior=0.5, activation=0.1)
+    grads: list[list[torch.Tensor]] = []
+    for limit in (1 << 30, 0):  # all generators in one call, then one call each
+        monkeypatch.setattr(train, "CONCAT_LIMIT", limit)
+        with pytest.raises(FirstStep):
+            train_generators(teacher, (1, 8, 8), 3, cfg, device=torch.device("cpu"), seed=0)
+    together, apart = grads
+    assert len(together) == len(apart) and any(g.abs().sum() > 0 for g in together)
+    for a, b in zip(together, apart, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
