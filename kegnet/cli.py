@@ -17,7 +17,9 @@ from kegnet.errors import KegnetError
 from kegnet.events import ProgressEvent
 from kegnet.spec import ModelSpec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Data-free model compression (KegNet).")
+# Plain click help: typer's rich panels show flags as taking values ("--verbose <bool>").
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Data-free model compression (KegNet).")
 
 
 @app.callback()
@@ -63,7 +65,8 @@ def spec_from_options(checkpoints: list[Path], arch: str | None, arch_kwargs: st
 def compress(
     checkpoints: list[Path] = typer.Argument(
         ..., exists=True, dir_okay=False,
-        help=f".safetensors or torch.save state dict; up to {MAX_TEACHERS} of one architecture for a teacher ensemble",
+        help=f".safetensors, torch.save state dict or .onnx; up to {MAX_TEACHERS} of one architecture: a teacher "
+             "ensemble",
     ),
     arch: str | None = typer.Option(
         None, help="lenet5 | resnet | mlp | torchvision:<name> | timm:<name> | onnx (default for .onnx files)"),
@@ -76,17 +79,20 @@ def compress(
     layers: str | None = typer.Option(None, help="comma-separated layer names or globs"),
     rank_method: str | None = typer.Option(None, help="evbmf | fraction | explicit | ratio"),
     ranks: str | None = typer.Option(None, help="explicit ranks: LAYER=IN:OUT,..."),
-    rank_fraction: float | None = typer.Option(None),
-    target_ratio: float | None = typer.Option(None),
+    rank_fraction: float | None = typer.Option(None, help="share of each layer's ranks kept (rank-method fraction)"),
+    target_ratio: float | None = typer.Option(None, help="whole-model compression ratio (rank-method ratio)"),
     keep_slower: bool = typer.Option(False, "--keep-slower",
                                      help="keep factorizations that measured slower than their layer on this device"),
     generator_steps: int | None = typer.Option(None, help="override the preset's generator steps"),
-    num_generators: int | None = typer.Option(None),
+    num_generators: int | None = typer.Option(None, help="override the preset's number of generators"),
     distill_steps: int | None = typer.Option(None, help="override the preset's student steps"),
     config_json: str | None = typer.Option(None, "--config", help="JSON overrides of PipelineConfig sections"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    seed: int = typer.Option(0),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    seed: int = typer.Option(0, help="seed of every random draw (the same seed repeats a run)"),
+    threads: int | None = typer.Option(None, min=1, max=256,
+                                       help="CPU threads for torch (default: torch's, one per core; on a busy "
+                                            "machine fewer run faster)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log what each stage does"),
 ) -> None:
     """Compress CHECKPOINTS without data and write the student, manifest and curves to OUT.
 
@@ -98,6 +104,11 @@ def compress(
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from kegnet.pipeline import run_pipeline  # torch import deferred until a command needs it
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     overrides: dict[str, Any] = {"method": method}
     comp: dict[str, Any] = {}
