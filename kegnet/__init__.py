@@ -3,19 +3,32 @@
 Public API::
 
     from kegnet import ModelSpec, PipelineConfig, run_pipeline, create_model, register_model, load_student
+
+Names are imported on first use (PEP 562), so ``import kegnet`` and ``kegnet --help`` do not load torch.
 """
 
-from kegnet.checkpoint import load_teacher, read_state_dict
-from kegnet.config import PipelineConfig
-from kegnet.errors import Cancelled, CheckpointError, CompressionError, KegnetError, SpecError
-from kegnet.events import ProgressEvent
-from kegnet.export import load_student
-from kegnet.models import create_model, list_models, register_model
-from kegnet.pipeline import RunResult, run_pipeline
-from kegnet.spec import ModelSpec
+from __future__ import annotations
 
-__all__ = [
-    "Cancelled", "CheckpointError", "CompressionError", "KegnetError", "ModelSpec", "PipelineConfig",
-    "ProgressEvent", "RunResult", "SpecError", "create_model", "list_models", "load_student",
-    "load_teacher", "read_state_dict", "register_model", "run_pipeline",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Cancelled": "kegnet.errors", "CheckpointError": "kegnet.errors", "CompressionError": "kegnet.errors",
+    "KegnetError": "kegnet.errors", "SpecError": "kegnet.errors",
+    "ModelSpec": "kegnet.spec", "PipelineConfig": "kegnet.config", "ProgressEvent": "kegnet.events",
+    "RunResult": "kegnet.pipeline", "run_pipeline": "kegnet.pipeline",
+    "load_student": "kegnet.export",
+    "create_model": "kegnet.models", "list_models": "kegnet.models", "register_model": "kegnet.models",
+    "load_teacher": "kegnet.checkpoint", "open_teacher": "kegnet.checkpoint", "read_state_dict": "kegnet.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kegnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
