@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,61 @@ def spec_from_options(checkpoints: list[Path], arch: str | None, arch_kwargs: st
         arch = "onnx"
     return ModelSpec(arch=arch, arch_kwargs=json.loads(arch_kwargs),
                      input_shape=_parse_shape(input_shape) if input_shape else None, num_classes=num_classes)
+
+
+def usage_snippet(out: Path, manifest: dict[str, Any]) -> str:
+    """Three lines that load the student and predict, for the files this run wrote."""
+    shape = ", ".join(str(d) for d in manifest["spec"]["input_shape"])
+    files = manifest["files"]
+    if "student.pt2" in files:
+        load = f'import torch; student = torch.export.load("{out / "student.pt2"}").module()'
+        predict = "classes = student(x).argmax(1)"
+    elif "student.onnx" in files:
+        load = f'import onnxruntime, numpy; student = onnxruntime.InferenceSession("{out / "student.onnx"}")'
+        predict = 'classes = student.run(None, {"x": x.numpy()})[0].argmax(1)'
+    else:
+        load = f'from kegnet import load_student; student = load_student("{out}")'
+        predict = "classes = student(x).argmax(1)"
+    return f"  {load}\n  x = ...  # a float32 tensor of shape (N, {shape})\n  {predict}"
+
+
+class StageProgress:
+    """Shows pipeline events: a bar in steps for stages that count them (generators, student) on a
+    terminal, one line per stage otherwise, and one line when each stage ends; skipped stages stay silent."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.bar: tqdm | None = None
+        self.stage: str | None = None
+        self.started = time.monotonic()
+        self.next_line = 0.0  # fraction of the stage at which the next plain line is printed
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage != self.stage:
+            self.close()
+            self.stage, self.started, self.next_line = event.stage, time.monotonic(), 0.0
+        if event.stage == "done" or event.skipped:
+            return
+        if event.total:
+            shown = {k: round(v, 4) for k, v in event.metrics.items() if isinstance(v, float)}
+            if self.tty:
+                if self.bar is None:
+                    self.bar = tqdm(total=event.total, desc=f"{event.stage:<10}", unit="step", file=self.stream)
+                self.bar.set_postfix(shown, refresh=False)
+                self.bar.update((event.step or 0) - self.bar.n)
+            elif event.stage_progress >= self.next_line:  # about every 10% of the stage
+                metrics = " ".join(f"{k}={v}" for k, v in shown.items())
+                print(f"{event.stage:<10} {event.step}/{event.total} {metrics}".rstrip(), file=self.stream, flush=True)
+                self.next_line = event.stage_progress + 0.1
+        if event.stage_progress >= 1.0 and not event.total:
+            print(f"{event.stage:<10} {event.message} ({time.monotonic() - self.started:.1f} s)", file=self.stream,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 @app.command()
@@ -134,31 +191,19 @@ def compress(
         typer.secho(f"invalid options: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
 
-    bars: dict[str, tqdm] = {}
-
-    def show(event: ProgressEvent) -> None:
-        if event.stage == "done":
-            return
-        bar = bars.get(event.stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[event.stage] = tqdm(total=1000, desc=f"{event.stage:<10}", unit="‰", leave=True)
-        bar.n = int(event.stage_progress * 1000)
-        shown = {k: round(v, 4) for k, v in event.metrics.items() if isinstance(v, float)}
-        if shown:
-            bar.set_postfix(shown, refresh=False)
-        bar.refresh()
-
+    progress = StageProgress()
     try:
         source = checkpoints[0] if len(checkpoints) == 1 else checkpoints
-        result = run_pipeline(source, spec, config, out, device=device, seed=seed, progress=show)
+        created = not out.exists()
+        result = run_pipeline(source, spec, config, out, device=device, seed=seed, progress=progress)
     except KegnetError as exc:
+        progress.close()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed run leaves no empty folder behind
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from exc
     finally:
-        for bar in bars.values():
-            bar.close()
+        progress.close()
     m = result.manifest
     typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
                f"({m['compression_ratio']:.2f}x); MACs {m['macs']['teacher']:,} -> {m['macs']['student']:,}")
@@ -175,6 +220,8 @@ def compress(
         what = "the teacher" if m["teachers"]["count"] == 1 else "the teacher ensemble"
         typer.echo(f"synthetic agreement with {what}: {m['synthetic_agreement']['best']:.4f}")
     typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
+    typer.echo("\nuse the student (inputs preprocessed exactly as for the teacher):")
+    typer.echo(usage_snippet(out, m))
 
 
 def main() -> None:

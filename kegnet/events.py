@@ -30,6 +30,9 @@ class ProgressEvent(BaseModel):
     progress: float = Field(ge=0.0, le=1.0)
     message: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
+    step: int | None = Field(None, description="steps done, in stages that count them (generators, finetune)")
+    total: int | None = Field(None, description="steps the stage will take")
+    skipped: bool = Field(False, description="the stage has nothing to do in this job (e.g. no generators)")
     time: float = Field(default_factory=time.time)
 
 

@@ -29,6 +29,7 @@ WEIGHTS = "student.safetensors"
 PROGRAM = "student.pt2"
 ONNX = "student.onnx"
 CURVES = "curves.png"
+SAMPLES = "samples.png"
 MANIFEST = "manifest.json"
 
 
@@ -44,6 +45,7 @@ def save_weights(student: nn.Module, spec: ModelSpec, plan: CompressionPlan, pat
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     meta = {"kegnet_spec": spec.model_dump_json(), "kegnet_plan": json.dumps(plan.to_dict())}
     save_file(state, str(path), metadata=meta)
+    path.chmod(0o644)  # safetensors writes 0600; the run's other files are 0644
 
 
 def load_student(path: str | Path, onnx_teacher: str | Path | None = None) -> nn.Module:
@@ -87,9 +89,11 @@ def export_program(student: nn.Module, input_shape: tuple[int, ...], path: Path)
     torch.export.save(program, str(path))
 
 
-def export_onnx(student: nn.Module, input_shape: tuple[int, ...], path: Path) -> str | None:
+def export_onnx(student: nn.Module, input_shape: tuple[int, ...], path: Path, *, traced: bool = False) -> str | None:
     """Save an ONNX model of ``student`` (input ``x``, output ``logits``, batch dynamic).
 
+    ``traced``: use the TorchScript-based exporter at once (graphs converted from ONNX by onnx2torch hold
+    modules that torch.export cannot trace); otherwise torch.export's, falling back to the traced one.
     Returns None on success, else why no file was written (the ``onnx`` packages are an optional extra).
     """
     try:
@@ -105,13 +109,14 @@ def export_onnx(student: nn.Module, input_shape: tuple[int, ...], path: Path) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
+                if traced:
+                    raise RuntimeError("traced export asked for")
                 program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=dynamic,
                                             input_names=["x"], output_names=["logits"], verbose=False)
                 program.save(str(path))
             except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; the older one may cope
-                # Graphs converted from ONNX by onnx2torch hold modules torch.export cannot trace; the
-                # TorchScript-based exporter handles them.
-                log.info("dynamo ONNX export failed (%s); using the TorchScript exporter", exc)
+                log.info("ONNX export through torch.export did not work (%s); using the TorchScript exporter",
+                         type(exc).__name__)
                 torch.onnx.export(model, example, str(path), dynamo=False, input_names=["x"],
                                   output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
                                   opset_version=17)
@@ -160,10 +165,53 @@ def plot_curves(generator_curve: list[dict], distill_curve: list[dict], path: Pa
         ax2.plot(steps[1:], [r["loss"] for r in distill_curve[1:]], color="tab:red", label="KD loss")
         ax2.set_ylabel("KD loss")
         axes[1].set_xlabel("student step")
-        axes[1].legend(fontsize=8, loc="lower right")
+        # One legend for both axes, below the plot so that it hides no curve.
+        lines = axes[1].get_lines() + ax2.get_lines()
+        axes[1].legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center",
+                       bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     axes[1].set_title("student")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_samples(sampler: object, num_classes: int, path: Path, *, per_class: int = 8, seed: int = 0,
+                 max_classes: int = 20) -> None:
+    """A grid of synthetic images, one row per class (at most ``max_classes``): what the generators make.
+
+    ``sampler`` is a ``KegNetSampler``; each row asks every generator for that class (one-hot codes).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = sampler.generators  # type: ignore[attr-defined]
+    device = next(gens[0].parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    classes = min(num_classes, max_classes)
+    rows = []
+    for c in range(classes):
+        codes = torch.zeros(per_class, num_classes, device=device)
+        codes[:, c] = 1
+        g = gens[c % len(gens)]
+        noise = torch.randn(per_class, sampler.noise_dim, generator=rng, device=device)  # type: ignore[attr-defined]
+        rows.append(g(codes, noise).cpu())
+    fig, axes = plt.subplots(classes, per_class, figsize=(per_class * 0.9, classes * 0.9), squeeze=False)
+    for c, images in enumerate(rows):
+        for j, image in enumerate(images):
+            ax = axes[c][j]
+            picture = image.permute(1, 2, 0).numpy()
+            picture = (picture - picture.min()) / max(float(picture.max() - picture.min()), 1e-8)
+            rgb = picture.shape[2] == 3  # other channel counts: the first channel, in grey
+            ax.imshow(picture if rgb else picture[..., 0], cmap=None if rgb else "gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[c][0].set_ylabel(str(c), rotation=0, labelpad=10)
+    fig.suptitle("synthetic samples, one row per class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

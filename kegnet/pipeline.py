@@ -71,11 +71,12 @@ class _Reporter:
     def __init__(self, progress: ProgressCallback | None, should_cancel: CancelCheck | None) -> None:
         self.progress, self.should_cancel = progress, should_cancel
 
-    def __call__(self, stage: str, fraction: float, message: str = "", **metrics: Any) -> None:
+    def __call__(self, stage: str, fraction: float, message: str = "", *, step: int | None = None,
+                 total: int | None = None, skipped: bool = False, **metrics: Any) -> None:
         if self.progress:
             self.progress(ProgressEvent(stage=stage, stage_progress=min(max(fraction, 0.0), 1.0),  # type: ignore[arg-type]
                                         progress=overall_progress(stage, fraction), message=message,
-                                        metrics=metrics))
+                                        metrics=metrics, step=step, total=total, skipped=skipped))
         self.check()
 
     def check(self) -> None:
@@ -221,7 +222,8 @@ def _generate(job: _Job, generators: list[nn.Module] | None) -> None:
         if generators is None:  # none passed in (a rerun with other compression settings passes them)
             def on_gen_step(step: int, metrics: dict[str, float]) -> None:
                 job.generator_curve.append({"step": step, **metrics})
-                job.report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", **metrics)
+                job.report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", step=step,
+                           total=gcfg.steps, **metrics)
 
             # Generators learn against the plain mean of the teachers' probabilities: a sample then only has
             # to be class y for some teacher, so teachers of different domains each contribute samples of
@@ -239,7 +241,12 @@ def _generate(job: _Job, generators: list[nn.Module] | None) -> None:
         job.generators = job.sampler.generators
     elif config.method != "tucker-only":
         job.sampler = NoiseSampler(config.method, job.spec.input_shape, dev)
-    job.report("generators", 1.0, "samples ready" if job.sampler else "no sampler for this method")
+    if job.sampler is None:
+        job.report("generators", 1.0, "no samples: this method fine-tunes nothing", skipped=True)
+    elif generators is not None and not job.generator_curve:
+        job.report("generators", 1.0, "generators given; not trained again")
+    else:
+        job.report("generators", 1.0, "samples ready")
 
 
 # 4. decompose ------------------------------------------------------------------------------------------
@@ -277,14 +284,18 @@ def _distill(job: _Job) -> None:
     torch.manual_seed(job.seed + 1)
     if job.sampler is not None and dcfg.steps > 0:
         def on_eval(step: int, metrics: dict[str, float]) -> None:
-            job.report("finetune", step / dcfg.steps, f"student step {step}/{dcfg.steps}", **metrics)
+            job.report("finetune", step / dcfg.steps, f"student step {step}/{dcfg.steps}", step=step,
+                       total=dcfg.steps, **metrics)
 
         job.distill_result = distill(
             job.ensemble or job.teacher, job.student, job.sampler, dcfg, device=job.device, seed=job.seed,
             num_sources=len(job.generators) if job.generators else 1, on_eval=on_eval,
             should_cancel=job.should_cancel, diversity_beta=job.config.generator.beta,
             feature_layers=[p.name for p in job.plan.layers])
-    job.report("finetune", 1.0, "student ready")
+    if job.distill_result is None:
+        job.report("finetune", 1.0, "no fine-tuning for this method", skipped=True)
+    else:
+        job.report("finetune", 1.0, "student ready")
 
 
 # 6. export ---------------------------------------------------------------------------------------------
@@ -303,19 +314,25 @@ def _export(job: _Job) -> dict[str, Any]:
         t.cpu()
     export.save_weights(student, spec, job.plan, out / export.WEIGHTS)
     program_skipped = None
-    if config.export_portable:
+    converted = spec.arch == "onnx"  # an onnx2torch graph: torch.export cannot trace its Reshape modules
+    if config.export_portable and converted:
+        program_skipped = "torch.export cannot trace a graph converted from ONNX; use student.onnx"
+    elif config.export_portable:
         try:
             export.export_program(student, spec.input_shape, out / export.PROGRAM)
         except Exception as exc:  # noqa: BLE001 - some converted graphs cannot be traced; the other files stand
             program_skipped = f"torch.export could not trace this student ({type(exc).__name__})"
             log.warning("no %s: %s", export.PROGRAM, program_skipped)
-    onnx_skipped = export.export_onnx(student, spec.input_shape, out / export.ONNX) if config.export_onnx else None
+    onnx_skipped = (export.export_onnx(student, spec.input_shape, out / export.ONNX, traced=converted)
+                    if config.export_onnx else None)
     onnx_check = None if onnx_skipped or not config.export_onnx else export.check_onnx(out / export.ONNX, student,
                                                                                         spec.input_shape, job.seed)
     if onnx_skipped:
         log.warning("no ONNX file: %s", onnx_skipped)
     result = job.distill_result
     export.plot_curves(job.generator_curve, result.curve if result else [], out / export.CURVES)
+    if isinstance(job.sampler, KegNetSampler) and len(spec.input_shape) == 3:
+        export.plot_samples(job.sampler, spec.num_classes, out / export.SAMPLES, seed=job.seed)
 
     params_before, params_after = count_parameters(job.teacher), count_parameters(student)
     manifest: dict[str, Any] = {

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kegnet.config import PipelineConfig
 from kegnet.spec import ModelSpec
 
-ARTIFACT_NAMES = ("student.safetensors", "student.pt2", "student.onnx", "manifest.json", "curves.png")
+ARTIFACT_NAMES = ("student.safetensors", "student.pt2", "student.onnx", "manifest.json", "curves.png", "samples.png")
 
 
 class JobRequest(BaseModel):
