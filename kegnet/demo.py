@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':<{width}}  {'teacher':>10}  {'student':>10}")
     for name, a, b in rows:
         print(f"{name:<{width}}  {a:>10}  {b:>10}")
-    print(f"\nartifacts in {results}/ (student.pt2 loads with torch.export.load)")
+    print(f"\nthe student is in {results}/; use it with plain PyTorch:")
+    print(f'  import torch; student = torch.export.load("{results / "student.pt2"}").module()')
+    print("  x = ...  # float32 (N, 64): digits standardized as for the teacher")
+    print("  classes = student(x).argmax(1)")
     return 0
 
 

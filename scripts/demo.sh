@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh   # install (CPU torch pinned) and start Redis if it is not answering
 
 PORT="${KEGNET_DEMO_PORT:-8765}"
-WORK="$(mktemp -d -t kegnet-demo-XXXXXX)"
+OUT="${KEGNET_DEMO_OUT:-$PWD/demo-out}"   # the teacher, the downloaded student and its manifest stay here
+WORK="$(mktemp -d -t kegnet-demo-XXXXXX)"  # the service's own files and the logs; removed at the end
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DB 14 and a separate key prefix: the demo never touches anyone else's data in a shared Redis.
+OWN_DB=0
+if [ -z "${KEGNET_REDIS_URL:-}" ]; then OWN_DB=1; fi
 export KEGNET_REDIS_URL="${KEGNET_REDIS_URL:-redis://127.0.0.1:6379/14}"
 export KEGNET_KEY_PREFIX="kegnet-demo"
 export KEGNET_DATA_DIR="$WORK/data"
@@ -25,8 +28,12 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
-  if [ "$STARTED_REDIS" = 1 ]; then redis-cli -p 6379 shutdown nosave >/dev/null 2>&1 || true; fi
-  echo "logs: $WORK"
+  if [ "$STARTED_REDIS" = 1 ]; then
+    redis-cli -p 6379 shutdown nosave >/dev/null 2>&1 || true
+  elif [ "$OWN_DB" = 1 ]; then
+    redis-cli -n 14 flushdb >/dev/null 2>&1 || true  # the demo's own database: its jobs and Celery's keys
+  fi
+  if [ "${KEGNET_DEMO_KEEP_LOGS:-0}" = 1 ]; then echo "logs: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -47,4 +54,5 @@ setsid python -m uvicorn service.app:app --host 127.0.0.1 --port "$PORT" --log-l
   >"$WORK/api.log" 2>&1 &
 PIDS+=($!)
 
-python -m kegnet.demo --url "http://127.0.0.1:$PORT" --out "$WORK/demo" "$@"
+python -m kegnet.demo --url "http://127.0.0.1:$PORT" --out "$OUT" "$@" || {
+  echo "the demo failed; the service's logs:"; tail -n 40 "$WORK/worker.log" "$WORK/api.log"; exit 1; }
