@@ -13,6 +13,7 @@ import math
 import pickle
 import pickletools
 import struct
+import tarfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,10 @@ def _looks_like_safetensors(head: bytes) -> bool:
 
 
 # Bounds on the structure of an upload, checked before any reader allocates what the file declares.
-MAX_ARCHIVE_ENTRIES = 100_000  # a state dict of 100,000 tensors; Python's zipfile keeps ~0.5 KB per entry
+MAX_ARCHIVE_ENTRIES = 65_536  # tensors in a state dict; Python's zipfile keeps ~0.5 KB per entry
+# torch.load unpickles the structure in Python: each 1-byte opcode can push a new object (EMPTY_DICT: ~70 bytes
+# each, measured), so the pickle itself is bounded. A state dict pickles to ~140 bytes per tensor (measured).
+MAX_PICKLE_BYTES = 8 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # safetensors' own limit on its JSON header
 _MAX_DIMS = 64
 
@@ -156,6 +160,10 @@ def _check_torch_archive(path: Path, size: int, budget: int) -> None:
             f"the checkpoint archive has compressed entries ({', '.join(compressed[:3])}), which torch.save "
             f"never writes; save it with torch.save(model.state_dict(), path) and upload that file as it is "
             "(do not re-zip it)")
+    pickles = [i for i in infos if i.filename.endswith(".pkl") and i.file_size > MAX_PICKLE_BYTES]
+    if pickles:
+        raise CheckpointError(f"the checkpoint's structure ({pickles[0].filename}) is {pickles[0].file_size:,} "
+                              f"bytes, above the limit of {MAX_PICKLE_BYTES:,}; {_HOW_TO_SAVE}")
     total = sum(i.file_size for i in infos)
     if total > budget:
         raise CheckpointError(f"the checkpoint archive holds {total:,} bytes, above this service's limit of "
@@ -203,6 +211,130 @@ def _zip_entry_count(path: Path, size: int) -> int | None:
         return int(struct.unpack_from("<Q", record, 32)[0])
 
 
+def _legacy_storage_bytes(path: Path) -> int:
+    """Bytes of the storages a legacy (pre-zip) torch.save file declares, read from its pickles without
+    running them (``pickletools.genops`` and a small stack simulation).
+
+    A legacy file is five pickles (magic number, protocol, system info, the object, the storage keys) and
+    then the raw storages. torch.load allocates every storage at the size the object pickle declares
+    (``("storage", type, key, location, numel, view)`` persistent ids) before reading its bytes: a 350-byte
+    file can ask for any amount (measured with torch 2.14: untouched, so not resident, and a request above
+    what the kernel grants fails cleanly; but it is bounded here all the same). The pickles together are
+    bounded by ``MAX_PICKLE_BYTES``. Tar files (torch's first format) are refused.
+    """
+    damaged = f"the checkpoint could not be read; it looks truncated or damaged; {_HOW_TO_SAVE}"
+    if tarfile.is_tarfile(path):
+        raise CheckpointError(f"the checkpoint is in torch's old tar format, which is not accepted; {_HOW_TO_SAVE}")
+    storages: dict[str, int] = {}  # root key -> bytes (views of one storage share its allocation)
+    try:
+        with path.open("rb") as f:
+            for i in range(4):
+                stack: list[Any] = []
+                memo: dict[int, Any] = {}
+                for op, arg, _ in pickletools.genops(f):
+                    if f.tell() > MAX_PICKLE_BYTES:
+                        raise CheckpointError(f"the checkpoint's pickled structure is above the limit of "
+                                              f"{MAX_PICKLE_BYTES:,} bytes; {_HOW_TO_SAVE}")
+                    if i == 3:  # the object: follow the stack to read its persistent ids
+                        pid = _simulate(op, arg, stack, memo)
+                        if pid is not None:
+                            key, nbytes = _declared_storage(pid)
+                            storages[key] = max(storages.get(key, 0), nbytes)
+    except CheckpointError:
+        raise
+    except (ValueError, EOFError, IndexError, KeyError, TypeError, struct.error) as exc:
+        log.info("unreadable legacy pickle %s: %s", path.name, exc)
+        raise CheckpointError(damaged) from exc
+    return sum(storages.values())
+
+
+_MARK = object()
+
+
+def _simulate(op: pickletools.OpcodeInfo, arg: Any, stack: list[Any], memo: dict[int, Any]) -> Any:
+    """Apply one opcode's effect on the stack, keeping only constants, globals and tuples of them (enough
+    to read persistent ids); every other object is ``None``. Returns the persistent id BINPERSID takes."""
+    name = op.name
+    if name == "MARK":
+        stack.append(_MARK)
+    elif op.arg is not None and name in _CONSTANT_OPS:
+        stack.append(arg)
+    elif name == "NONE":
+        stack.append(None)
+    elif name == "GLOBAL":
+        stack.append(("global", str(arg)))
+    elif name == "STACK_GLOBAL":
+        qualname, module = stack.pop(), stack.pop()
+        stack.append(("global", f"{module} {qualname}"))
+    elif name == "EMPTY_TUPLE":
+        stack.append(())
+    elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+        n = int(name[-1])
+        items = tuple(stack[-n:])
+        del stack[-n:]
+        stack.append(items)
+    elif name == "TUPLE":
+        at = len(stack) - 1 - stack[::-1].index(_MARK)
+        items = tuple(stack[at + 1:])
+        del stack[at:]
+        stack.append(items)
+    elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+        memo[int(arg)] = stack[-1]
+    elif name == "MEMOIZE":
+        memo[len(memo)] = stack[-1]
+    elif name in ("GET", "BINGET", "LONG_BINGET"):
+        stack.append(memo[int(arg)])
+    elif name == "DUP":
+        stack.append(stack[-1])
+    elif name == "BINPERSID":
+        pid = stack.pop()
+        stack.append(None)
+        return pid
+    elif name == "PERSID":
+        stack.append(None)
+        return arg
+    else:  # the generic effect: pop what the opcode takes (through the mark), push placeholders
+        before = op.stack_before
+        if pickletools.markobject in before:
+            at = len(stack) - 1 - stack[::-1].index(_MARK)
+            del stack[at:]
+            drop = before.index(pickletools.markobject)
+        else:
+            drop = len(before)
+        if drop:
+            if drop > len(stack):
+                raise ValueError("pickle stack underflow")
+            del stack[-drop:]
+        stack.extend([None] * len(op.stack_after))
+    return None
+
+
+_CONSTANT_OPS = frozenset({
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+})
+
+
+_STORAGE_ELEMENT_BYTES = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
+}
+
+
+def _declared_storage(pid: Any) -> tuple[str, int]:
+    """(root key, bytes) a legacy persistent id makes torch.load allocate. An element size we do not know
+    counts as 16 bytes (complex128, the largest); an id torch would not accept counts as nothing (torch.load
+    refuses it later)."""
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        return "", 0
+    storage_type, key, numel = pid[1], pid[2], pid[4]
+    if not isinstance(numel, int) or numel < 0:
+        return "", 0
+    name = storage_type[1].rpartition(" ")[2] if isinstance(storage_type, tuple) and len(storage_type) == 2 else ""
+    return str(key), numel * _STORAGE_ELEMENT_BYTES.get(name, 16)
+
+
 def _check_safetensors(path: Path, size: int, budget: int) -> None:
     damaged = "the safetensors file is damaged or truncated"
     with path.open("rb") as f:
@@ -211,7 +343,7 @@ def _check_safetensors(path: Path, size: int, budget: int) -> None:
             raise CheckpointError(f"{damaged}: its header declares {n:,} bytes, more than the file holds")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
             raise CheckpointError(f"{damaged}: its header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{damaged}: its header is not a JSON object")
@@ -228,7 +360,7 @@ def _check_safetensors(path: Path, size: int, budget: int) -> None:
         if bits is None:
             raise CheckpointError(f"tensor {label} has an unsupported dtype {str(dtype)[:20]!r}")
         if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise CheckpointError(f"{damaged}: tensor {label} has an invalid shape")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
@@ -327,12 +459,12 @@ class LoadedTeacher:
 
 
 def open_teacher(path: str | Path, spec: ModelSpec, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
-                 onnx_limits: Any = None) -> LoadedTeacher:
+                 onnx_limits: Any = None, max_bytes: int | None = None) -> LoadedTeacher:
     """Read an uploaded checkpoint (state dict, safetensors, or an ONNX graph for ``arch="onnx"``) and build
-    the teacher it describes."""
+    the teacher it describes. ``max_bytes``: the weights file's budget (``read_state_dict``)."""
     if spec.arch == "onnx":
         return _open_onnx(Path(path), spec, max_parameters, onnx_limits)
-    model = build_teacher(spec, read_state_dict(path), max_parameters=max_parameters)
+    model = build_teacher(spec, read_state_dict(path, max_bytes=max_bytes), max_parameters=max_parameters)
     source = spec.source
     architecture = {"source": source, "name": spec.arch.partition(":")[2] or spec.arch, "kwargs": spec.kwargs()}
     if library_version(source):

@@ -30,8 +30,18 @@ class Settings(BaseSettings):
     # Largest model a job may describe, counted on the meta device before anything is allocated
     # (ViT-B/16 has 86 M, ResNet-50 26 M).
     max_parameters: int = Field(200_000_000, ge=1_000)
+    # The whole job's estimated peak memory and compute (kegnet/cost.py, from the teacher, input size and
+    # config), refused before it is queued. The defaults admit the fast and paper presets on a 224x224x3
+    # ResNet-18 (estimated 25 GiB, 1.6e17 MACs: the paper preset's generators) with room for the estimate's
+    # error, and every bench scenario (32x32 inputs: under 2 GiB and 1e15 MACs); 64 GiB fits an 80 GB GPU.
+    max_job_memory_bytes: int = Field(64 * 1024 ** 3, ge=1024 ** 2)
+    max_job_macs: float = Field(5e17, ge=1e9)
     max_active_jobs_per_key: int = Field(2, ge=1)
     max_queued_jobs: int = Field(50, ge=1)
+    # A submission holds a slot under both caps from before its upload is read until its job is created or
+    # it is refused; the slot of a request that died expires after this. An Idempotency-Key whose job does
+    # not exist this long after it was claimed is free again.
+    reservation_ttl_s: float = Field(900.0, ge=1)
     # Upload checks load the weights in the API process: bound how many run at once (memory).
     max_concurrent_validations: int = Field(2, ge=1)
     retry_after_s: int = Field(30, ge=1)

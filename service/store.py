@@ -5,7 +5,10 @@ Keys (``P`` is the configured prefix):
 - ``P:job:<id>:events``     list: progress and status events, JSON; an event's ``seq`` is its index + 1
 - ``P:owner:<owner>:jobs``  sorted set: the owner's job ids scored by creation time (µs)
 - ``P:owner:<owner>:active`` / ``P:active``  sets of non-terminal job ids (for the caps and the reaper)
-- ``P:idem:<owner>:<key>``  the job an Idempotency-Key created, with the hash of the request body
+- ``P:owner:<owner>:reserved`` / ``P:reserved``  sorted sets: slots reserved by submissions in flight, scored
+  by their expiry time; they count toward the caps like active jobs (``reserve_slot``)
+- ``P:idem:<owner>:<key>``  the job an Idempotency-Key created, with the hash of the request body and when the
+  claim was made; deleting the job frees it
 - ``P:workers``             sorted set: worker name scored by its last heartbeat
 
 Status changes go through one Lua script that checks the current status, so a terminal status never
@@ -15,11 +18,14 @@ changes even when the API (cancel, reaper) and the worker race.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any
 
 import redis
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelling", "cancelled",
@@ -46,6 +52,36 @@ return 1
 """
 
 
+# A slot under both caps, or why not. KEYS: owner's active set, global active set, owner's reservations,
+# global reservations. ARGV: token, per-owner cap, global cap, ttl (ms). Returns 0 (reserved), 1 (the
+# owner's cap is reached) or 2 (the global cap is). Expired reservations are dropped first.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if redis.call('SCARD', KEYS[1]) + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then return 1 end
+if redis.call('SCARD', KEYS[2]) + redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then return 2 end
+local ttl = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
+redis.call('ZADD', KEYS[4], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ttl)
+redis.call('PEXPIRE', KEYS[4], ttl)
+return 0
+"""
+
+# Delete KEYS[1] (an idempotency claim) only if it names job ARGV[1].
+_RELEASE_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, claim = pcall(cjson.decode, v)
+if ok and type(claim) == 'table' and claim['job_id'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+KEY_FULL, QUEUE_FULL = "key", "queue"
+
+
 def now() -> float:
     return time.time()
 
@@ -56,6 +92,8 @@ class JobStore:
         self.p = prefix
         self.max_events = max_events
         self._transition = self.r.register_script(_TRANSITION)
+        self._reserve = self.r.register_script(_RESERVE)
+        self._release_claim = self.r.register_script(_RELEASE_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "kegnet", max_events: int = 2000) -> JobStore:
@@ -80,12 +118,25 @@ class JobStore:
     def _active(self) -> str:
         return f"{self.p}:active"
 
+    def _owner_reserved(self, owner: str) -> str:
+        return f"{self.p}:owner:{owner}:reserved"
+
+    @property
+    def _reserved(self) -> str:
+        return f"{self.p}:reserved"
+
+    def _idem(self, owner: str, key: str) -> str:
+        return f"{self.p}:idem:{owner}:{key}"
+
     # ---- jobs
     def create(self, owner: str, request: dict[str, Any], *, sha256: str, size: int,
                request_hash: str, job_id: str | None = None,
-               checkpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               checkpoints: list[dict[str, Any]] | None = None, reservation: str | None = None,
+               idempotency_key: str | None = None) -> dict[str, Any]:
         """A queued job. ``sha256``/``size`` describe its first checkpoint file; ``checkpoints`` lists every
-        file in order (``{"sha256", "size"}``; default: the first only)."""
+        file in order (``{"sha256", "size"}``; default: the first only). The job takes the place of
+        ``reservation`` (``reserve_slot``) in the same transaction; ``idempotency_key`` is the key that
+        claimed it, freed when the job is deleted."""
         job_id = job_id or uuid.uuid4().hex
         t = now()
         fields = {
@@ -95,8 +146,12 @@ class JobStore:
             "checkpoint_size": str(size), "artifacts": "{}", "cancel_requested": "0", "heartbeat": "",
             "request_hash": request_hash,
             "checkpoints": json.dumps(checkpoints or [{"sha256": sha256, "size": size}]),
+            "idempotency_key": idempotency_key or "",
         }
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline()  # MULTI/EXEC: the reservation becomes the active job at once
+        if reservation:
+            pipe.zrem(self._owner_reserved(owner), reservation)
+            pipe.zrem(self._reserved, reservation)
         pipe.hset(self._job(job_id), mapping=fields)
         pipe.zadd(self._owner_jobs(owner), {job_id: int(t * 1e6)})
         pipe.sadd(self._active, job_id)
@@ -173,6 +228,8 @@ class JobStore:
         pipe.delete(self._job(job_id), self._events(job_id))
         pipe.zrem(self._owner_jobs(job["owner"]), job_id)
         pipe.execute()
+        if job.get("idempotency_key"):  # the key no longer names a job: let it create one again
+            self.idempotency_release(job["owner"], job["idempotency_key"], job_id)
         return True
 
     def list_for(self, owner: str, limit: int, cursor: int | None) -> tuple[list[dict[str, Any]], int | None]:
@@ -204,18 +261,58 @@ class JobStore:
     def active_ids(self) -> list[str]:
         return list(self.r.smembers(self._active))
 
-    def idempotency_get(self, owner: str, key: str) -> dict[str, str] | None:
-        raw = self.r.get(f"{self.p}:idem:{owner}:{key}")
+    def reserve_slot(self, owner: str, per_owner_cap: int, global_cap: int, ttl_s: float) -> tuple[str | None, str]:
+        """Reserve a place for a job about to be created, atomically under both caps (active jobs and
+        other reservations count). Returns ``(token, "")``, or ``(None, KEY_FULL | QUEUE_FULL)``. Hand the
+        token to ``create`` (which consumes it) or to ``release_slot``; unused, it expires after ``ttl_s``."""
+        token = uuid.uuid4().hex
+        keys = [self._owner_active(owner), self._active, self._owner_reserved(owner), self._reserved]
+        code = int(self._reserve(keys=keys, args=[token, per_owner_cap, global_cap, max(1, int(ttl_s * 1000))]))
+        if code == 0:
+            return token, ""
+        return None, KEY_FULL if code == 1 else QUEUE_FULL
+
+    def release_slot(self, owner: str, token: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.zrem(self._owner_reserved(owner), token)
+        pipe.zrem(self._reserved, token)
+        pipe.execute()
+
+    def reserved_count(self, owner: str | None = None) -> int:
+        """Reservations not yet expired (expired ones are dropped by the next ``reserve_slot``)."""
+        return int(self.r.zcount(self._owner_reserved(owner) if owner else self._reserved, now() * 1000, "+inf"))
+
+    def idempotency_get(self, owner: str, key: str) -> dict[str, Any] | None:
+        raw = self.r.get(self._idem(owner, key))
         return json.loads(raw) if raw else None
 
     def idempotency_claim(self, owner: str, key: str, request_hash: str, job_id: str,
-                          ttl_s: int = 7 * 24 * 3600) -> dict[str, str]:
-        """Record ``key -> job``; returns what is recorded (another request's claim if it won the race)."""
-        name = f"{self.p}:idem:{owner}:{key}"
-        value = {"request_hash": request_hash, "job_id": job_id}
-        if self.r.set(name, json.dumps(value), nx=True, ex=ttl_s):
-            return value
+                          ttl_s: int = 7 * 24 * 3600, pending_s: float = 900.0) -> dict[str, Any]:
+        """Record ``key -> job``; returns what is recorded (another request's claim if it won the race).
+
+        A claim whose job does not exist ``pending_s`` after it was made (its request died before creating
+        the job, or the job was deleted before deletes freed their key) is replaced: it names no job and no
+        request can still be creating it.
+        """
+        name = self._idem(owner, key)
+        value = {"request_hash": request_hash, "job_id": job_id, "claimed_at": now()}
+        for _ in range(3):
+            if self.r.set(name, json.dumps(value), nx=True, ex=ttl_s):
+                return value
+            raw = self.r.get(name)
+            if raw is None:
+                continue  # released in between: claim again
+            claim: dict[str, Any] = json.loads(raw)
+            stale = now() - float(claim.get("claimed_at") or 0) > pending_s
+            if not (stale and claim.get("job_id") and not self.r.exists(self._job(claim["job_id"]))):
+                return claim
+            log.info("replacing a stale idempotency claim of %s (job %s does not exist)", owner, claim["job_id"])
+            self.idempotency_release(owner, key, claim["job_id"])
         return json.loads(self.r.get(name) or json.dumps(value))
+
+    def idempotency_release(self, owner: str, key: str, job_id: str) -> bool:
+        """Forget ``key`` if it still names ``job_id`` (never another request's later claim)."""
+        return bool(self._release_claim(keys=[self._idem(owner, key)], args=[job_id]))
 
     def worker_heartbeat(self, name: str) -> None:
         self.r.zadd(f"{self.p}:workers", {name: now()})

@@ -21,13 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kegnet.checkpoint import open_teacher
 from kegnet.compression import plan_compression
+from kegnet.cost import check_cost, estimate_cost, profile_model
 from kegnet.errors import KegnetError
 from kegnet.models.onnx_graph import OnnxLimits
 from service.deps import current_owner, get_settings_dep, get_storage, get_store
 from service.schemas import EventPage, JobOut, JobPage, JobRequest
 from service.settings import Settings
 from service.storage import LocalStorage, UploadTooLarge
-from service.store import FAILED, QUEUED, TERMINAL, JobStore
+from service.store import FAILED, KEY_FULL, QUEUED, TERMINAL, JobStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -48,11 +49,28 @@ def _too_many(settings: Settings, what: str) -> HTTPException:
     return HTTPException(429, f"{what}; retry later", headers={"Retry-After": str(settings.retry_after_s)})
 
 
-def _check_caps(store: JobStore, settings: Settings, owner: str) -> None:
-    if store.active_count(owner) >= settings.max_active_jobs_per_key:
-        raise _too_many(settings, f"this key already has {settings.max_active_jobs_per_key} active jobs")
-    if store.active_count() >= settings.max_queued_jobs:
+def _reserve(store: JobStore, settings: Settings, owner: str) -> str:
+    """A slot under the per-key and global caps, held until the job is created (or released on refusal)."""
+    token, full = store.reserve_slot(owner, settings.max_active_jobs_per_key, settings.max_queued_jobs,
+                                     settings.reservation_ttl_s)
+    if token is None:
+        if full == KEY_FULL:
+            raise _too_many(settings, f"this key already has {settings.max_active_jobs_per_key} active jobs")
         raise _too_many(settings, "the service queue is full")
+    return token
+
+
+def _give_back(store: JobStore, owner: str, reservation: str | None, idempotency_key: str | None,
+               claimed_job: str | None) -> None:
+    """Free what a refused submission held: its slot, and its Idempotency-Key (the caller may fix the request
+    and reuse the key). A store error here is logged: the slot expires and the claim goes stale anyway."""
+    try:
+        if reservation:
+            store.release_slot(owner, reservation)
+        if idempotency_key and claimed_job:
+            store.idempotency_release(owner, idempotency_key, claimed_job)
+    except Exception:
+        log.warning("could not free the slot/key of a refused submission by %s", owner, exc_info=True)
 
 
 def _spec_error(exc: ValidationError) -> HTTPException:
@@ -85,10 +103,11 @@ async def submit_job(
     if idempotency_key is not None and not _IDEM_KEY.match(idempotency_key):
         raise HTTPException(422, "Idempotency-Key must be 1-200 characters of A-Z a-z 0-9 _ . : -")
     known = idempotency_key and await run_in_threadpool(store.idempotency_get, owner, idempotency_key)
-    if not known:
-        # Refuse before the upload is read when the caller cannot get a job anyway.
-        await run_in_threadpool(_check_caps, store, settings, owner)
-
+    # Refuse before the upload is read when the caller cannot get a job anyway, and hold the slot until the
+    # job exists, so concurrent submissions cannot all pass the caps (replaying a known key needs no slot).
+    reservation = None if known else await run_in_threadpool(_reserve, store, settings, owner)
+    job_id = uuid.uuid4().hex
+    claimed_job: str | None = None  # set while this request's Idempotency-Key claim names a job not yet created
     tmps: list[Path] = []  # uploads in flight; whatever is not committed to a job is removed at the end
     try:
         # The body is capped by BodySizeLimitMiddleware while it streams, so this spool is bounded.
@@ -124,17 +143,20 @@ async def submit_job(
         # Every file's digest, in order, is part of the request: another file or order is another request.
         digests = "\n".join(f["sha256"] for f in files)
         request_hash = hashlib.sha256(f"{digests}\n{canonical}".encode()).hexdigest()
-        job_id = uuid.uuid4().hex
         if idempotency_key:
-            claim = await run_in_threadpool(store.idempotency_claim, owner, idempotency_key, request_hash, job_id)
+            claim = await run_in_threadpool(store.idempotency_claim, owner, idempotency_key, request_hash, job_id,
+                                            pending_s=settings.reservation_ttl_s)
             if claim["job_id"] != job_id:
                 if claim["request_hash"] != request_hash:
                     raise HTTPException(422, "this Idempotency-Key was already used with a different request")
                 existing = await run_in_threadpool(store.get, claim["job_id"])
-                if existing is None:
-                    raise HTTPException(409, "a request with this Idempotency-Key is still being processed")
+                if existing is None:  # another request with this key is between its claim and its job
+                    raise HTTPException(409, "a request with this Idempotency-Key is still being processed; "
+                                             "retry shortly", headers={"Retry-After": str(settings.retry_after_s)})
                 return _accepted(existing, replayed=True)
-            await run_in_threadpool(_check_caps, store, settings, owner)
+            claimed_job = job_id
+            if reservation is None:  # the key was known but named no job any more
+                reservation = await run_in_threadpool(_reserve, store, settings, owner)
 
         # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors / ONNX),
         # so pickled code, truncated files, wrong keys/shapes, NaNs, unknown or oversized architectures and
@@ -142,22 +164,24 @@ async def submit_job(
         for i, tmp in enumerate(tmps):
             try:
                 async with request.app.state.validation_slots:
-                    await run_in_threadpool(_validate, tmp, job_request, settings, i == 0)
+                    await run_in_threadpool(_validate, tmp, job_request, settings, len(tmps) if i == 0 else 0)
             except KegnetError as exc:
-                if idempotency_key:  # the key did not create a job: let the caller fix the file and reuse it
-                    store.r.delete(f"{store.p}:idem:{owner}:{idempotency_key}")
                 where = "" if len(tmps) == 1 else f"checkpoint {i + 1} of {len(tmps)} (index {i}): "
                 raise HTTPException(422, f"{where}{exc}") from None
 
         for i, tmp in enumerate(tmps):
             storage.commit_checkpoint(tmp, job_id, i)
+        job = await run_in_threadpool(
+            lambda: store.create(owner, job_request.model_dump(mode="json"), sha256=files[0]["sha256"],
+                                 size=files[0]["size"], request_hash=request_hash, job_id=job_id,
+                                 checkpoints=files, reservation=reservation, idempotency_key=idempotency_key))
+        reservation = claimed_job = None  # the job holds the slot and the key now
     finally:
         for tmp in tmps:
             storage.discard(tmp)  # no-op once committed
+        if reservation or claimed_job:
+            await run_in_threadpool(_give_back, store, owner, reservation, idempotency_key, claimed_job)
 
-    job = await run_in_threadpool(store.create, owner, job_request.model_dump(mode="json"),
-                                  sha256=files[0]["sha256"], size=files[0]["size"], request_hash=request_hash,
-                                  job_id=job_id, checkpoints=files)
     try:
         await run_in_threadpool(request.app.state.enqueue, job_id)
     except Exception:
@@ -170,12 +194,23 @@ async def submit_job(
     return _accepted(job)
 
 
-def _validate(path: Path, job_request: JobRequest, settings: Settings, plan: bool) -> None:
-    """Build the teacher as the worker will (and, for the first one, plan its compression)."""
+def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers: int) -> None:
+    """Build the teacher as the worker will; for the first one (``teachers``: the job's count, else 0),
+    refuse a job whose whole cost is over the limits (kegnet/cost.py), then plan its compression."""
     limits = OnnxLimits(max_bytes=settings.max_upload_bytes, max_initializer_bytes=settings.max_upload_bytes)
-    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters, onnx_limits=limits)
-    if plan:
-        plan_compression(teacher.model, job_request.config.compression)
+    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters, onnx_limits=limits,
+                           max_bytes=settings.max_upload_bytes)
+    if not teachers:
+        return
+    shape, classes = teacher.spec.input_shape, teacher.spec.num_classes
+    assert shape is not None and classes is not None  # open_teacher resolves them
+    cost = estimate_cost(profile_model(teacher.model, shape), shape, classes, job_request.config, teachers)
+    try:
+        check_cost(cost, max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs))
+    except KegnetError as exc:
+        raise HTTPException(422, str(exc)) from None
+    log.info("job cost estimate: %s", cost.describe())
+    plan_compression(teacher.model, job_request.config.compression)
 
 
 def _too_many_files(settings: Settings) -> HTTPException:

@@ -140,3 +140,12 @@ def test_several_checkpoints_run_as_a_teacher_ensemble(env, tmp_path):
     manifest = json.loads((storage.out_dir(job["id"]) / "manifest.json").read_text())
     assert manifest["teachers"]["count"] == 2 and manifest["teachers"]["weighting"] == "entropy"
     assert store.get(job["id"])["metrics"]["teachers"] == 2
+
+
+def test_worker_applies_the_upload_budget_to_stored_files(env, tmp_path):
+    """The worker checks each stored file against the service's budget before the pipeline reads it."""
+    settings, store, storage = env
+    settings = settings.model_copy(update={"max_upload_bytes": 1024})
+    job_id = make_job(env, tmp_path)  # a 1,068-byte safetensors file, over a 1,024-byte budget
+    assert run_job(job_id, store, storage, settings) == "failed"
+    assert "above this service's limit of 1,024" in store.get(job_id)["error"]

@@ -1,0 +1,198 @@
+"""What a job will cost, estimated from its spec and config before it is queued.
+
+Every config field is bounded on its own (kegnet.config), but not their product: a 2.5 KB teacher on a
+16×512×512 input with 16 generators × batch 2,048 × 200,000 steps passes every field's bound while one
+generator batch alone is 32 GiB. ``estimate_cost`` gives the job's peak memory and its compute so that a
+service can refuse such a job (``check_cost``) with a message naming the knob to lower.
+
+The estimate is an order of magnitude for float32 training, not a measurement. Notation (per sample):
+``D`` input elements; ``A`` activation elements of one teacher forward (the outputs of all its leaf
+modules), ``M`` its multiply-accumulates (MACs), ``P`` its parameters; ``A_g``, ``M_g``, ``P_g`` the same for
+one KegNet generator (the decoder reading the sample adds ``120·D`` MACs and parameters); ``T`` teachers;
+``k``, ``b``, ``s_g`` generators, generator batch and steps; ``B``, ``s_d`` distillation batch and steps;
+``H`` held-out samples; ``F`` = 4 bytes.
+
+Peak memory (bytes) = F·T·P (the teachers) + the larger stage:
+
+- generators (method ``kegnet``), ``n`` samples per teacher call (``b·k``, or ``b`` when ``b·k·D`` is over
+  the trainer's concatenation limit):
+  ``F·[n·(2·T·A + 2·(A_g + D)) + 4·k·(P_g + 120·D)]`` — the teachers' activations kept for the backward
+  pass and their gradients, the generators' own, and generator and decoder weights with gradients and
+  Adam's two moments.
+- distillation (any method but ``tucker-only``, ``s_d > 0``):
+  ``F·[B·((T + 2)·A + A_g + D) + H·D + X·D + 4·P]`` — the teachers' forward passes, the student's
+  activations and gradients (the student is at most the teacher), the held-out samples, a fixed transfer set
+  of ``X = k·samples_per_generator`` samples (``transfer="fixed"``), and the student with gradients and Adam.
+
+Compute (MACs) = ``s_g·k·b·3·(T·M + M_g + 120·D)`` (forward and backward through teachers, generator and
+decoder) + ``s_d·B·(T·M·m + 3·M + M_g)`` (teachers forward, ``m`` MC-dropout passes with that weighting;
+student forward and backward; generator forward) + ``s_d·B·3·(T·M + M_g)·share`` when the generators keep
+learning adversarially while the student does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kegnet.config import PipelineConfig
+from kegnet.errors import SpecError
+
+FLOAT_BYTES = 4
+DECODER_UNITS = 120
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One forward pass of a model on one sample: parameters, MACs and activation elements."""
+
+    parameters: int
+    macs: int
+    activations: int
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """Estimated peak memory (bytes) and compute (MACs) of a job, with each stage's share."""
+
+    memory_bytes: int
+    macs: int
+    generator_memory_bytes: int
+    distill_memory_bytes: int
+    generator_macs: int
+    distill_macs: int
+
+    def describe(self) -> str:
+        return f"about {self.memory_bytes / GIB:.1f} GiB of memory and {self.macs:.2e} MACs"
+
+
+def profile_model(model: nn.Module, input_shape: tuple[int, ...]) -> Profile:
+    """Parameters, and the MACs of every Conv2d / ConvTranspose2d / Linear and the output elements of every
+    leaf module on one sample of ``input_shape``, from one forward pass on the model's device (a model on
+    the meta device costs nothing to profile)."""
+    macs = activations = 0
+
+    def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        nonlocal macs, activations
+        outs = output if isinstance(output, tuple | list) else (output,)
+        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+        activations += sum(t.numel() for t in tensors)
+        if not tensors:
+            return
+        out = tensors[0]
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            macs += out.numel() * (module.in_channels // module.groups) * k
+        elif isinstance(module, nn.ConvTranspose2d):
+            inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else out
+            k = module.kernel_size[0] * module.kernel_size[1]
+            macs += inp.numel() * (module.out_channels // module.groups) * k
+        elif isinstance(module, nn.Linear):
+            macs += module.in_features * module.out_features * (out.numel() // module.out_features)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return Profile(sum(p.numel() for p in model.parameters()), int(macs), int(activations))
+
+
+def generator_profile(input_shape: tuple[int, ...], num_classes: int, noise_dim: int) -> Profile:
+    """A KegNet generator's profile, built on the meta device (nothing is allocated)."""
+    from kegnet.generation.models import make_generator
+
+    with torch.device("meta"):
+        gen = make_generator(input_shape, num_classes, noise_dim)
+    params = sum(p.numel() for p in gen.parameters())
+    macs = activations = 0
+
+    def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        nonlocal macs, activations
+        if isinstance(output, torch.Tensor):
+            activations += output.numel()
+            if isinstance(module, nn.Conv2d):
+                macs += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            elif isinstance(module, nn.ConvTranspose2d) and isinstance(inputs[0], torch.Tensor):
+                macs += inputs[0].numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
+            elif isinstance(module, nn.Linear):
+                macs += module.in_features * module.out_features * (output.numel() // module.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in gen.modules() if not list(m.children())]
+    gen.eval()
+    try:
+        with torch.no_grad():
+            gen(torch.zeros(2, num_classes, device="meta"), torch.zeros(2, noise_dim, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    # The hooks saw a batch of 2 (BatchNorm1d needs it in training; harmless here): per sample is half.
+    return Profile(params, macs // 2, activations // 2)
+
+
+def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: int, config: PipelineConfig,
+                  teachers: int = 1) -> JobCost:
+    """The module docstring's formula for ``config`` on ``teachers`` teachers profiled as ``teacher``."""
+    from kegnet.generation.train import CONCAT_LIMIT
+
+    d = math.prod(input_shape)
+    g, dc = config.generator, config.distill
+    t, a, m, p = teachers, teacher.activations, teacher.macs, teacher.parameters
+    uses_generators = config.method == "kegnet"
+    gen = (generator_profile(input_shape, num_classes, g.noise_dim) if uses_generators
+           else Profile(0, 0, 0))
+    decoder = DECODER_UNITS * d if uses_generators else 0
+
+    gen_mem = gen_macs = 0
+    if uses_generators:
+        k, b = g.num_generators, g.batch_size
+        n = b if b * k * d > CONCAT_LIMIT else b * k
+        gen_mem = FLOAT_BYTES * (n * (2 * t * a + 2 * (gen.activations + d)) + 4 * k * (gen.parameters + decoder))
+        gen_macs = g.steps * k * b * 3 * (t * m + gen.macs + decoder)
+
+    dist_mem = dist_macs = 0
+    if config.method != "tucker-only" and dc.steps > 0:
+        fixed = g.num_generators * dc.samples_per_generator if dc.transfer == "fixed" else 0
+        dist_mem = FLOAT_BYTES * (dc.batch_size * ((t + 2) * a + gen.activations + d) + dc.holdout_samples * d
+                                  + fixed * d + 4 * p)
+        passes = dc.mc_dropout_passes if t > 1 and dc.ensemble_weighting == "mc_dropout" else 1
+        dist_macs = dc.steps * dc.batch_size * (t * m * passes + 3 * m + gen.macs)
+        if uses_generators and dc.adversarial_weight > 0 and dc.transfer == "fresh":
+            dist_macs += int(dc.steps * dc.batch_size * 3 * (t * m + gen.macs) * dc.adversarial_share)
+
+    memory = FLOAT_BYTES * t * p + max(gen_mem, dist_mem)
+    return JobCost(memory_bytes=int(memory), macs=int(gen_macs + dist_macs), generator_memory_bytes=int(gen_mem),
+                   distill_memory_bytes=int(dist_mem), generator_macs=int(gen_macs), distill_macs=int(dist_macs))
+
+
+def check_cost(cost: JobCost, *, max_memory_bytes: int, max_macs: int) -> None:
+    """Raise ``SpecError`` naming the stage and the knobs to lower when ``cost`` is over either limit."""
+    if cost.memory_bytes > max_memory_bytes:
+        if cost.generator_memory_bytes >= cost.distill_memory_bytes:
+            knobs = "config.generator.batch_size (or num_generators, or a smaller input_shape)"
+            stage = "generator training"
+        else:
+            knobs = ("config.distill.batch_size (or holdout_samples, samples_per_generator with transfer "
+                     "'fixed', or a smaller input_shape)")
+            stage = "distillation"
+        raise SpecError(f"this job would need about {cost.memory_bytes / GIB:.1f} GiB of memory in {stage}, "
+                        f"above this service's limit of {max_memory_bytes / GIB:.1f} GiB; lower {knobs}")
+    if cost.macs > max_macs:
+        if cost.generator_macs >= cost.distill_macs:
+            knobs, stage = "config.generator.steps, num_generators or batch_size", "generator training"
+        else:
+            knobs, stage = "config.distill.steps or batch_size", "distillation"
+        raise SpecError(f"this job would need about {cost.macs:.2e} multiply-accumulates, mostly in {stage}, "
+                        f"above this service's limit of {max_macs:.2e}; lower {knobs}")

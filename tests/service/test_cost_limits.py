@@ -1,0 +1,70 @@
+"""The whole job's cost is refused before queueing (kegnet/cost.py); the defaults admit real workloads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kegnet.config import PRESETS
+from kegnet.cost import check_cost, estimate_cost, profile_model
+from kegnet.models import create_model
+from service.settings import Settings
+from tests.service.svc_helpers import auth, spec_json
+
+
+def _check_under_defaults(cost) -> None:
+    defaults = Settings()
+    check_cost(cost, max_memory_bytes=defaults.max_job_memory_bytes, max_macs=int(defaults.max_job_macs))
+
+
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_defaults_admit_both_presets_on_a_224px_resnet18(preset: str) -> None:
+    shape = (3, 224, 224)
+    teacher = create_model("torchvision:resnet18", input_shape=shape, num_classes=1000)
+    _check_under_defaults(estimate_cost(profile_model(teacher, shape), shape, 1000, PRESETS[preset]))
+
+
+def test_defaults_admit_every_bench_scenario() -> None:
+    """Every scenario x setting x method as bench builds it, with a stand-in teacher at least as large as any
+    of theirs (a torchvision ResNet-18 at 3x32x32; their inputs are 1x32x32, 3x32x32 or 16 features)."""
+    from bench.__main__ import make_config
+    from bench.scenarios import SCENARIOS
+
+    shape = (3, 32, 32)
+    profile = profile_model(create_model("torchvision:resnet18", input_shape=shape, num_classes=10), shape)
+    checked = 0
+    for scenario in SCENARIOS.values():
+        teachers = 3 if "ensemble" in scenario.about or scenario.teachers_of else 1
+        for setting in scenario.settings:
+            for method in scenario.methods:
+                config = make_config(scenario, setting, method, scale=1.0)
+                _check_under_defaults(estimate_cost(profile, shape, 10, config, teachers))
+                checked += 1
+    assert checked > 30
+
+
+def test_reported_job_is_refused_before_queueing(client, keys, tmp_path, enqueued, redis_db):
+    """The issue's job: a tiny teacher on 16x512x512, 16 generators x batch 2,048 x 200,000 steps."""
+    model = {"arch": "resnet", "arch_kwargs": {"depth": 8, "widths": [2, 2, 2]}, "input_shape": [16, 512, 512],
+             "num_classes": 10}
+    path = tmp_path / "tiny.pt"
+    torch.save(create_model("resnet", input_shape=(16, 512, 512), num_classes=10, depth=8,
+                            widths=[2, 2, 2]).state_dict(), path)
+    config = {"generator": {"num_generators": 16, "batch_size": 2048, "steps": 200_000}}
+    r = client.post("/v1/jobs", headers=auth(keys["alice"]),
+                    files={"checkpoint": ("t.pt", path.read_bytes())}, data={"spec": spec_json(model, config)})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "GiB of memory in generator training" in detail and "config.generator.batch_size" in detail
+    assert enqueued == []
+    assert client.get("/v1/jobs", headers=auth(keys["alice"])).json()["jobs"] == []
+    # Nothing held: the same teacher with a small config is accepted.
+    small = {"generator": {"num_generators": 1, "batch_size": 2, "steps": 1},
+             "distill": {"steps": 1, "batch_size": 2, "holdout_samples": 64, "eval_every": 1},
+             "compression": {"keep_slower": True, "latency_repeats": 3, "latency_budget_s": 0.01}}
+    r = client.post("/v1/jobs", headers=auth(keys["alice"]),
+                    files={"checkpoint": ("t.pt", path.read_bytes())}, data={"spec": spec_json(model, small)})
+    assert r.status_code == 202, r.text
+    assert json.loads(r.text)["status"] == "queued"
