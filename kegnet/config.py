@@ -17,8 +17,9 @@ Preset = Literal["fast", "paper"]
 # Teachers in one job: each costs a forward pass per step in every stage, and memory.
 MAX_TEACHERS = 8
 
-# Module names, with globs; ``/`` appears in the names of ONNX graphs converted by onnx2torch.
-LayerPattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.*?/\[\]]+$")]
+# Module names, with globs; ``/`` appears in the names of ONNX graphs converted by onnx2torch, ``-`` in
+# torchvision's RegNets ("trunk_output.block2.block2-0").
+LayerPattern = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.*?/\[\]-]+$")]
 Rank = Annotated[int, Field(ge=1, le=65_536)]
 
 

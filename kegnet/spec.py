@@ -54,6 +54,15 @@ class ModelSpec(BaseModel):
             raise ValueError("input_shape must be C,H,W for images or F for feature vectors")
         return shape
 
+    @field_validator("arch_kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, kwargs: dict[str, ArchKwarg]) -> dict[str, ArchKwarg]:
+        reserved = sorted(set(kwargs) & {"input_shape", "num_classes", "max_parameters", "name"})
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be given in arch_kwargs (input_shape and num_classes are "
+                             "fields of the spec itself)")
+        return kwargs
+
     @model_validator(mode="after")
     def _shape_and_classes_known(self) -> ModelSpec:
         if self.arch != "onnx" and (self.input_shape is None or self.num_classes is None):

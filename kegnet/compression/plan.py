@@ -6,6 +6,7 @@ rebuild the student's structure before loading its weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
@@ -15,6 +16,7 @@ from typing import Literal
 import numpy as np
 import tensorly as tl
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from kegnet.compression import latency
@@ -147,8 +149,19 @@ def _layer_plan(name: str, m: nn.Module, r_in: int, r_out: int) -> LayerPlan:
     return LayerPlan(name, "linear", r_in, r_in, before, _linear_params(m, r_in))
 
 
+def blas_threads() -> contextlib.AbstractContextManager:
+    """numpy's BLAS (the SVDs of EVBMF and Tucker) limited to torch's thread count: on a busy CPU its own
+    default of one thread per core made decompositions 10-25x slower."""
+    return threadpool_limits(limits=torch.get_num_threads())
+
+
 def plan_compression(model: nn.Module, config: CompressionConfig) -> CompressionPlan:
     """Choose layers and ranks for ``model`` following ``config``."""
+    with blas_threads():
+        return _plan_compression(model, config)
+
+
+def _plan_compression(model: nn.Module, config: CompressionConfig) -> CompressionPlan:
     plan = CompressionPlan()
     layers: dict[str, nn.Module] = {}
     if config.layers is None:
@@ -265,6 +278,12 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, *, initialize: bool = Tr
     ``initialize=False`` builds the structure only (to load a saved student's weights into it).
     """
     student = copy.deepcopy(model)
+    with blas_threads():
+        _replace_layers(student, plan, initialize, n_iter_max, seed)
+    return student
+
+
+def _replace_layers(student: nn.Module, plan: CompressionPlan, initialize: bool, n_iter_max: int, seed: int) -> None:
     for p in plan.layers:
         parent_name, _, attr = p.name.rpartition(".")
         parent = student.get_submodule(parent_name) if parent_name else student
@@ -280,4 +299,3 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, *, initialize: bool = Tr
             new = LowRankLinear.from_linear(old, p.in_rank) if initialize else LowRankLinear(old, p.in_rank)
         setattr(parent, attr, new.to(old.weight.device))
         log.debug("factorized %s with ranks (%d, %d)", p.name, p.in_rank, p.out_rank)
-    return student

@@ -242,6 +242,11 @@ def _signature(model: Any) -> tuple[tuple[int | None, ...], int | None]:
     if len(shape_in) not in (2, 4):
         raise SpecError(f"the ONNX graph's input has {len(shape_in)} dimensions; kegnet takes (batch, C, H, W) "
                         "images or (batch, F) feature vectors")
+    if shape_in[0] is not None:
+        # Training runs batches of many sizes; a batch baked into the graph's reshapes cannot take them.
+        raise SpecError(f"the ONNX graph's batch dimension is fixed at {shape_in[0]}; export it with a dynamic "
+                        "batch: torch.onnx.export(..., dynamic_axes={'x': {0: 'batch'}}) or, with dynamo=True, "
+                        "dynamic_shapes=({0: torch.export.Dim('batch')},)")
     shape_out = dims(g.output[0])
     classes = shape_out[1] if len(shape_out) == 2 else None
     return tuple(shape_in[1:]), classes

@@ -70,8 +70,8 @@ CASES = [
     Case("timm:efficientnet_b0", ("blocks.1.0.conv_dw", "blocks.1.0.conv_pwl", "blocks.1.0.se.conv_reduce",
                                    "blocks.1.1.conv_pwl"), depthwise=("blocks.1.0.conv_dw",)),
     Case("timm:regnetx_002", ("s2.b1.conv2.conv", "s2.b1.conv3.conv"), grouped=("s2.b1.conv2.conv",)),
-    Case("torchvision:regnet_x_400mf", ("trunk_output.block2.block2?0.f.b.0", "trunk_output.block2.block2?0.f.c.0"),
-         grouped=("trunk_output.block2.block2-0.f.b.0",)),  # "?": config patterns take no "-"
+    Case("torchvision:regnet_x_400mf", ("trunk_output.block2.block2-0.f.b.0", "trunk_output.block2.block2-0.f.c.0"),
+         grouped=("trunk_output.block2.block2-0.f.b.0",)),
     Case("timm:convnext_atto", ("stages.0.blocks.0.conv_dw", "stages.1.downsample.1", "head.fc"),
          depthwise=("stages.0.blocks.0.conv_dw",), linear=("head.fc",)),
     Case("timm:vit_tiny_patch16_224", ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1",

@@ -263,8 +263,6 @@ def test_free_input_size_needs_input_shape(tmp_path: Path) -> None:
     assert open_teacher(path, ModelSpec(arch="onnx", input_shape=(4,))).spec.num_classes == 3
 
 
-@pytest.mark.xfail(strict=True, reason="kegnet checks an ONNX teacher at batch 2 only: a graph exported at a fixed "
-                                       "batch of 2 passes, then fails at the pipeline's batch sizes")
 def test_fixed_batch_graph_is_refused_or_runs_at_other_batches(tmp_path: Path) -> None:
     path = _export(_module("vit"), tmp_path / "fixed.onnx", dynamo=False, dynamic_batch=False)
     try:
