@@ -429,7 +429,8 @@ def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | No
         for k, v in expected.items() if state[k].shape != v.shape
     ]
     if wrong:
-        raise SpecError("shape mismatch: " + "; ".join(wrong[:4]) + " (check arch_kwargs and num_classes)")
+        raise SpecError("shape mismatch: " + "; ".join(wrong[:4])
+                        + " (check input_shape, arch_kwargs and num_classes)")
     check_finite(state)
     model.load_state_dict(state, strict=True)
     _check_forward(model, spec)

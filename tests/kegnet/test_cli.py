@@ -18,6 +18,10 @@ def test_cli_compresses_the_shared_mnist_teacher(tmp_path: Path) -> None:
     assert "(4.10x)" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["plan"]["layers"][1]["in_rank"] == 7
+    # Every file readable alike (safetensors writes 0600 by itself), samples drawn, and how to use the student.
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ["student.safetensors", "student.pt2", "student.onnx", "curves.png", "samples.png", "manifest.json"], 0o644)
+    assert "torch.export.load" in proc.stdout and "classes = student(x).argmax(1)" in proc.stdout
 
 
 def test_cli_reports_bad_input_clearly(tmp_path: Path) -> None:
@@ -79,3 +83,55 @@ def test_cli_takes_an_onnx_file_without_arch_or_shapes(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", str(other), "--out", str(tmp_path / "p")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--arch" in proc.stderr
+
+
+@needs_shared(MNIST_TEACHER)
+def test_cli_fails_fast_on_a_bad_plan_and_leaves_no_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", str(MNIST_TEACHER), "--arch", "lenet5",
+                           "--input-shape", "1,32,32", "--num-classes", "10", "--out", str(out), "--layers", "conv9",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "'conv9' matches no Conv2d or Linear layer" in proc.stderr
+    assert "generators" not in proc.stderr  # refused in the plan stage, before any generator step
+    assert not out.exists()
+
+
+def test_wrong_input_shape_says_input_shape(tmp_path: Path) -> None:
+    from tests.service.svc_helpers import write_mlp_safetensors
+
+    path = write_mlp_safetensors(tmp_path / "t.safetensors")  # an MLP on 8 features
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", str(path), "--arch", "mlp", "--arch-kwargs",
+                           '{"hidden": [16]}', "--input-shape", "9", "--num-classes", "3", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "check input_shape" in proc.stderr
+
+
+def test_help_is_quick_and_shows_flags_as_flags() -> None:
+    import time
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", "--help"], capture_output=True, text=True,
+                          timeout=60, env={**__import__("os").environ, "COLUMNS": "120"})
+    assert proc.returncode == 0 and time.perf_counter() - t0 < 3.0  # torch is not imported to print help
+    assert "-v, --verbose" in proc.stdout and "<bool>" not in proc.stdout
+    assert "--threads" in proc.stdout and "one per core" in " ".join(proc.stdout.split())
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_skips_empty_stages() -> None:
+    import io
+
+    from kegnet.cli import StageProgress
+    from kegnet.events import ProgressEvent
+
+    stream = io.StringIO()
+    show = StageProgress(stream)
+    show(ProgressEvent(stage="load", stage_progress=1.0, progress=0.02, message="teacher loaded"))
+    for step in range(1, 11):
+        show(ProgressEvent(stage="generators", stage_progress=step / 10, progress=0.3, step=step, total=10,
+                           metrics={"cls_loss": 0.5}))
+    show(ProgressEvent(stage="finetune", stage_progress=1.0, progress=0.9, message="nothing", skipped=True))
+    show(ProgressEvent(stage="done", stage_progress=1.0, progress=1.0))
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("load") and "teacher loaded" in lines[0] and "s)" in lines[0]
+    assert "generators 1/10 cls_loss=0.5" in lines and "generators 10/10 cls_loss=0.5" in lines
+    assert not any("finetune" in line or "‰" in line for line in lines)
