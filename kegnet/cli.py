@@ -121,7 +121,7 @@ class StageProgress:
 @app.command()
 def compress(
     checkpoints: list[Path] = typer.Argument(
-        ..., exists=True, dir_okay=False,
+        ..., exists=True, dir_okay=False, metavar="CHECKPOINT",
         help=f".safetensors, torch.save state dict or .onnx; up to {MAX_TEACHERS} of one architecture: a teacher "
              "ensemble",
     ),
