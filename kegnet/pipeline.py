@@ -25,7 +25,7 @@ from kegnet import export
 from kegnet.checkpoint import LoadedTeacher, open_teacher
 from kegnet.compression import CompressionPlan, apply_plan, plan_compression
 from kegnet.compression.latency import model_latency
-from kegnet.compression.plan import drop_slower_layers
+from kegnet.compression.plan import drop_slower_layers, replan_ratio
 from kegnet.config import MAX_TEACHERS, PipelineConfig
 from kegnet.distill import DistillResult, distill
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
@@ -210,6 +210,7 @@ def _plan(job: _Job) -> None:
         raise CompressionError(
             f"every factorization ran slower than its layer on {job.device.type} at batch {cfg.latency_batch}, so "
             "none is worth making; set compression.keep_slower to compress anyway, or raise latency_batch")
+    job.plan = replan_ratio(job.teacher, job.plan, cfg)  # the target ratio, from the layers kept
     job.report("plan", 1.0, f"{len(job.plan.layers)} layers to factorize",
                ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers})
 

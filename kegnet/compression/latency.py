@@ -75,6 +75,38 @@ def module_latency_ms(module: nn.Module, input_shape: tuple[int, ...], batch: in
         module.train(was_training)
 
 
+@torch.no_grad()
+def compare_ms(first: nn.Module, second: nn.Module, input_shape: tuple[int, ...], batch: int,
+               device: torch.device, *, repeats: int = 15, budget_s: float = 2.0) -> dict[str, float]:
+    """Time two modules on the same random batch, alternating runs so that both see the same machine.
+
+    Returns the median and the minimum milliseconds of each (``first_ms``, ``first_min_ms``, ``second_ms``,
+    ``second_min_ms``). The minimum is the least disturbed by other processes: decisions use it.
+    """
+    was = first.training, second.training
+    first.eval()
+    second.eval()
+    x = torch.randn(batch, *input_shape, device=device)
+    try:
+        for _ in range(2):
+            first(x)
+            second(x)
+        _sync(device)
+        times: tuple[list[float], list[float]] = ([], [])
+        start = time.perf_counter()
+        while len(times[0]) < repeats and (len(times[0]) < 3 or time.perf_counter() - start < budget_s):
+            for module, kept in ((first, times[0]), (second, times[1])):
+                t0 = time.perf_counter()
+                module(x)
+                _sync(device)
+                kept.append(time.perf_counter() - t0)
+    finally:
+        first.train(was[0])
+        second.train(was[1])
+    return {"first_ms": 1e3 * statistics.median(times[0]), "first_min_ms": 1e3 * min(times[0]),
+            "second_ms": 1e3 * statistics.median(times[1]), "second_min_ms": 1e3 * min(times[1])}
+
+
 def model_latency(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
                   batches: tuple[int, ...] = BATCHES, repeats: int = 15, budget_s: float = 2.0) -> dict[str, float]:
     """``{"batch1_ms": ..., "batch64_ms": ...}``: median milliseconds per forward pass of the whole model."""
@@ -82,4 +114,4 @@ def model_latency(model: nn.Module, input_shape: tuple[int, ...], device: torch.
             for b in batches}
 
 
-__all__ = ["BATCHES", "layer_input_shapes", "median_seconds", "model_latency", "module_latency_ms"]
+__all__ = ["BATCHES", "compare_ms", "layer_input_shapes", "median_seconds", "model_latency", "module_latency_ms"]

@@ -201,15 +201,19 @@ def _plan_compression(model: nn.Module, config: CompressionConfig) -> Compressio
     return plan
 
 
+SLOWER = "factorized it ran slower"
+
+
 def drop_slower_layers(model: nn.Module, plan: CompressionPlan, input_shape: tuple[int, ...],
                        device: torch.device, config: CompressionConfig) -> dict[str, dict[str, float]]:
     """Time each planned layer, original and factorized, on ``device``; returns per-layer milliseconds.
 
     Unless ``config.keep_slower``, a layer whose factorized form is slower than the original at
     ``config.latency_batch`` (beyond ``latency_tolerance``) is moved from ``plan.layers`` to
-    ``plan.skipped`` with the figures. The factorized forms are timed with random factors (latency does
-    not depend on the values), so no decomposition is computed here. Other batch sizes of
-    ``latency.BATCHES`` are recorded too.
+    ``plan.skipped`` with the figures. Runs of the two forms alternate, and the decision compares their
+    fastest runs (medians are recorded too): other processes only ever add time. The factorized forms
+    are timed with random factors (latency does not depend on the values), so no decomposition is
+    computed here. Other batch sizes of ``latency.BATCHES`` are recorded too.
     """
     shapes = latency.layer_input_shapes(model, [p.name for p in plan.layers], input_shape, device)
     batches = sorted({config.latency_batch, *latency.BATCHES})
@@ -220,20 +224,35 @@ def drop_slower_layers(model: nn.Module, plan: CompressionPlan, input_shape: tup
         factorized = _structure(original, p).to(device)
         row: dict[str, float] = {}
         for b in batches:
-            for what, module in (("original", original), ("factorized", factorized)):
-                row[f"{what}_batch{b}_ms"] = latency.module_latency_ms(
-                    module, shapes[p.name], b, device, repeats=config.latency_repeats,
-                    budget_s=config.latency_budget_s)
+            t = latency.compare_ms(original, factorized, shapes[p.name], b, device, repeats=config.latency_repeats,
+                                   budget_s=config.latency_budget_s)
+            row |= {f"original_batch{b}_ms": t["first_ms"], f"factorized_batch{b}_ms": t["second_ms"],
+                    f"original_batch{b}_min_ms": t["first_min_ms"], f"factorized_batch{b}_min_ms": t["second_min_ms"]}
         timings[p.name] = row
         b = config.latency_batch
-        before, after = row[f"original_batch{b}_ms"], row[f"factorized_batch{b}_ms"]
+        before, after = row[f"original_batch{b}_min_ms"], row[f"factorized_batch{b}_min_ms"]
         if config.keep_slower or after <= before * (1 + config.latency_tolerance):
             kept.append(p)
         else:
-            plan.skipped[p.name] = (f"factorized it ran slower on {device.type} at batch {config.latency_batch} "
-                                    f"({after:.3f} ms vs {before:.3f} ms); set keep_slower to keep it")
+            plan.skipped[p.name] = (f"{SLOWER} on {device.type} at batch {config.latency_batch} (fastest runs "
+                                    f"{after:.3f} ms vs {before:.3f} ms); set keep_slower to keep it")
     plan.layers = kept
     return timings
+
+
+def replan_ratio(model: nn.Module, plan: CompressionPlan, config: CompressionConfig) -> CompressionPlan:
+    """For ``rank_method="ratio"``: solve the ranks again on the layers ``plan`` kept, so that leaving
+    slower layers alone does not quietly lower the whole-model ratio; other methods return ``plan``."""
+    slower = [n for n, why in plan.skipped.items() if why.startswith(SLOWER)]
+    if config.rank_method != "ratio" or not plan.layers or not slower:
+        return plan
+    try:
+        again = plan_compression(model, config.model_copy(update={"layers": [p.name for p in plan.layers]}))
+    except CompressionError as exc:
+        raise CompressionError(f"{len(slower)} layers ran slower factorized and are left alone, so {exc}; or set "
+                               "keep_slower") from exc
+    again.skipped = {**plan.skipped, **again.skipped}
+    return again
 
 
 def _structure(layer: nn.Module, p: LayerPlan) -> nn.Module:

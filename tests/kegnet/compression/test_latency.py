@@ -23,13 +23,18 @@ def _fake_timings(monkeypatch: pytest.MonkeyPatch, slow: str, slow_ms: float = 3
     calls: list[tuple[type, tuple, int]] = []
     slow_shape = {"2": (8, 8, 8), "4": (16, 8, 8)}[slow]
 
-    def fake(module: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device, **_: object) -> float:
+    def ms(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> float:
         calls.append((type(module), tuple(input_shape), batch))
         if type(module) is nn.Conv2d:
             return 1.0
         return slow_ms if tuple(input_shape) == slow_shape else 0.5
 
-    monkeypatch.setattr(latency, "module_latency_ms", fake)
+    def fake(first: nn.Module, second: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device,
+             **_: object) -> dict[str, float]:
+        a, b = ms(first, input_shape, batch), ms(second, input_shape, batch)
+        return {"first_ms": a, "first_min_ms": a, "second_ms": b, "second_min_ms": b}
+
+    monkeypatch.setattr(latency, "compare_ms", fake)
     return calls
 
 
@@ -46,7 +51,9 @@ def test_slower_factorization_is_dropped_with_its_figures(monkeypatch: pytest.Mo
 
     assert set(timings) == {"2", "4"}
     assert timings["4"] == {"original_batch1_ms": 1.0, "factorized_batch1_ms": 3.0,
-                            "original_batch64_ms": 1.0, "factorized_batch64_ms": 3.0}
+                            "original_batch64_ms": 1.0, "factorized_batch64_ms": 3.0,
+                            "original_batch1_min_ms": 1.0, "factorized_batch1_min_ms": 3.0,
+                            "original_batch64_min_ms": 1.0, "factorized_batch64_min_ms": 3.0}
     assert timings["2"]["factorized_batch1_ms"] == 0.5
     # Each layer timed on its own input shape, original and factorized, at batch 1 and 64.
     assert sorted({(shape, b) for _, shape, b in calls}) == [((8, 8, 8), 1), ((8, 8, 8), 64),
@@ -89,3 +96,31 @@ def test_median_seconds_runs_at_least_three_times_within_the_budget() -> None:
     seconds = latency.median_seconds(lambda: calls.append(1), torch.device("cpu"), repeats=50, budget_s=0.0,
                                      warmup=2)
     assert len(calls) == 2 + 3 and seconds >= 0
+
+
+def test_compare_ms_alternates_and_reports_medians_and_minimums() -> None:
+    fast, slow = nn.Identity(), nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
+    t = latency.compare_ms(fast, slow, (64,), 32, torch.device("cpu"), repeats=5, budget_s=0.5)
+    assert 0 < t["first_min_ms"] <= t["first_ms"] and 0 < t["second_min_ms"] <= t["second_ms"]
+    assert t["second_min_ms"] > t["first_min_ms"]  # eight 64x64 matmuls take longer than nothing
+
+
+def test_ratio_is_solved_again_on_the_layers_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kegnet.compression.plan import replan_ratio
+    from kegnet.errors import CompressionError
+    from kegnet.metrics import count_parameters
+
+    model = _model()
+    config = CompressionConfig(layers=["2", "4", "6"], rank_method="ratio", target_ratio=2.0)
+    plan = plan_compression(model, config)
+    _fake_timings(monkeypatch, slow="4")  # layer 4 is left alone
+    drop_slower_layers(model, plan, (3, 8, 8), torch.device("cpu"), config)
+    assert [p.name for p in plan.layers] == ["2", "6"]
+    again = replan_ratio(model, plan, config)
+    assert [p.name for p in again.layers] == ["2", "6"] and "4" in again.skipped
+    saved = sum(p.params_before - p.params_after for p in again.layers)
+    assert count_parameters(model) / (count_parameters(model) - saved) >= 2.0  # the target still holds
+    # Out of reach without the slower layers: said, not silently missed.
+    far = config.model_copy(update={"target_ratio": 200.0})
+    with pytest.raises(CompressionError, match="ran slower factorized and are left alone"):
+        replan_ratio(model, plan, far)
