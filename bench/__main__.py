@@ -2,7 +2,10 @@
 
 Scenarios (bench/scenarios.py) run the real pipeline on real teachers and score the students on real test
 data, which the pipeline itself never sees. ``--scale`` multiplies every step budget (0.01 for a smoke run).
-``python -m bench scale`` measures time and memory of generator training as the input and batch grow.
+``python -m bench scale`` measures time and memory of generator training as the input and batch grow
+(``--teacher torchvision:resnet18 --sides 224`` for ImageNet-sized inputs). ``bench/gpu.sh OUTDIR`` runs the
+GPU rows. Rows report parameters, ratio, real test accuracy, the latency of student and teacher at batch 1
+and 64 from the manifest, and the seconds of every pipeline stage.
 
 Within one seed, the KegNet generators are trained once and shared by the scenario's compression settings
 (they depend on the teacher only); the generator time is reported in every row that uses them.
@@ -11,6 +14,7 @@ Within one seed, the KegNet generators are trained once and shared by the scenar
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -79,6 +83,38 @@ def _save_generators(path: Path, gens: list[torch.nn.Module], seconds: float) ->
     save_file(tensors, str(path), metadata={"seconds": str(seconds)})
 
 
+class _SharedDecomposition:
+    """Within one bench run, rows that factorize the same teacher weights with the same plan, HOOI budget and
+    seed get the same initial student: it is computed once and copied (``kegnet.pipeline.apply_plan`` is
+    wrapped while the bench runs). Each row still reports the time the decomposition took."""
+
+    def __init__(self) -> None:
+        self.done: dict[str, tuple[torch.nn.Module, float]] = {}
+        self.last_seconds = 0.0
+
+    def __enter__(self) -> _SharedDecomposition:
+        import kegnet.pipeline as pipeline
+
+        self._pipeline, self._original = pipeline, pipeline.apply_plan
+
+        def apply_plan(model: torch.nn.Module, plan: Any, **kwargs: Any) -> torch.nn.Module:
+            key = json.dumps([teacher_digest(model), plan.to_dict(), sorted(kwargs.items())])
+            if key not in self.done:
+                t0 = time.perf_counter()
+                student = self._original(model, plan, **kwargs)
+                self.done[key] = (copy.deepcopy(student), time.perf_counter() - t0)
+                self.last_seconds = self.done[key][1]
+                return student
+            student, self.last_seconds = self.done[key]
+            return copy.deepcopy(student)
+
+        pipeline.apply_plan = apply_plan
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pipeline.apply_plan = self._original
+
+
 def make_config(scenario: Scenario, setting: str, method: str, scale: float,
                 extra: dict[str, Any] | None = None) -> PipelineConfig:
     """The "fast" preset with the scenario's overrides, then ``extra`` (``--config``), the setting's
@@ -128,10 +164,24 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
     for row in rows:
         print(_fmt(row), flush=True)
     shared: dict[str, tuple[list[torch.nn.Module], float]] = {}  # generator key -> generators, seconds
+    with _SharedDecomposition() as decompositions:
+        _run_rows(sc, rows, teachers, digests, spec, source, dev, x, y, seeds, scale, methods, settings, extra,
+                  reuse_generators, shared, decompositions)
+    return {"scenario": name, "about": sc.about, "device": device_name(dev), "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "rows": rows}
+
+
+def _run_rows(sc: Scenario, rows: list[dict[str, Any]], teachers: list[torch.nn.Module], digests: list[str],
+              spec: ModelSpec, source: tuple[Path, ModelSpec] | None, dev: torch.device, x: torch.Tensor,
+              y: torch.Tensor, seeds: int, scale: float, methods: list[str] | None, settings: list[str] | None,
+              extra: dict[str, Any] | None, reuse_generators: bool,
+              shared: dict[str, tuple[list[torch.nn.Module], float]], decompositions: _SharedDecomposition) -> None:
     for setting in sc.settings:
         if settings and setting not in settings:
             continue
-        for method in sc.methods:
+        # --methods may also name a variant that is not among the scenario's default rows.
+        extra_variants = [m for m in methods or [] if m in sc.variants and m not in sc.methods]
+        for method in [*sc.methods, *extra_variants]:
             if methods and method not in methods:
                 continue
             row: dict[str, Any] = {"setting": setting, "method": method, "accuracy": [], "agreement": [],
@@ -160,6 +210,9 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
                         result = run_pipeline(teacher, spec, cfg, tmp, device=str(dev), seed=seed, generators=gens)
                     seconds = time.perf_counter() - t0
                 timings = dict(result.manifest["timings_s"])
+                timings["decompose_computed"] = timings["decompose"]  # near 0 where it was shared
+                timings["decompose"] = decompositions.last_seconds
+                seconds += timings["decompose"] - timings["decompose_computed"]
                 if gens is None and result.generators is not None:
                     shared[key] = (result.generators, timings["generators"])
                     if cache is not None:
@@ -181,8 +234,6 @@ def run(name: str, seeds: int, device: str, scale: float, test_limit: int | None
                 row["parameters"] = result.manifest["parameters"]["student"]
             rows.append(row)
             print(_fmt(row), flush=True)
-    return {"scenario": name, "about": sc.about, "device": device_name(dev), "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "rows": rows}
 
 
 def _pct(values: list[float]) -> str:
@@ -195,16 +246,22 @@ STAGES = ("load", "plan", "generators", "decompose", "finetune", "export")
 
 
 def _header() -> str:
-    return ("| setting | method | params | ratio | test acc. % | synth. agreement % | b1 ms | b64 ms "
-            "| s: load / plan / generators / decompose / student / export | total s | peak GPU MiB | seeds |\n"
+    return ("| setting | method | params | ratio | test acc. % | synth. agreement % | b1 ms (teacher) "
+            "| b64 ms (teacher) | s: load / plan / generators / decompose / student / export | total s "
+            "| peak GPU MiB | seeds |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _latency_cell(row: dict[str, Any], key: str) -> str:
-    """The row's model (the student; the teacher in a teacher row) at one batch, mean over seeds."""
+    """The row's model at one batch, mean over seeds: the student, then in brackets the teacher as timed in
+    the same job (machine load changes between jobs); a teacher row has the teacher only."""
     lat = row.get("latency_ms") or []
-    values = [entry.get("student", entry["teacher"])[key] for entry in lat]
-    return f"{statistics.mean(values):.2f}" if values else "-"
+    if not lat:
+        return "-"
+    teacher = statistics.mean(entry["teacher"][key] for entry in lat)
+    if "student" not in lat[0]:
+        return f"{teacher:.2f}"
+    return f"{statistics.mean(entry['student'][key] for entry in lat):.2f} ({teacher:.2f})"
 
 
 def _fmt(row: dict[str, Any]) -> str:

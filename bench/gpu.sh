@@ -6,8 +6,8 @@
 #
 #   bench/gpu.sh OUTDIR        (from the repository root; writes OUTDIR/*.json and OUTDIR/*.log)
 #
-# GPU budgets (not the CPU ones of docs/benchmarks.md): the fast preset's generators (5 x 200 steps at batch
-# 256 here, not 300) and 800 student steps at batch 256, 2 seeds; the ONNX scenario 1 seed, tucker-only and
+# GPU budgets (not the CPU ones of docs/benchmarks.md): the fast preset's generators (5 x 150 steps at batch
+# 256 here, not 300) and 500 student steps at batch 256, 2 seeds; the ONNX scenario 1 seed, tucker-only and
 # kegnet only (the same weights as fashion-resnet18). The Fashion-MNIST teachers are trained on first use
 # (bench/teachers.py, 200 steps: seconds on a GPU) unless bench/results/teachers/ already holds them.
 set -euo pipefail
@@ -16,12 +16,12 @@ if [[ $# -ne 1 ]]; then
     echo "usage: $0 OUTDIR" >&2
     exit 2
 fi
-OUT="$1"
-mkdir -p "$OUT"
+mkdir -p "$1"
+OUT="$(cd "$1" && pwd)"  # absolute: the commands below run from the repository root
 cd "$(dirname "$0")/.."
 
-GPU_BUDGET='{"generator": {"num_generators": 5, "steps": 200, "batch_size": 256},
-             "distill": {"steps": 800, "batch_size": 256, "eval_every": 100, "holdout_samples": 2048}}'
+GPU_BUDGET='{"generator": {"num_generators": 5, "steps": 150, "batch_size": 256},
+             "distill": {"steps": 500, "batch_size": 256, "eval_every": 100, "holdout_samples": 2048}}'
 failed=()
 
 bench() {  # bench SECONDS NAME ARGS...: one bounded command, its output in OUTDIR/NAME.log

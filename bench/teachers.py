@@ -79,9 +79,9 @@ def uci_teacher(name: str, seed: int = 0) -> tuple[Path, ModelSpec]:
 # Image teachers from the libraries (torchvision, timm), trained here on the real Fashion-MNIST training set.
 # Recipe (bounded for a 2-core CPU, ~8 minutes each): SGD momentum 0.9, nesterov, lr 0.05 with one-cycle
 # (linear warm-up 15%, cosine down), weight decay 5e-4, batch 128, random shifts of up to 2 px and
-# horizontal flips, ``IMAGE_STEPS`` steps (about 2.2 s each on 2 CPU threads for either net, so under
-# half an epoch: a budget, not a converged teacher).
-IMAGE_STEPS = 200
+# horizontal flips, ``IMAGE_STEPS[name]`` steps (2.2-5 s each on a shared 2-core CPU for either net, so
+# under half an epoch: a budget, not a converged teacher).
+IMAGE_STEPS = {"fashion-resnet18": 200, "fashion-mobilenetv3": 120}
 IMAGE_TEACHERS: dict[str, ModelSpec] = {
     "fashion-resnet18": ModelSpec(arch="torchvision:resnet18", input_shape=(3, 32, 32), num_classes=10),
     "fashion-mobilenetv3": ModelSpec(arch="timm:mobilenetv3_small_100", input_shape=(1, 32, 32), num_classes=10),
@@ -108,7 +108,7 @@ def train_image_teacher(name: str, seed: int = 0, steps: int | None = None,
     returns the model, on the CPU, and its figures."""
     import time
 
-    steps = steps or IMAGE_STEPS
+    steps = steps or IMAGE_STEPS[name]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = IMAGE_TEACHERS[name]
     x, y = fashion_inputs("train", spec.input_shape[0])
