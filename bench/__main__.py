@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from bench.datasets import accuracy
 from bench.scenarios import SCENARIOS, Scenario
-from kegnet import ModelSpec, PipelineConfig, run_pipeline
+from kegnet import KegnetError, ModelSpec, PipelineConfig, run_pipeline
 from kegnet.compression.latency import model_latency
 from kegnet.generation import make_generator
 from kegnet.metrics import count_parameters
@@ -203,11 +203,16 @@ def _run_rows(sc: Scenario, rows: list[dict[str, Any]], teachers: list[torch.nn.
                     torch.cuda.reset_peak_memory_stats(dev)
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.perf_counter()
-                    if source is not None:
-                        result = run_pipeline(source[0], source[1], cfg, tmp, device=str(dev), seed=seed,
-                                              generators=gens)
-                    else:
-                        result = run_pipeline(teacher, spec, cfg, tmp, device=str(dev), seed=seed, generators=gens)
+                    try:
+                        if source is not None:
+                            result = run_pipeline(source[0], source[1], cfg, tmp, device=str(dev), seed=seed,
+                                                  generators=gens)
+                        else:
+                            result = run_pipeline(teacher, spec, cfg, tmp, device=str(dev), seed=seed,
+                                                  generators=gens)
+                    except KegnetError as exc:  # the job a user would get fails: a row that says why
+                        row["error"] = str(exc)
+                        break
                     seconds = time.perf_counter() - t0
                 timings = dict(result.manifest["timings_s"])
                 timings["decompose_computed"] = timings["decompose"]  # near 0 where it was shared
@@ -265,6 +270,8 @@ def _latency_cell(row: dict[str, Any], key: str) -> str:
 
 
 def _fmt(row: dict[str, Any]) -> str:
+    if "error" in row and not row["accuracy"]:
+        return f"| {row['setting']} | {row['method']} | job fails: {row['error'][:160]} | | | | | | | | | |"
     timings = row.get("timings_s") or []
     agreement = [a for a in row.get("agreement", []) if a is not None]
     peak = [p for p in row.get("peak_gpu_mb", []) if p is not None]

@@ -101,8 +101,8 @@ def test_wrong_input_shape_says_input_shape(tmp_path: Path) -> None:
 
     path = write_mlp_safetensors(tmp_path / "t.safetensors")  # an MLP on 8 features
     proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", str(path), "--arch", "mlp", "--arch-kwargs",
-                           '{"hidden": [16]}', "--input-shape", "9", "--num-classes", "3", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+                           '{"hidden": [16]}', "--input-shape", "9", "--num-classes", "3",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "check input_shape" in proc.stderr
 
 
