@@ -40,6 +40,7 @@ from torch import nn
 
 from kegnet.config import PipelineConfig
 from kegnet.errors import SpecError
+from kegnet.metrics import forward_with_hooks
 
 FLOAT_BYTES = 4
 DECODER_UNITS = 120
@@ -94,19 +95,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...]) -> Profile:
         elif isinstance(module, nn.Linear):
             macs += module.in_features * module.out_features * (out.numel() // module.out_features)
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, input_shape, hook, [m for m in model.modules() if not list(m.children())])
     return Profile(sum(p.numel() for p in model.parameters()), int(macs), int(activations))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,18 +24,26 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         elif isinstance(module, nn.Linear):
             total += module.in_features * module.out_features * (output[0].numel() // module.out_features)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    forward_with_hooks(model, input_shape, hook, [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)])
+    return int(total)
+
+
+def forward_with_hooks(model: nn.Module, input_shape: tuple[int, ...], hook: Callable[..., None],
+                       modules: list[nn.Module]) -> None:
+    """One eval-mode forward pass of one zero sample of ``input_shape``, on the model's device, with the
+    forward ``hook`` on each of ``modules``; hooks and the model's mode are restored afterwards."""
+    handles = [m.register_forward_hook(hook) for m in modules]
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, device=device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return int(total)
 
 
 @torch.no_grad()

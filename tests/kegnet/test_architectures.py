@@ -8,7 +8,6 @@ teacher's function on every family.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,18 +25,6 @@ from kegnet.metrics import count_parameters
 from tests.conftest import tiny_config
 
 IMG = (3, 32, 32)
-
-
-@pytest.fixture(autouse=True)
-def _one_blas_thread() -> Iterator[None]:
-    """numpy's SVDs on one BLAS thread: on a small, busy CPU two OpenBLAS threads were 10-25x slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # not a dependency of kegnet; the tests only run slower without it
-        yield
-        return
-    with threadpool_limits(1):
-        yield
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +32,6 @@ FAMILIES = {  # a representative subset: plain convs, depthwise + SE + hardswish
     "regnetx_002": ("timm:regnetx_002", {}),
 }
 DYNAMO = ("resnet18", "mobilenet_v3_small", "vit")  # the newer exporter is slower: a subset
-
-
-@pytest.fixture(autouse=True)
-def _one_blas_thread() -> Iterator[None]:
-    """numpy's SVDs on one BLAS thread: on a small, busy CPU two OpenBLAS threads were 10-25x slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # not a dependency of kegnet; the tests only run slower without it
-        yield
-        return
-    with threadpool_limits(1):
-        yield
 
 
 def _module(family: str, num_classes: int = 10) -> nn.Module:
