@@ -78,6 +78,11 @@ class CompressionConfig(_Strict):
         0.05, ge=0.0, le=1.0, description="a factorization counts as not slower up to this relative margin "
                                           "(repeated timings of one layer vary by a few percent)",
     )
+    latency_floor_ms: float = Field(
+        0.02, ge=0.0, le=100.0,
+        description="and up to this many milliseconds: below it two timings of a small layer cannot be told apart "
+                    "(measured: 64-channel convs at 8x8 kept or dropped at random between runs without it)",
+    )
     latency_repeats: int = Field(15, ge=3, le=1000, description="timed runs per latency measurement (the median "
                                                                  "is kept), within latency_budget_s")
     latency_budget_s: float = Field(2.0, gt=0, le=60.0, description="seconds one latency measurement may take")

@@ -209,7 +209,7 @@ def drop_slower_layers(model: nn.Module, plan: CompressionPlan, input_shape: tup
     """Time each planned layer, original and factorized, on ``device``; returns per-layer milliseconds.
 
     Unless ``config.keep_slower``, a layer whose factorized form is slower than the original at
-    ``config.latency_batch`` (beyond ``latency_tolerance``) is moved from ``plan.layers`` to
+    ``config.latency_batch`` (beyond ``latency_tolerance`` and ``latency_floor_ms``) is moved from ``plan.layers`` to
     ``plan.skipped`` with the figures. Runs of the two forms alternate, and the decision compares their
     fastest runs (medians are recorded too): other processes only ever add time. The factorized forms
     are timed with random factors (latency does not depend on the values), so no decomposition is
@@ -231,7 +231,7 @@ def drop_slower_layers(model: nn.Module, plan: CompressionPlan, input_shape: tup
         timings[p.name] = row
         b = config.latency_batch
         before, after = row[f"original_batch{b}_min_ms"], row[f"factorized_batch{b}_min_ms"]
-        if config.keep_slower or after <= before * (1 + config.latency_tolerance):
+        if config.keep_slower or after <= before * (1 + config.latency_tolerance) + config.latency_floor_ms:
             kept.append(p)
         else:
             plan.skipped[p.name] = (f"{SLOWER} on {device.type} at batch {config.latency_batch} (fastest runs "

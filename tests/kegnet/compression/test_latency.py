@@ -124,3 +124,14 @@ def test_ratio_is_solved_again_on_the_layers_kept(monkeypatch: pytest.MonkeyPatc
     far = config.model_copy(update={"target_ratio": 200.0})
     with pytest.raises(CompressionError, match="ran slower factorized and are left alone"):
         replan_ratio(model, plan, far)
+
+
+def test_differences_below_the_floor_are_not_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    for floor, kept in ((0.0, ["2"]), (0.02, ["2", "4"])):
+        config = CompressionConfig(layers=["2", "4"], rank_method="fraction", rank_fraction=0.5, latency_tolerance=0.0,
+                                   latency_floor_ms=floor)
+        plan = plan_compression(model, config)
+        _fake_timings(monkeypatch, slow="4", slow_ms=1.015)  # 15 µs slower than its 1 ms layer
+        drop_slower_layers(model, plan, (3, 8, 8), torch.device("cpu"), config)
+        assert [p.name for p in plan.layers] == kept
