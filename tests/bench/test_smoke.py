@@ -57,7 +57,7 @@ def test_variants_set_their_config_and_ensembles_key_their_generators() -> None:
     assert make_config(objectives, "rank10", "kegnet:kd", 1.0).compression.keep_slower
     library = make_config(SCENARIOS["fashion-resnet18"], "2.5x", "kegnet:bnprior", 1.0)
     assert not library.compression.keep_slower and library.compression.target_ratio == 2.5
-    assert library.generator.batchnorm_prior > 0 and library.generator.steps == 20
+    assert library.generator.batchnorm_prior > 0 and library.generator.steps == 200
 
 
 
@@ -75,7 +75,7 @@ def test_library_scenario_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     config = {"generator": {"batch_size": 8}, "distill": {"batch_size": 8, "holdout_samples": 64},
               "compression": {"keep_slower": True, "latency_repeats": 3, "latency_budget_s": 0.05}}
     result = run("fashion-mobilenetv3", 1, "cpu", 0.01, test_limit=64, methods=["tucker-only", "gaussian", "kegnet"],
-                 extra=config)
+                 settings=["2.5x"], extra=config)
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["teacher", "tucker-only", "gaussian", "kegnet"]
     assert rows["kegnet"]["ratio"] >= 2.4 and rows["kegnet"]["latency_ms"][0]["student"]["batch64_ms"] > 0
