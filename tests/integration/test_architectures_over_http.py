@@ -63,3 +63,16 @@ def test_onnx_upload_without_shapes(client, stack, tmp_path: Path) -> None:
     session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
     out = session.run(None, {session.get_inputs()[0].name: np.zeros((4, 3, 16, 16), np.float32)})[0]
     assert out.shape == (4, 5)
+
+
+def test_demo_keeps_its_results_and_says_how_to_use_the_student(stack, api_key, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo-out"
+    proc = subprocess.run([sys.executable, "-m", "kegnet.demo", "--url", stack.url, "--api-key", api_key,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=stack.env)
+    assert proc.returncode == 0, proc.stderr[-2000:] + stack.logs()
+    assert (out / "results" / "student.pt2").is_file() and (out / "results" / "manifest.json").is_file()
+    assert f'torch.export.load("{out / "results" / "student.pt2"}")' in proc.stdout
+    assert "latency batch 1" in proc.stdout
