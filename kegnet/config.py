@@ -44,8 +44,11 @@ class GeneratorConfig(_Strict):
                     "None: 0.1 for images, 0 for vectors (measured: it helps on MNIST, gives nothing on pendigits)",
     )
     batchnorm_prior: float = Field(
-        0.0, ge=0, le=1e3,
-        description="weight of matching the teacher's BatchNorm running statistics (DeepInversion); eval mode only",
+        0.1, ge=0, le=1e3,
+        description="weight of matching the teacher's BatchNorm running statistics (DeepInversion); eval mode "
+                    "only, nothing to match without BatchNorm. Measured on the three BatchNorm teachers of "
+                    "docs/benchmarks.md, it lifted every KegNet student: ResNet-18 58.36 -> 68.85, MobileNetV3 "
+                    "41.48 -> 44.98, the paper's ResNet-14 80.45 -> 87.66 (one seed each)",
     )
     decoder_layers: int = Field(2, ge=1, le=3, description="hidden 120-unit layers in the decoder")
     teacher_mode: Literal["eval", "train"] = Field(
@@ -226,7 +229,7 @@ PRESETS: dict[str, PipelineConfig] = {
         preset="paper",
         generator=GeneratorConfig(
             num_generators=5, steps=20_000, batch_size=256, lr=1e-3, alpha=1.0, beta=0.0,
-            smoothness=0.0, activation=0.0, decoder_layers=1, teacher_mode="train",
+            smoothness=0.0, activation=0.0, batchnorm_prior=0.0, decoder_layers=1, teacher_mode="train",
         ),
         compression=CompressionConfig(keep_slower=True),  # the paper compresses its layers whatever their speed
         distill=DistillConfig(
