@@ -38,6 +38,7 @@ StateDict = dict[str, torch.Tensor]
 # Keys under which training scripts commonly nest the state dict.
 _NESTED_KEYS = ("model_state", "state_dict", "model_state_dict", "model")
 _HOW_TO_SAVE = "save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
+_DAMAGED = f"the checkpoint could not be read; it looks truncated or damaged; {_HOW_TO_SAVE}"
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -92,8 +93,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> StateD
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
         # torch's own message may advise weights_only=False: log it, never pass it on.
         log.info("torch.load refused %s: %s", path.name, str(exc).splitlines()[0] if str(exc) else type(exc))
-        raise CheckpointError(f"the checkpoint could not be read; it looks truncated or damaged; "
-                              f"{_HOW_TO_SAVE}") from exc
+        raise CheckpointError(_DAMAGED) from exc
     return _unwrap(obj)
 
 
@@ -146,8 +146,7 @@ def _check_torch_archive(path: Path, size: int, budget: int) -> None:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
         log.info("unreadable zip %s: %s", path.name, exc)
-        raise CheckpointError(f"the checkpoint could not be read; it looks truncated or damaged; "
-                              f"{_HOW_TO_SAVE}") from exc
+        raise CheckpointError(_DAMAGED) from exc
     if len(infos) > MAX_ARCHIVE_ENTRIES:
         raise CheckpointError(f"the checkpoint archive has {len(infos):,} entries, above the limit of "
                               f"{MAX_ARCHIVE_ENTRIES:,}; {_HOW_TO_SAVE}")
@@ -222,7 +221,6 @@ def _legacy_storage_bytes(path: Path) -> int:
     what the kernel grants fails cleanly; but it is bounded here all the same). The pickles together are
     bounded by ``MAX_PICKLE_BYTES``. Tar files (torch's first format) are refused.
     """
-    damaged = f"the checkpoint could not be read; it looks truncated or damaged; {_HOW_TO_SAVE}"
     if tarfile.is_tarfile(path):
         raise CheckpointError(f"the checkpoint is in torch's old tar format, which is not accepted; {_HOW_TO_SAVE}")
     storages: dict[str, int] = {}  # root key -> bytes (views of one storage share its allocation)
@@ -244,7 +242,7 @@ def _legacy_storage_bytes(path: Path) -> int:
         raise
     except (ValueError, EOFError, IndexError, KeyError, TypeError, struct.error) as exc:
         log.info("unreadable legacy pickle %s: %s", path.name, exc)
-        raise CheckpointError(damaged) from exc
+        raise CheckpointError(_DAMAGED) from exc
     return sum(storages.values())
 
 
@@ -462,15 +460,24 @@ class LoadedTeacher:
 def open_teacher(path: str | Path, spec: ModelSpec, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
                  onnx_limits: Any = None, max_bytes: int | None = None) -> LoadedTeacher:
     """Read an uploaded checkpoint (state dict, safetensors, or an ONNX graph for ``arch="onnx"``) and build
-    the teacher it describes. ``max_bytes``: the weights file's budget (``read_state_dict``)."""
+    the teacher it describes. ``max_bytes``: the file's budget (``read_state_dict``; for a graph, the bytes
+    of ``OnnxLimits`` unless ``onnx_limits`` is given)."""
     if spec.arch == "onnx":
+        if onnx_limits is None and max_bytes is not None:  # the same byte budget bounds a graph
+            from kegnet.models.onnx_graph import OnnxLimits
+
+            onnx_limits = OnnxLimits(max_bytes=max_bytes, max_initializer_bytes=max_bytes)
         return _open_onnx(Path(path), spec, max_parameters, onnx_limits)
     model = build_teacher(spec, read_state_dict(path, max_bytes=max_bytes), max_parameters=max_parameters)
-    source = spec.source
-    architecture = {"source": source, "name": spec.arch.partition(":")[2] or spec.arch, "kwargs": spec.kwargs()}
-    if library_version(source):
-        architecture["library_version"] = library_version(source)
-    return LoadedTeacher(model, spec, architecture)
+    return LoadedTeacher(model, spec, architecture_of(spec))
+
+
+def architecture_of(spec: ModelSpec) -> dict[str, Any]:
+    """Where a spec's architecture comes from, for the manifest: source, name, kwargs, library version."""
+    architecture = {"source": spec.source, "name": spec.arch.partition(":")[2] or spec.arch, "kwargs": spec.kwargs()}
+    if library_version(spec.source):
+        architecture["library_version"] = library_version(spec.source)
+    return architecture
 
 
 def _open_onnx(path: Path, spec: ModelSpec, max_parameters: int | None, limits: Any) -> LoadedTeacher:

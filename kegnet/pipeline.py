@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kegnet import export
-from kegnet.checkpoint import LoadedTeacher, open_teacher
+from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.compression import CompressionPlan, apply_plan, plan_compression
 from kegnet.compression.latency import model_latency
 from kegnet.compression.plan import drop_slower_layers, replan_ratio
@@ -33,7 +33,6 @@ from kegnet.errors import Cancelled, CompressionError, KegnetError
 from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, overall_progress
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.metrics import count_macs, count_parameters
-from kegnet.models.libraries import library_version
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
 from kegnet.spec import ModelSpec
 
@@ -125,7 +124,7 @@ def run_pipeline(
     checkpoint: TeacherSource | Sequence[TeacherSource], spec: ModelSpec, config: PipelineConfig,
     out_dir: str | Path, *, device: str = "auto", seed: int = 0, progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None, generators: list[nn.Module] | None = None,
-    max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
+    max_parameters: int | None = DEFAULT_MAX_PARAMETERS, max_bytes: int | None = None,
 ) -> RunResult:
     """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
 
@@ -137,7 +136,8 @@ def run_pipeline(
 
     ``generators``: KegNet generators already trained against this teacher (for example by an earlier run at
     another compression setting); the generator stage is then skipped. ``max_parameters`` refuses larger
-    architectures before they are built. Raises ``KegnetError`` subclasses for bad input (user-facing
+    architectures before they are built; ``max_bytes`` bounds what each file may declare (default: its size;
+    ``kegnet.checkpoint.open_teacher``). Raises ``KegnetError`` subclasses for bad input (user-facing
     messages) and ``Cancelled`` on request.
     """
     out = Path(out_dir)
@@ -145,7 +145,7 @@ def run_pipeline(
     torch.manual_seed(seed)
     job = _Job(spec, config, resolve_device(device), seed, out, _Reporter(progress, should_cancel), should_cancel)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
-    job.timed("load", _load, sources, max_parameters)
+    job.timed("load", _load, sources, max_parameters, max_bytes)
     job.timed("plan", _plan)
     job.timed("generators", _generate, generators)
     job.timed("decompose", _decompose)
@@ -160,7 +160,7 @@ def run_pipeline(
 
 
 # 1. load ------------------------------------------------------------------------------------------------
-def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None) -> None:
+def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None, max_bytes: int | None) -> None:
     """Build every teacher (all of one spec); a bad file's error names which one it is."""
     if not 1 <= len(sources) <= MAX_TEACHERS:
         raise KegnetError(f"give 1 to {MAX_TEACHERS} teachers, got {len(sources)}")
@@ -170,7 +170,7 @@ def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None) -
         if len(sources) > 1:
             job.report("load", i / len(sources), f"loading teacher {i + 1} of {len(sources)}")
         try:
-            loaded.append(_open(source, job.spec, max_parameters))
+            loaded.append(_open(source, job.spec, max_parameters, max_bytes))
         except KegnetError as exc:
             if len(sources) == 1:
                 raise
@@ -187,15 +187,13 @@ def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None) -
                parameters=count_parameters(job.teacher))
 
 
-def _open(source: TeacherSource, spec: ModelSpec, max_parameters: int | None) -> LoadedTeacher:
+def _open(source: TeacherSource, spec: ModelSpec, max_parameters: int | None, max_bytes: int | None
+          ) -> LoadedTeacher:
     if not isinstance(source, nn.Module):
-        return open_teacher(source, spec, max_parameters=max_parameters)
+        return open_teacher(source, spec, max_parameters=max_parameters, max_bytes=max_bytes)
     if not spec.resolved:
         raise KegnetError("a teacher passed as a module needs input_shape and num_classes in its spec")
-    architecture: dict[str, Any] = {"source": spec.source, "name": spec.arch.partition(":")[2] or spec.arch}
-    if library_version(spec.source):
-        architecture["library_version"] = library_version(spec.source)
-    return LoadedTeacher(source, spec, architecture)
+    return LoadedTeacher(source, spec, architecture_of(spec))
 
 
 # 2. plan -----------------------------------------------------------------------------------------------

@@ -136,11 +136,11 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
             out_dir = storage.out_dir(job_id)
             out_dir.mkdir(parents=True, exist_ok=True)
             paths = [storage.checkpoint_path(job_id, i) for i in range(len(job["checkpoints"]))]
-            _check_files(paths, request, settings)
             result = run_pipeline(
                 paths[0] if len(paths) == 1 else paths, request.model, request.config, out_dir,
                 device=device, seed=request.seed, progress=reporter.progress,
                 should_cancel=reporter.should_cancel, max_parameters=settings.max_parameters,
+                max_bytes=settings.max_upload_bytes,  # the API's budget, applied again to the stored files
             )
             artifacts = list_artifacts(Path(result.out_dir))
             metrics = {**reporter.metrics, **_summary(result.manifest), "device": device}
@@ -160,21 +160,6 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
         log.exception("job %s crashed", job_id)
         return _fail(store, job_id, "internal error while compressing; the operators have the details in the "
                                     "worker log")
-
-
-def _check_files(paths: list[Path], request: JobRequest, settings: Settings) -> None:
-    """The API's budget on what each weights file may declare, checked again before the pipeline loads it
-    (the pipeline's own default bounds a file by its size; this makes the service's limit explicit)."""
-    if request.model.arch == "onnx":
-        return  # ONNX graphs have their own limits (kegnet.models.onnx_graph)
-    from kegnet.checkpoint import check_checkpoint_file
-
-    for i, path in enumerate(paths):
-        try:
-            check_checkpoint_file(path, max_bytes=settings.max_upload_bytes)
-        except KegnetError as exc:
-            where = "" if len(paths) == 1 else f"checkpoint {i + 1} of {len(paths)} (index {i}): "
-            raise type(exc)(f"{where}{exc}") from exc
 
 
 def _fail(store: JobStore, job_id: str, message: str) -> str:

@@ -307,14 +307,13 @@ def _replace_layers(student: nn.Module, plan: CompressionPlan, initialize: bool,
         parent_name, _, attr = p.name.rpartition(".")
         parent = student.get_submodule(parent_name) if parent_name else student
         old = getattr(parent, attr)
-        if p.kind == "conv":
-            new: nn.Module = (
-                Tucker2Conv2d.from_conv(old, p.in_rank, p.out_rank, n_iter_max=n_iter_max, seed=seed)
-                if initialize else Tucker2Conv2d(old, p.in_rank, p.out_rank)
-            )
+        if not initialize:
+            new = _structure(old, p)
+        elif p.kind == "conv":
+            new = Tucker2Conv2d.from_conv(old, p.in_rank, p.out_rank, n_iter_max=n_iter_max, seed=seed)
         elif p.kind == "pointwise":
-            new = LowRankConv1x1.from_conv(old, p.in_rank) if initialize else LowRankConv1x1(old, p.in_rank)
+            new = LowRankConv1x1.from_conv(old, p.in_rank)
         else:
-            new = LowRankLinear.from_linear(old, p.in_rank) if initialize else LowRankLinear(old, p.in_rank)
+            new = LowRankLinear.from_linear(old, p.in_rank)
         setattr(parent, attr, new.to(old.weight.device))
         log.debug("factorized %s with ranks (%d, %d)", p.name, p.in_rank, p.out_rank)

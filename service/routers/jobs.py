@@ -23,7 +23,6 @@ from kegnet.checkpoint import open_teacher
 from kegnet.compression import plan_compression
 from kegnet.cost import check_cost, estimate_cost, profile_model
 from kegnet.errors import KegnetError
-from kegnet.models.onnx_graph import OnnxLimits
 from service.deps import current_owner, get_settings_dep, get_storage, get_store
 from service.schemas import EventPage, JobOut, JobPage, JobRequest
 from service.settings import Settings
@@ -197,8 +196,7 @@ async def submit_job(
 def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers: int) -> None:
     """Build the teacher as the worker will; for the first one (``teachers``: the job's count, else 0),
     refuse a job whose whole cost is over the limits (kegnet/cost.py), then plan its compression."""
-    limits = OnnxLimits(max_bytes=settings.max_upload_bytes, max_initializer_bytes=settings.max_upload_bytes)
-    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters, onnx_limits=limits,
+    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters,
                            max_bytes=settings.max_upload_bytes)
     if not teachers:
         return
