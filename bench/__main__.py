@@ -295,7 +295,7 @@ def device_name(dev: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale"]))
+    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale", "suite"]))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
@@ -313,11 +313,23 @@ def main() -> None:
                         help='generator/distill overrides for an ablation, e.g. \'{"generator": {"activation": 0}}\'')
     parser.add_argument("--reuse-generators", action="store_true",
                         help="keep KegNet generators in bench/results/generators and reuse them (ablations)")
+    parser.add_argument("--entries", default=None, help="suite: comma-separated subset of bench/suite/teachers.py")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<scenario>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)  # 1-2 on a shared 2-core host: oversubscription crawls
+    if args.scenario == "suite":
+        from bench.suite.run import run_suite
+        from bench.suite.teachers import ENTRIES
+
+        out = args.out or RESULTS / "suite.json"
+        entries = args.entries.split(",") if args.entries else list(ENTRIES)
+        default = PipelineConfig().candidate_recipes()[0].name
+        result = run_suite(entries, args.seeds, args.device, out, default, extra=args.config)
+        result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
+        out.write_text(json.dumps(result, indent=2))
+        return
     if args.scenario == "scale":
         from bench.scale import run_scale
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from kegnet import create_model
 from kegnet.config import GeneratorConfig
 from kegnet.generation import Decoder, decoder_loss, diversity_loss, make_generator
-from kegnet.generation.train import freeze, sample_labels
+from kegnet.generation.codes import sample_labels
+from kegnet.generation.train import freeze
 from kegnet.pipeline import resolve_device
 
 SIDES = (32, 64, 128)

@@ -16,7 +16,8 @@ from typing import Any
 _EXPORTS = {
     "Cancelled": "kegnet.errors", "CheckpointError": "kegnet.errors", "CompressionError": "kegnet.errors",
     "KegnetError": "kegnet.errors", "SpecError": "kegnet.errors",
-    "ModelSpec": "kegnet.spec", "PipelineConfig": "kegnet.config", "ProgressEvent": "kegnet.events",
+    "ModelSpec": "kegnet.spec", "PipelineConfig": "kegnet.config", "Recipe": "kegnet.config",
+    "ProgressEvent": "kegnet.events", "read_eval_set": "kegnet.evaluation",
     "RunResult": "kegnet.pipeline", "run_pipeline": "kegnet.pipeline",
     "load_student": "kegnet.export",
     "create_model": "kegnet.models", "list_models": "kegnet.models", "register_model": "kegnet.models",

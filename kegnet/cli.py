@@ -79,6 +79,24 @@ def usage_snippet(out: Path, manifest: dict[str, Any]) -> str:
     return f"  {load}\n  x = ...  # a float32 tensor of shape (N, {shape})\n  {predict}"
 
 
+def report_lines(manifest: dict[str, Any]) -> list[str]:
+    """The recipe kept, the confidence estimate and its warnings, and the accuracy on the user's labelled set."""
+    lines = []
+    if manifest.get("recipe"):
+        lines.append(f"sample recipe kept: {manifest['recipe']}")
+    conf = manifest.get("confidence")
+    if conf:
+        lines.append(f"confidence estimate: {conf['estimate']:.4f} ({conf['level']}; agreement with the teacher on a "
+                     "synthetic exam, not an accuracy)")
+        lines += [f"warning: {w}" for w in conf.get("warnings") or []]
+    ev = manifest.get("evaluation")
+    if ev:
+        lines.append(f"evaluation accuracy on your {ev['samples']} labelled samples: teacher "
+                     f"{ev['teacher_accuracy']:.4f}, student {ev['student_accuracy']:.4f} (reported only, never "
+                     "used for training or selection)")
+    return lines
+
+
 class StageProgress:
     """Shows pipeline events: a bar in steps for stages that count them (generators, student) on a
     terminal, one line per stage otherwise, and one line when each stage ends; skipped stages stay silent."""
@@ -149,6 +167,10 @@ def compress(
     threads: int | None = typer.Option(None, min=1, max=256,
                                        help="CPU threads for torch (default: torch's, one per core; on a busy "
                                             "machine fewer run faster)"),
+    eval_set: Path | None = typer.Option(
+        None, "--eval-set", exists=True, dir_okay=False,
+        help="labelled safetensors file: x (N, *input_shape) float, y (N,) int; accuracy is reported, never "
+             "used for training or selection"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log what each stage does"),
 ) -> None:
     """Compress CHECKPOINTS without data and write the student, manifest and curves to OUT.
@@ -195,7 +217,8 @@ def compress(
     try:
         source = checkpoints[0] if len(checkpoints) == 1 else checkpoints
         created = not out.exists()
-        result = run_pipeline(source, spec, config, out, device=device, seed=seed, progress=progress)
+        result = run_pipeline(source, spec, config, out, device=device, seed=seed, progress=progress,
+                              eval_set=eval_set)
     except KegnetError as exc:
         progress.close()
         if created and out.is_dir() and not any(out.iterdir()):
@@ -219,6 +242,8 @@ def compress(
     if m["synthetic_agreement"]:
         what = "the teacher" if m["teachers"]["count"] == 1 else "the teacher ensemble"
         typer.echo(f"synthetic agreement with {what}: {m['synthetic_agreement']['best']:.4f}")
+    for line in report_lines(m):
+        typer.echo(line)
     typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
     typer.echo("\nuse the student (inputs preprocessed exactly as for the teacher):")
     typer.echo(usage_snippet(out, m))

@@ -6,6 +6,7 @@
     job = client.submit("resnet18.safetensors", {"arch": "torchvision:resnet18", "input_shape": [3, 224, 224],
                                                  "num_classes": 10})
     job = client.submit("model.onnx", {"arch": "onnx"})    # shape and classes from the graph
+    job = client.submit("t.safetensors", model, eval_set="eval.safetensors")  # real accuracy, reported only
     job = client.wait(job["id"])
     client.download(job["id"], "out/")
 
@@ -74,8 +75,13 @@ class KegnetClient:
         return r
 
     def submit(self, checkpoint: str | Path | Sequence[str | Path], model: Any, config: Any = None, *,
-               seed: int = 0, device: str = "auto", idempotency_key: str | None = None) -> dict[str, Any]:
-        """Upload one checkpoint, or several (a teacher ensemble, in this order), and queue the job."""
+               seed: int = 0, device: str = "auto", idempotency_key: str | None = None,
+               eval_set: str | Path | None = None) -> dict[str, Any]:
+        """Upload one checkpoint, or several (a teacher ensemble, in this order), and queue the job.
+
+        ``eval_set``: an optional labelled safetensors file (``x`` (N, *input_shape) float, ``y`` (N,) int);
+        the job reports the teacher's and student's accuracy on it and never trains or selects on it.
+        """
         paths = [checkpoint] if isinstance(checkpoint, str | Path) else list(checkpoint)
         spec: dict[str, Any] = {"model": _plain(model), "seed": seed, "device": device}
         if config is not None:
@@ -85,6 +91,9 @@ class KegnetClient:
             # The same field repeated, one part per teacher; the server never uses the file names.
             parts = [("checkpoint", ("checkpoint", files.enter_context(Path(p).open("rb")), "application/octet-stream"))
                      for p in paths]
+            if eval_set is not None:
+                parts.append(("eval_set", ("eval_set", files.enter_context(Path(eval_set).open("rb")),
+                                           "application/octet-stream")))
             r = self.http.post("/v1/jobs", files=parts, data={"spec": json.dumps(spec)}, headers=headers)
         return self._check(r).json()
 
@@ -180,6 +189,8 @@ def register_client_commands(app: Any) -> None:
         seed: int = typer.Option(0),
         device: str = typer.Option("auto", help="auto|cpu|cuda"),
         idempotency_key: str = typer.Option(None),
+        eval_set: Path = typer.Option(None, exists=True, dir_okay=False,
+                                      help="labelled safetensors file (x, y): accuracy reported, never trained on"),
         wait: bool = typer.Option(False, help="follow the job until it ends"),
         out: Path = typer.Option(None, help="download the artifacts here when it succeeds (implies --wait)"),
         url: str = url_opt, api_key: str = key_opt,
@@ -202,7 +213,8 @@ def register_client_commands(app: Any) -> None:
         with KegnetClient(url, api_key) as client:
             try:
                 job = client.submit(checkpoints, model, config, seed=spec.get("seed", seed),
-                                    device=spec.get("device", device), idempotency_key=idempotency_key)
+                                    device=spec.get("device", device), idempotency_key=idempotency_key,
+                                    eval_set=eval_set)
                 if wait or out:
                     job = client.wait(job["id"])
                     if out and job["status"] == "succeeded":

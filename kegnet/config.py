@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Method = Literal["kegnet", "gaussian", "uniform", "tucker-only"]
 RankMethod = Literal["evbmf", "fraction", "explicit", "ratio"]
 Preset = Literal["fast", "paper"]
+# Class codes the generators are asked for while the student learns (kegnet/generation/codes.py).
+CodeScheme = Literal["one_hot", "simplex", "pairs", "sparse"]
 
 # Teachers in one job: each costs a forward pass per step in every stage, and memory.
 MAX_TEACHERS = 8
@@ -97,6 +99,25 @@ class CompressionConfig(_Strict):
         return self
 
 
+class Recipe(_Strict):
+    """Where one candidate student's training samples come from: the KegNet generators asked for ``codes``
+    with a ``noise_share`` of each batch drawn as Gaussian noise instead, or a noise baseline alone."""
+
+    source: Literal["kegnet", "gaussian", "uniform"] = "kegnet"
+    codes: CodeScheme = Field("pairs", description="kegnet only: the class-code scheme")
+    noise_share: float = Field(0.0, ge=0.0, le=1.0, description="kegnet only: share of each batch that is noise")
+
+    @property
+    def name(self) -> str:
+        """``gaussian``, ``uniform`` or ``kegnet/<codes>[+noise<share>]``: a candidate's name in the manifest."""
+        if self.source != "kegnet":
+            return self.source
+        return f"kegnet/{self.codes}" + (f"+noise{self.noise_share:g}" if self.noise_share else "")
+
+
+MAX_RECIPES = 12
+
+
 class DistillConfig(_Strict):
     """Fine-tuning the compressed student on synthetic samples by distillation (Hinton et al. 2015).
 
@@ -116,13 +137,20 @@ class DistillConfig(_Strict):
         "fresh", description="fresh samples every step, or a fixed transfer set (the paper)"
     )
     samples_per_generator: int = Field(6400, ge=64, le=200_000, description="size of a fixed transfer set")
-    label_codes: Literal["one_hot", "simplex"] = Field(
+    label_codes: CodeScheme = Field(
         "simplex",
-        description="KegNet: the codes the generators get while the student learns: one class (one_hot, the "
-                    "paper) or a random mix of all classes (simplex: samples between classes; measured better, "
-                    "docs/benchmarks.md). Also used for the held-out selection samples",
+        description="KegNet: the class codes the generators get while the student learns: one class (one_hot, "
+                    "the paper) or mixes (simplex, pairs, sparse; kegnet/generation/codes.py)",
     )
-    holdout_samples: int = Field(2048, ge=64, le=65_536, description="synthetic samples kept for selection")
+    recipes: list[Recipe] = Field(
+        default_factory=list, max_length=MAX_RECIPES,
+        description="candidate sample recipes: one student is trained from each (same generators, same "
+                    "decomposition, distill.steps each) and the one with the best agreement with the teacher on "
+                    "a common synthetic exam is kept; empty: one recipe, from method, label_codes and noise_share",
+    )
+    holdout_samples: int = Field(2048, ge=64, le=65_536,
+                                 description="size of the synthetic exam used to select steps and recipes and to "
+                                             "report confidence (never trained on)")
     mixup: float = Field(
         0.0, ge=0.0, le=1.0,
         description="share of each batch replaced by convex mixes of two synthetic samples (boundary samples)",
@@ -204,6 +232,27 @@ class PipelineConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export_portable: bool = Field(True, description="write a torch.export program of the student (student.pt2)")
     export_onnx: bool = Field(True, description="write an ONNX model of the student (student.onnx)")
+
+    @model_validator(mode="after")
+    def _recipes_fit_the_method(self) -> PipelineConfig:
+        kinds = {r.source for r in self.distill.recipes}
+        if kinds and self.method == "tucker-only":
+            raise ValueError("distill.recipes needs a method that fine-tunes the student (not tucker-only)")
+        if "kegnet" in kinds and self.method != "kegnet":
+            raise ValueError("kegnet recipes in distill.recipes need method 'kegnet' (the generators)")
+        if len({r.name for r in self.distill.recipes}) < len(self.distill.recipes):
+            raise ValueError("distill.recipes lists the same recipe twice")
+        return self
+
+    def candidate_recipes(self) -> list[Recipe]:
+        """The recipes a job trains students from: ``distill.recipes``, or the one the method implies."""
+        if self.distill.recipes:
+            return list(self.distill.recipes)
+        if self.method == "tucker-only":
+            return []
+        if self.method in ("gaussian", "uniform"):
+            return [Recipe(source=self.method)]
+        return [Recipe(codes=self.distill.label_codes, noise_share=self.distill.noise_share)]
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides: object) -> PipelineConfig:

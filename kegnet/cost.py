@@ -27,7 +27,8 @@ Peak memory (bytes) = F·T·P (the teachers) + the larger stage:
 Compute (MACs) = ``s_g·k·b·3·(T·M + M_g + 120·D)`` (forward and backward through teachers, generator and
 decoder) + ``s_d·B·(T·M·m + 3·M + M_g)`` (teachers forward, ``m`` MC-dropout passes with that weighting;
 student forward and backward; generator forward) + ``s_d·B·3·(T·M + M_g)·share`` when the generators keep
-learning adversarially while the student does.
+learning adversarially while the student does. With ``R`` candidate recipes (``distill.recipes``) the
+distillation compute is ``R`` times that, and ``R - 1`` more students (``4·P`` each, weights only) are kept.
 """
 
 from __future__ import annotations
@@ -160,6 +161,10 @@ def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: i
         dist_macs = dc.steps * dc.batch_size * (t * m * passes + 3 * m + gen.macs)
         if uses_generators and dc.adversarial_weight > 0 and dc.transfer == "fresh":
             dist_macs += int(dc.steps * dc.batch_size * 3 * (t * m + gen.macs) * dc.adversarial_share)
+        # One student per candidate recipe, each kept (its weights) until the exam has chosen.
+        recipes = max(1, len(config.candidate_recipes()))
+        dist_macs *= recipes
+        dist_mem += FLOAT_BYTES * (recipes - 1) * p
 
     memory = FLOAT_BYTES * t * p + max(gen_mem, dist_mem)
     return JobCost(memory_bytes=int(memory), macs=int(gen_macs + dist_macs), generator_memory_bytes=int(gen_mem),

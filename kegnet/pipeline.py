@@ -8,6 +8,7 @@ measured latency) before the generators train, so a bad plan fails in seconds, n
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import time
@@ -26,10 +27,13 @@ from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.compression import CompressionPlan, apply_plan, plan_compression
 from kegnet.compression.latency import model_latency
 from kegnet.compression.plan import drop_slower_layers, replan_ratio
-from kegnet.config import MAX_TEACHERS, PipelineConfig
+from kegnet.config import MAX_TEACHERS, PipelineConfig, Recipe
 from kegnet.distill import DistillResult, distill
+from kegnet.distill.confidence import assess
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
+from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
 from kegnet.errors import Cancelled, CompressionError, KegnetError
+from kegnet.evaluation import DEFAULT_MAX_SAMPLES, evaluate, read_eval_set
 from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, overall_progress
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.metrics import count_macs, count_parameters
@@ -39,6 +43,7 @@ from kegnet.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 TeacherSource = str | Path | nn.Module
+EvalSet = str | Path | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -47,6 +52,7 @@ class RunResult:
     manifest: dict[str, Any]
     student: nn.Module
     generators: list[nn.Module] | None = None  # the KegNet generators, reusable for another setting
+    candidates: dict[str, nn.Module] = field(default_factory=dict)  # recipe name -> its student (chosen included)
 
     @property
     def artifacts(self) -> dict[str, Path]:
@@ -84,6 +90,16 @@ class _Reporter:
 
 
 @dataclass
+class _Candidate:
+    """A student fine-tuned from one sample recipe, and its exam grade."""
+
+    recipe: Recipe
+    student: nn.Module
+    result: DistillResult
+    grade: Grade
+
+
+@dataclass
 class _Job:
     """What the stages share: inputs first, then what each stage adds, in stage order."""
 
@@ -110,7 +126,12 @@ class _Job:
     # decompose
     student: nn.Module | None = None
     agreements: list[float] | None = None
+    eval_set: tuple[torch.Tensor, torch.Tensor] | None = None  # the user's labelled data: reported only
     # distill
+    exam: Exam | None = None
+    before: Grade | None = None  # the decomposed student's exam grade
+    candidates: dict[str, _Candidate] = field(default_factory=dict)
+    chosen: str | None = None
     distill_result: DistillResult | None = None
 
     def timed(self, stage: str, fn: Any, *args: Any) -> Any:
@@ -125,6 +146,7 @@ def run_pipeline(
     out_dir: str | Path, *, device: str = "auto", seed: int = 0, progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None, generators: list[nn.Module] | None = None,
     max_parameters: int | None = DEFAULT_MAX_PARAMETERS, max_bytes: int | None = None,
+    eval_set: EvalSet | None = None, max_eval_samples: int = DEFAULT_MAX_SAMPLES,
 ) -> RunResult:
     """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
 
@@ -137,15 +159,16 @@ def run_pipeline(
     ``generators``: KegNet generators already trained against this teacher (for example by an earlier run at
     another compression setting); the generator stage is then skipped. ``max_parameters`` refuses larger
     architectures before they are built; ``max_bytes`` bounds what each file may declare (default: its size;
-    ``kegnet.checkpoint.open_teacher``). Raises ``KegnetError`` subclasses for bad input (user-facing
-    messages) and ``Cancelled`` on request.
+    ``kegnet.checkpoint.open_teacher``). ``eval_set``: the user's labelled data (a safetensors file or
+    ``(x, y)``; ``kegnet.evaluation``), used only to report real accuracy. Raises ``KegnetError`` subclasses
+    for bad input (user-facing messages) and ``Cancelled`` on request.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     job = _Job(spec, config, resolve_device(device), seed, out, _Reporter(progress, should_cancel), should_cancel)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
-    job.timed("load", _load, sources, max_parameters, max_bytes)
+    job.timed("load", _load, sources, max_parameters, max_bytes, eval_set, max_eval_samples)
     job.timed("plan", _plan)
     job.timed("generators", _generate, generators)
     job.timed("decompose", _decompose)
@@ -156,12 +179,15 @@ def run_pipeline(
                                metrics={"compression_ratio": manifest["compression_ratio"]}))
     log.info("compressed %s: %.2fx in %.1fs", job.spec.arch, manifest["compression_ratio"], sum(job.timings.values()))
     assert job.student is not None
-    return RunResult(out, manifest, job.student, job.generators)
+    candidates = {name: c.student for name, c in job.candidates.items()}
+    return RunResult(out, manifest, job.student, job.generators, candidates)
 
 
 # 1. load ------------------------------------------------------------------------------------------------
-def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None, max_bytes: int | None) -> None:
-    """Build every teacher (all of one spec); a bad file's error names which one it is."""
+def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None, max_bytes: int | None,
+          eval_set: EvalSet | None, max_eval_samples: int) -> None:
+    """Build every teacher (all of one spec), then read the evaluation set if any; a bad file's error names
+    which one it is."""
     if not 1 <= len(sources) <= MAX_TEACHERS:
         raise KegnetError(f"give 1 to {MAX_TEACHERS} teachers, got {len(sources)}")
     job.report("load", 0.0, "loading the teacher")
@@ -176,6 +202,10 @@ def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None, m
                 raise
             raise type(exc)(f"checkpoint {i + 1} of {len(sources)} (index {i}): {exc}") from exc
     job.spec = loaded[0].spec  # an ONNX graph fills in input shape and classes
+    if isinstance(eval_set, str | Path):
+        job.eval_set = read_eval_set(eval_set, job.spec, max_eval_samples)
+    elif eval_set is not None:
+        job.eval_set = (eval_set[0].float().cpu(), eval_set[1].long().cpu())
     job.architecture = loaded[0].architecture
     job.teachers = [t.model.to(job.device).eval() for t in loaded]
     job.teacher = job.teachers[0]  # unless ensemble_student picks another, after the generators
@@ -276,25 +306,52 @@ def _decompose(job: _Job) -> None:
 
 # 5. distill --------------------------------------------------------------------------------------------
 def _distill(job: _Job) -> None:
-    """Fine-tune the student on synthetic samples (nothing to do for tucker-only or zero steps)."""
-    dcfg = job.config.distill
-    # Dropout in the student draws from the global generator: reseed, so that this stage gives the same
-    # student whether the generators were trained in this run or passed in.
-    torch.manual_seed(job.seed + 1)
-    if job.sampler is not None and dcfg.steps > 0:
-        def on_eval(step: int, metrics: dict[str, float]) -> None:
-            job.report("finetune", step / dcfg.steps, f"student step {step}/{dcfg.steps}", step=step,
-                       total=dcfg.steps, **metrics)
+    """Fine-tune one student per sample recipe, grade each on the common synthetic exam, keep the best.
 
-        job.distill_result = distill(
-            job.ensemble or job.teacher, job.student, job.sampler, dcfg, device=job.device, seed=job.seed,
+    Each candidate starts from the same decomposed student with the same seeds, so a recipe's student is
+    the same whether it is trained alone or among others. Nothing to fine-tune for tucker-only or zero
+    steps: the decomposed student is graded and kept.
+    """
+    dcfg, dev = job.config.distill, job.device
+    teacher = job.ensemble or job.teacher
+    kegnet = job.sampler if isinstance(job.sampler, KegNetSampler) else None
+    job.report("finetune", 0.0, "drawing the synthetic exam")
+    job.exam = build_exam(teacher, exam_sources(kegnet, job.spec.input_shape, dev), dcfg.holdout_samples,
+                          job.seed + 7919, dev)
+    job.before = grade(job.student, job.exam)
+    recipes = job.config.candidate_recipes() if dcfg.steps > 0 else []
+    base = job.student
+    for i, recipe in enumerate(recipes):
+        student = base if len(recipes) == 1 else copy.deepcopy(base)
+        name = recipe.name
+
+        def on_eval(step: int, metrics: dict[str, float], i: int = i, name: str = name) -> None:
+            what = f"student step {step}/{dcfg.steps}" if len(recipes) == 1 else (
+                f"recipe {i + 1}/{len(recipes)} ({name}): student step {step}/{dcfg.steps}")
+            job.report("finetune", (i + step / dcfg.steps) / len(recipes), what, step=step, total=dcfg.steps,
+                       recipe=name, **metrics)
+
+        # Dropout in the student draws from the global generator: reseed, so that a candidate is the same
+        # student whether the generators were trained in this run or passed in, alone or among others.
+        torch.manual_seed(job.seed + 1)
+        sampler: Sampler = (kegnet.with_codes(recipe.codes) if recipe.source == "kegnet" and kegnet is not None
+                            else NoiseSampler(recipe.source, job.spec.input_shape, dev))
+        cfg = dcfg.model_copy(update={"noise_share": recipe.noise_share if recipe.source == "kegnet" else 0.0})
+        result = distill(
+            teacher, student, sampler, cfg, device=dev, seed=job.seed,
             num_sources=len(job.generators) if job.generators else 1, on_eval=on_eval,
             should_cancel=job.should_cancel, diversity_beta=job.config.generator.beta,
-            feature_layers=[p.name for p in job.plan.layers])
-    if job.distill_result is None:
-        job.report("finetune", 1.0, "no fine-tuning for this method", skipped=True)
-    else:
-        job.report("finetune", 1.0, "student ready")
+            feature_layers=[p.name for p in job.plan.layers], exam=job.exam)
+        job.candidates[name] = _Candidate(recipe, student, result, grade(student, job.exam))
+    if not job.candidates:
+        job.report("finetune", 1.0, "no fine-tuning for this method", skipped=True,
+                   exam_agreement=job.before.agreement)
+        return
+    job.chosen = choose({name: c.grade for name, c in job.candidates.items()})
+    chosen = job.candidates[job.chosen]
+    job.student, job.distill_result = chosen.student, chosen.result
+    job.report("finetune", 1.0, "student ready" if len(recipes) == 1 else f"kept {job.chosen}",
+               recipe=job.chosen, exam_agreement=chosen.grade.agreement)
 
 
 # 6. export ---------------------------------------------------------------------------------------------
@@ -303,6 +360,11 @@ def _export(job: _Job) -> dict[str, Any]:
     spec, config, out, cfg = job.spec, job.config, job.out, job.config.compression
     t0 = time.perf_counter()
     job.report("export", 0.0, "measuring latency")
+    evaluation = None
+    if job.eval_set is not None:
+        job.report("export", 0.0, f"scoring on the {len(job.eval_set[1])} labelled samples given")
+        students = {name: c.student for name, c in job.candidates.items()} or {"decomposed": job.student}
+        evaluation = evaluate(job.teacher, students, job.chosen, *job.eval_set, job.spec.num_classes, job.device)
     timing = {"repeats": cfg.latency_repeats, "budget_s": cfg.latency_budget_s}
     latency = {"device": str(job.device),
                "teacher": model_latency(job.teacher.eval(), spec.input_shape, job.device, **timing),
@@ -352,6 +414,10 @@ def _export(job: _Job) -> dict[str, Any]:
             "student_from": job.ensemble.base if job.ensemble is not None else 0,
             "agreement_with_ensemble": job.agreements,  # per teacher, on synthetic samples (several teachers)
         },
+        "recipe": job.chosen,
+        "confidence": assess({name: c.grade for name, c in job.candidates.items()}, job.chosen, job.before,
+                             spec.num_classes, job.exam.sources),
+        "evaluation": evaluation,
         "synthetic_agreement": None if result is None else {
             "before_finetune": result.initial_agreement,
             "best": result.best_agreement,

@@ -68,8 +68,9 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.state.keys = KeyStore(store.r, settings.key_prefix)
     app.state.enqueue = enqueue or celery_enqueuer(settings)
     app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)
-    app.add_middleware(BodySizeLimitMiddleware,
-                       max_body_bytes=settings.max_upload_bytes + settings.form_overhead_bytes)
+    # The whole body: every budget together. Each file's own cap is enforced as it is saved (routers/jobs.py).
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + settings.max_eval_bytes
+                       + settings.form_overhead_bytes)
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)

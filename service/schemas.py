@@ -36,6 +36,12 @@ class ArtifactInfo(BaseModel):
 
 
 class JobOut(BaseModel):
+    """A job. ``metrics`` holds the progress numbers while it runs and, once it succeeded, the summary of its
+    manifest: compression_ratio, parameters, latency, ``recipe`` (the sample recipe kept), ``confidence_estimate``
+    (agreement with the teacher on a synthetic exam, 0-1), ``confidence_level`` (high|medium|low),
+    ``confidence_warnings``, and with an evaluation set ``eval_samples``, ``eval_teacher_accuracy`` and
+    ``eval_student_accuracy``."""
+
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
     stage: str | None = None
@@ -49,6 +55,7 @@ class JobOut(BaseModel):
     checkpoint_sha256: str  # of the first checkpoint file; ``checkpoints`` lists all, in upload order
     checkpoint_size: int
     checkpoints: list[CheckpointInfo] = Field(default_factory=list)
+    eval_set: CheckpointInfo | None = None  # the labelled evaluation file, if one was sent (reported only)
     request: dict[str, Any]
     artifacts: list[ArtifactInfo] = Field(default_factory=list)
     links: dict[str, str] = Field(default_factory=dict)
@@ -64,7 +71,7 @@ class JobOut(BaseModel):
             created_at=job["created_at"], started_at=job["started_at"], finished_at=job["finished_at"],
             updated_at=job["updated_at"], checkpoint_sha256=job["checkpoint_sha256"],
             checkpoint_size=job["checkpoint_size"], checkpoints=job.get("checkpoints") or [],
-            request=job["request"], artifacts=arts,
+            eval_set=job.get("eval_set"), request=job["request"], artifacts=arts,
             links={"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel",
                    "artifacts": f"{base}/artifacts"},
         )

@@ -21,12 +21,17 @@ class Settings(BaseSettings):
     key_prefix: str = Field("kegnet", pattern=r"^[a-z0-9_:-]{1,32}$")
 
     auth_disabled: bool = False
-    # The cap on all of a job's checkpoint files together (the body cap below is its sum too).
+    # The cap on all of a job's checkpoint files together (the body cap adds max_eval_bytes and the overhead).
     max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     # Checkpoint files in one job (a teacher ensemble); the library's own bound is the ceiling.
     max_teachers: int = Field(MAX_TEACHERS, ge=1, le=MAX_TEACHERS)
     # Room for the multipart framing and the JSON spec on top of the file itself.
     form_overhead_bytes: int = Field(256 * 1024, ge=1024)
+    # The optional labelled evaluation set (kegnet/evaluation.py): its own cap, so it never eats into the
+    # checkpoints' (the body cap is checkpoints + evaluation set + form overhead), and its sample count.
+    max_eval_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # kegnet.evaluation.DEFAULT_MAX_SAMPLES, written out: importing it would load torch into every settings user.
+    max_eval_samples: int = Field(10_000, ge=1)
     # Largest model a job may describe, counted on the meta device before anything is allocated
     # (ViT-B/16 has 86 M, ResNet-50 26 M).
     max_parameters: int = Field(200_000_000, ge=1_000)

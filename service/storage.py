@@ -25,6 +25,8 @@ class Storage(Protocol):
     def out_dir(self, job_id: str) -> Path: ...
     def save_stream(self, src: BinaryIO, max_bytes: int) -> tuple[Path, str, int]: ...
     def commit_checkpoint(self, tmp: Path, job_id: str, index: int = 0) -> Path: ...
+    def eval_set_path(self, job_id: str) -> Path: ...
+    def commit_eval_set(self, tmp: Path, job_id: str) -> Path: ...
     def discard(self, tmp: Path) -> None: ...
     def delete_job(self, job_id: str) -> None: ...
 
@@ -76,6 +78,16 @@ class LocalStorage:
     def commit_checkpoint(self, tmp: Path, job_id: str, index: int = 0) -> Path:
         """Atomically move an upload into the job's directory (same file system, so rename is atomic)."""
         dest = self.checkpoint_path(job_id, index)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        return dest
+
+    def eval_set_path(self, job_id: str) -> Path:
+        """The job's labelled evaluation set (optional): one fixed name, never the client's."""
+        return self.job_dir(job_id) / "eval.safetensors"
+
+    def commit_eval_set(self, tmp: Path, job_id: str) -> Path:
+        dest = self.eval_set_path(job_id)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
         return dest

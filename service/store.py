@@ -32,7 +32,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED = (
 )
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({QUEUED, RUNNING, CANCELLING})
-_JSON_FIELDS = ("metrics", "request", "artifacts", "checkpoints")
+_JSON_FIELDS = ("metrics", "request", "artifacts", "checkpoints", "eval_set")
+# What a JSON field reads as when the hash lacks it (jobs created before the field existed).
+_JSON_DEFAULTS: dict[str, Any] = {"eval_set": None}
 
 # ARGV: new status ("" keeps it), allowed current statuses (comma list), terminal flag, job id, then
 # field/value pairs. KEYS: job hash, global active set, owner's active set.
@@ -132,9 +134,10 @@ class JobStore:
     def create(self, owner: str, request: dict[str, Any], *, sha256: str, size: int,
                request_hash: str, job_id: str | None = None,
                checkpoints: list[dict[str, Any]] | None = None, reservation: str | None = None,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+               idempotency_key: str | None = None, eval_set: dict[str, Any] | None = None) -> dict[str, Any]:
         """A queued job. ``sha256``/``size`` describe its first checkpoint file; ``checkpoints`` lists every
-        file in order (``{"sha256", "size"}``; default: the first only). The job takes the place of
+        file in order (``{"sha256", "size"}``; default: the first only); ``eval_set`` describes the optional
+        labelled evaluation file the same way (None: the job has none). The job takes the place of
         ``reservation`` (``reserve_slot``) in the same transaction; ``idempotency_key`` is the key that
         claimed it, freed when the job is deleted."""
         job_id = job_id or uuid.uuid4().hex
@@ -147,6 +150,7 @@ class JobStore:
             "request_hash": request_hash,
             "checkpoints": json.dumps(checkpoints or [{"sha256": sha256, "size": size}]),
             "idempotency_key": idempotency_key or "",
+            "eval_set": json.dumps(eval_set),
         }
         pipe = self.r.pipeline()  # MULTI/EXEC: the reservation becomes the active job at once
         if reservation:
@@ -166,7 +170,8 @@ class JobStore:
             return None
         job: dict[str, Any] = dict(raw)
         for key in _JSON_FIELDS:
-            job[key] = json.loads(job.get(key) or "{}")
+            raw_value = job.get(key)
+            job[key] = json.loads(raw_value) if raw_value else _JSON_DEFAULTS.get(key, {})
         for key in ("created_at", "started_at", "finished_at", "updated_at", "heartbeat", "progress"):
             job[key] = float(job[key]) if job.get(key) else None
         job["checkpoint_size"] = int(job.get("checkpoint_size") or 0)

@@ -141,6 +141,9 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
                 device=device, seed=request.seed, progress=reporter.progress,
                 should_cancel=reporter.should_cancel, max_parameters=settings.max_parameters,
                 max_bytes=settings.max_upload_bytes,  # the API's budget, applied again to the stored files
+                # Labelled data the user sent (validated by the API): real accuracy in the report, never trained on.
+                eval_set=storage.eval_set_path(job_id) if job.get("eval_set") else None,
+                max_eval_samples=settings.max_eval_samples,
             )
             artifacts = list_artifacts(Path(result.out_dir))
             metrics = {**reporter.metrics, **_summary(result.manifest), "device": device}
@@ -172,6 +175,8 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of the manifest for the job's ``metrics`` (the whole manifest is an artifact)."""
     params = manifest.get("parameters") or {}
     agreement = manifest.get("synthetic_agreement") or {}
+    confidence = manifest.get("confidence") or {}
+    evaluation = manifest.get("evaluation") or {}
     out = {
         "compression_ratio": manifest.get("compression_ratio"),
         "teacher_parameters": params.get("teacher"),
@@ -183,6 +188,15 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "student_latency_ms": (manifest.get("latency") or {}).get("student"),
         "architecture_source": (manifest.get("architecture") or {}).get("source"),
         "teachers": (manifest.get("teachers") or {}).get("count"),
+        "recipe": manifest.get("recipe"),
+        # Agreement with the teacher on a synthetic exam (no data): an estimate, not an accuracy.
+        "confidence_estimate": confidence.get("estimate"),
+        "confidence_level": confidence.get("level"),
+        "confidence_warnings": confidence.get("warnings") if confidence else None,
+        # Only with a user-supplied labelled set: measured on it, reported only.
+        "eval_samples": evaluation.get("samples"),
+        "eval_teacher_accuracy": evaluation.get("teacher_accuracy"),
+        "eval_student_accuracy": evaluation.get("student_accuracy"),
     }
     return {k: v for k, v in out.items() if v is not None}
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kegnet.distill.losses import kd_loss
+from kegnet.generation.codes import sample_labels
 from kegnet.generation.losses import diversity_loss
 from kegnet.generation.samplers import KegNetSampler, Sampler
-from kegnet.generation.train import sample_labels
 
 
 class GeneratorAdversary(Sampler):

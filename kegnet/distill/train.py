@@ -1,7 +1,8 @@
 """Fine-tuning the compressed student by distillation on synthetic samples only.
 
 Model selection never sees real data: every ``eval_every`` steps the student's agreement with the teacher
-is measured on a held-out synthetic set drawn with a separate seed, and the best step is kept.
+is measured on a synthetic exam (``kegnet.distill.exam``: held out, drawn with a separate seed), and the
+best step is kept.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from torch import nn
 from kegnet.config import DistillConfig
 from kegnet.distill.adversary import GeneratorAdversary
 from kegnet.distill.ensemble import feature_source
+from kegnet.distill.exam import Exam, agreement_on, build_exam
 from kegnet.distill.features import FeatureTap, feature_loss
 from kegnet.distill.losses import kd_loss
 from kegnet.distill.relational import rkd_angle_loss, rkd_distance_loss
 from kegnet.distill.self_distill import distort, linear_mmd2, symmetric_kl
 from kegnet.errors import Cancelled
 from kegnet.generation.samplers import KegNetSampler, MixedSampler, NoiseSampler, Sampler
-from kegnet.metrics import agreement
 from kegnet.models.taps import PenultimateTap
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def distill(
     teacher: nn.Module, student: nn.Module, sampler: Sampler, config: DistillConfig, *, device: torch.device,
     seed: int, num_sources: int = 1, on_eval: Callable[[int, dict[str, float]], None] | None = None,
     should_cancel: Callable[[], bool] | None = None, diversity_beta: float = 0.0,
-    feature_layers: list[str] | None = None,
+    feature_layers: list[str] | None = None, exam: Exam | None = None,
 ) -> DistillResult:
     """Train ``student`` in place to match ``teacher`` on ``sampler``'s samples; returns the curve.
 
@@ -119,12 +120,13 @@ def distill(
     models with equal output shapes: the factorized layers) are matched too. ``rkd_*`` add relational KD
     on penultimate features or logits, ``self_distill_*`` the data-distortion self-distillation terms.
     ``teacher`` may be a ``TeacherEnsemble``; hints and feature relations then use its base member.
+    ``exam``: the synthetic exam the steps are graded on (the pipeline's common one); default: one of
+    ``config.holdout_samples`` drawn from ``sampler`` with seed ``seed + 7919``.
     """
     teacher = teacher.eval()
-    holdout_x, _ = _fixed_transfer_set(sampler, config.holdout_samples,
-                                       torch.Generator(device=device).manual_seed(seed + 7919))
-    student.eval()
-    first = agreement(teacher, student, holdout_x)
+    if exam is None:
+        exam = build_exam(teacher, {"samples": sampler}, config.holdout_samples, seed + 7919, device)
+    first = agreement_on(student, exam)
     result = DistillResult(best_step=0, best_agreement=first, initial_agreement=first,
                            curve=[{"step": 0, "loss": float("nan"), "agreement": first}])
     if on_eval:
@@ -139,7 +141,7 @@ def distill(
                                        temperature=config.temperature, share=config.adversarial_share)
         sampler = adversary
     if config.noise_share > 0:
-        noise = NoiseSampler("gaussian", tuple(holdout_x.shape[1:]), device)
+        noise = NoiseSampler("gaussian", tuple(exam.x.shape[1:]), device)
         sampler = MixedSampler(sampler, noise, config.noise_share)
     if config.transfer == "fixed":
         pool_x, pool_y = _fixed_transfer_set(sampler, config.samples_per_generator * num_sources, rng)
@@ -204,7 +206,7 @@ def distill(
             if step % config.eval_every == 0 or step == config.steps:
                 n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
                 student.eval()
-                agree = agreement(teacher, student, holdout_x)
+                agree = agreement_on(student, exam)
                 mean_loss = (loss_sum / n).item()
                 loss_sum.zero_()
                 result.curve.append({"step": step, "loss": mean_loss, "agreement": agree})

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import nn
 
-from kegnet.generation.train import sample_labels, simplex_codes
+from kegnet.generation.codes import CODE_SCHEMES, draw_codes
 
 
 class Sampler:
@@ -21,26 +20,27 @@ class Sampler:
 class KegNetSampler(Sampler):
     """Equal shares from each trained generator, one code per sample; labels are each code's top class.
 
-    ``codes``: ``"one_hot"`` asks each generator for one uniformly drawn class (the paper); ``"simplex"``
-    for a uniformly random mix of all classes (a point of the class simplex). The generators were trained
-    on one-hot codes only, so mixed codes make samples between their classes: near the teacher's decision
-    boundaries, where a student copying the teacher has the most to learn.
+    ``codes`` is a scheme of ``kegnet.generation.codes``: ``"one_hot"`` asks each generator for one class
+    (the paper); the mixing schemes ask for points between classes, near the teacher's decision boundaries.
     """
 
     def __init__(self, generators: list[nn.Module], num_classes: int, noise_dim: int, device: torch.device,
-                 codes: Literal["one_hot", "simplex"] = "one_hot") -> None:
-        if codes not in ("one_hot", "simplex"):
-            raise ValueError(codes)
+                 codes: str = "one_hot") -> None:
+        if codes not in CODE_SCHEMES:
+            raise ValueError(f"unknown class-code scheme {codes!r}; use one of {', '.join(CODE_SCHEMES)}")
         self.generators, self.num_classes, self.noise_dim, self.device = generators, num_classes, noise_dim, device
         self.codes = codes
+
+    def with_codes(self, codes: str) -> KegNetSampler:
+        """The same generators asked for another code scheme."""
+        return KegNetSampler(self.generators, self.num_classes, self.noise_dim, self.device, codes)
 
     @torch.no_grad()
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         per = math.ceil(n / len(self.generators))
-        draw = sample_labels if self.codes == "one_hot" else simplex_codes
         xs, ys = [], []
         for g in self.generators:
-            codes = draw(per, self.num_classes, rng, self.device)
+            codes = draw_codes(self.codes, per, self.num_classes, rng, self.device)
             xs.append(g(codes, torch.randn(per, self.noise_dim, generator=rng, device=self.device)))
             ys.append(codes.argmax(1))
         perm = torch.randperm(per * len(self.generators), generator=rng, device=self.device)[:n]

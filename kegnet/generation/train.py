@@ -18,6 +18,7 @@ from torch import nn
 
 from kegnet.config import GeneratorConfig
 from kegnet.errors import Cancelled
+from kegnet.generation.codes import sample_labels
 from kegnet.generation.losses import decoder_loss, diversity_loss, smoothness_loss
 from kegnet.generation.models import Decoder, make_generator
 from kegnet.models.taps import Hooks, PenultimateTap, ensemble_members
@@ -29,21 +30,6 @@ StepCallback = Callable[[int, dict[str, float]], None]
 # Input elements of all generators' batches together above which each generator gets its own teacher call
 # (5 × 256 × 3×224×224 is 193 M; 5 × 256 × 1×32×32 is 1.3 M).
 CONCAT_LIMIT = 32 * 1024 * 1024
-
-
-def sample_labels(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniformly drawn classes as one-hot rows ``(n, num_classes)``."""
-    idx = torch.randint(num_classes, (n,), generator=generator, device=device)
-    return F.one_hot(idx, num_classes).float()
-
-
-def simplex_codes(n: int, num_classes: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniformly random points of the probability simplex (Dirichlet(1, ..., 1)) as rows ``(n, num_classes)``.
-
-    Normalized standard exponentials, drawn from ``generator`` so that a seed repeats them.
-    """
-    e = -torch.log1p(-torch.rand(n, num_classes, generator=generator, device=device))  # Exp(1), never inf
-    return e / e.sum(dim=1, keepdim=True)
 
 
 class BatchNormStatistics(Hooks):

@@ -23,6 +23,8 @@ from kegnet.checkpoint import open_teacher
 from kegnet.compression import plan_compression
 from kegnet.cost import check_cost, estimate_cost, profile_model
 from kegnet.errors import KegnetError
+from kegnet.evaluation import read_eval_set
+from kegnet.spec import ModelSpec
 from service.deps import current_owner, get_settings_dep, get_storage, get_store
 from service.schemas import EventPage, JobOut, JobPage, JobRequest
 from service.settings import Settings
@@ -97,7 +99,9 @@ async def submit_job(
     """Multipart form: ``checkpoint`` (safetensors or torch.save state dict) and ``spec`` (JSON).
 
     ``checkpoint`` may be repeated, up to ``max_teachers`` times, for a teacher ensemble (all of the spec's
-    architecture, in the order sent); ``max_upload_bytes`` caps the files together.
+    architecture, in the order sent); ``max_upload_bytes`` caps the files together. An optional ``eval_set``
+    file (safetensors with ``x`` (N, *input_shape) float and ``y`` (N,) int; at most ``max_eval_bytes`` and
+    ``max_eval_samples``) is labelled data the job reports real accuracy on; it is never trained on.
     """
     if idempotency_key is not None and not _IDEM_KEY.match(idempotency_key):
         raise HTTPException(422, "Idempotency-Key must be 1-200 characters of A-Z a-z 0-9 _ . : -")
@@ -108,6 +112,8 @@ async def submit_job(
     job_id = uuid.uuid4().hex
     claimed_job: str | None = None  # set while this request's Idempotency-Key claim names a job not yet created
     tmps: list[Path] = []  # uploads in flight; whatever is not committed to a job is removed at the end
+    eval_tmp: Path | None = None
+    eval_file: dict[str, Any] | None = None
     try:
         # The body is capped by BodySizeLimitMiddleware while it streams, so this spool is bounded.
         form = await _read_form(request, settings)
@@ -125,6 +131,7 @@ async def submit_job(
                 job_request = JobRequest.model_validate_json(spec_text)
             except ValidationError as exc:
                 raise _spec_error(exc) from None
+            eval_upload = _eval_upload(form)
             files: list[dict[str, Any]] = []
             for upload in uploads:
                 budget = settings.max_upload_bytes - sum(f["size"] for f in files)  # one cap for all files
@@ -135,12 +142,22 @@ async def submit_job(
                     raise HTTPException(413, f"{what} larger than {settings.max_upload_bytes} bytes") from None
                 tmps.append(tmp)
                 files.append({"sha256": sha256, "size": size})
+            if eval_upload is not None:
+                try:  # its own budget: an evaluation set never takes room from the checkpoints
+                    eval_tmp, sha256, size = await run_in_threadpool(storage.save_stream, eval_upload.file,
+                                                                     settings.max_eval_bytes)
+                except UploadTooLarge:
+                    raise HTTPException(413, f"eval_set: the evaluation set is larger than "
+                                             f"{settings.max_eval_bytes} bytes; send fewer samples") from None
+                tmps.append(eval_tmp)
+                eval_file = {"sha256": sha256, "size": size}
         finally:
             await form.close()
 
         canonical = json.dumps(job_request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         # Every file's digest, in order, is part of the request: another file or order is another request.
-        digests = "\n".join(f["sha256"] for f in files)
+        # The evaluation set's comes last and only when there is one, so requests without it hash as before.
+        digests = "\n".join(f["sha256"] for f in files) + (f"\neval_set:{eval_file['sha256']}" if eval_file else "")
         request_hash = hashlib.sha256(f"{digests}\n{canonical}".encode()).hexdigest()
         if idempotency_key:
             claim = await run_in_threadpool(store.idempotency_claim, owner, idempotency_key, request_hash, job_id,
@@ -160,20 +177,35 @@ async def submit_job(
         # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors / ONNX),
         # so pickled code, truncated files, wrong keys/shapes, NaNs, unknown or oversized architectures and
         # compression plans that name no layer get a 422 now, not a failed job after the generators.
-        for i, tmp in enumerate(tmps):
+        checkpoint_tmps = tmps[:len(files)]
+        spec: ModelSpec | None = None  # the first teacher's, resolved (an ONNX graph fills in shape and classes)
+        for i, tmp in enumerate(checkpoint_tmps):
+            n = len(checkpoint_tmps)
             try:
                 async with request.app.state.validation_slots:
-                    await run_in_threadpool(_validate, tmp, job_request, settings, len(tmps) if i == 0 else 0)
+                    resolved = await run_in_threadpool(_validate, tmp, job_request, settings, n if i == 0 else 0)
             except KegnetError as exc:
-                where = "" if len(tmps) == 1 else f"checkpoint {i + 1} of {len(tmps)} (index {i}): "
+                where = "" if n == 1 else f"checkpoint {i + 1} of {n} (index {i}): "
                 raise HTTPException(422, f"{where}{exc}") from None
+            if i == 0:
+                spec = resolved
+        if eval_tmp is not None:
+            assert spec is not None
+            try:  # the worker reads it again with the same function: a bad file is a 422 now, not a failed job
+                async with request.app.state.validation_slots:
+                    await run_in_threadpool(read_eval_set, eval_tmp, spec, settings.max_eval_samples)
+            except KegnetError as exc:
+                raise HTTPException(422, f"eval_set: {exc}") from None
 
-        for i, tmp in enumerate(tmps):
+        for i, tmp in enumerate(checkpoint_tmps):
             storage.commit_checkpoint(tmp, job_id, i)
+        if eval_tmp is not None:
+            storage.commit_eval_set(eval_tmp, job_id)
         job = await run_in_threadpool(
             lambda: store.create(owner, job_request.model_dump(mode="json"), sha256=files[0]["sha256"],
                                  size=files[0]["size"], request_hash=request_hash, job_id=job_id,
-                                 checkpoints=files, reservation=reservation, idempotency_key=idempotency_key))
+                                 checkpoints=files, reservation=reservation, idempotency_key=idempotency_key,
+                                 eval_set=eval_file))
         reservation = claimed_job = None  # the job holds the slot and the key now
     finally:
         for tmp in tmps:
@@ -188,18 +220,20 @@ async def submit_job(
         store.transition(job_id, FAILED, {QUEUED}, error="the job could not be queued; retry later")
         raise HTTPException(503, "the job queue is unavailable; retry later",
                             headers={"Retry-After": str(settings.retry_after_s)}) from None
-    log.info("job %s queued for owner %s (%d checkpoint(s), %d bytes, sha256 %s)", job_id, owner, len(files),
-             sum(f["size"] for f in files), files[0]["sha256"][:12])
+    log.info("job %s queued for owner %s (%d checkpoint(s), %d bytes, sha256 %s; evaluation set: %s)", job_id,
+             owner, len(files), sum(f["size"] for f in files), files[0]["sha256"][:12],
+             f"{eval_file['size']} bytes" if eval_file else "none")
     return _accepted(job)
 
 
-def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers: int) -> None:
+def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers: int) -> ModelSpec:
     """Build the teacher as the worker will; for the first one (``teachers``: the job's count, else 0),
-    refuse a job whose whole cost is over the limits (kegnet/cost.py), then plan its compression."""
+    refuse a job whose whole cost is over the limits (kegnet/cost.py), then plan its compression. Returns the
+    teacher's resolved spec (an ONNX graph fills in the input shape and classes)."""
     teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters,
                            max_bytes=settings.max_upload_bytes)
     if not teachers:
-        return
+        return teacher.spec
     shape, classes = teacher.spec.input_shape, teacher.spec.num_classes
     assert shape is not None and classes is not None  # open_teacher resolves them
     cost = estimate_cost(profile_model(teacher.model, shape), shape, classes, job_request.config, teachers)
@@ -209,16 +243,29 @@ def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers:
         raise HTTPException(422, str(exc)) from None
     log.info("job cost estimate: %s", cost.describe())
     plan_compression(teacher.model, job_request.config.compression)
+    return teacher.spec
 
 
 def _too_many_files(settings: Settings) -> HTTPException:
-    return HTTPException(422, f"too many files: a job takes at most {settings.max_teachers} 'checkpoint' files")
+    return HTTPException(422, f"too many files: a job takes at most {settings.max_teachers} 'checkpoint' files "
+                              "and one 'eval_set'")
+
+
+def _eval_upload(form: FormData) -> UploadFile | None:
+    """The optional ``eval_set`` file: one at most, and a file, not a text field."""
+    fields = form.getlist("eval_set")
+    if len(fields) > 1:
+        raise HTTPException(422, f"eval_set: send at most one 'eval_set' file, got {len(fields)}")
+    if fields and not isinstance(fields[0], UploadFile):
+        raise HTTPException(422, "eval_set: 'eval_set' must be a file (a safetensors file with 'x' and 'y')")
+    return fields[0] if fields else None  # type: ignore[return-value]
 
 
 async def _read_form(request: Request, settings: Settings) -> FormData:
-    """The multipart form, parsed with at most ``max_teachers`` files (the parser stops at the next one)."""
+    """The multipart form, parsed with at most ``max_teachers`` checkpoint files plus one evaluation set (the
+    parser stops at the next file)."""
     try:
-        return await request.form(max_files=settings.max_teachers, max_fields=4)
+        return await request.form(max_files=settings.max_teachers + 1, max_fields=4)
     except StarletteHTTPException as exc:
         # Starlette's parser limits answer 400 "Too many files. ..."; say it in this API's terms.
         if exc.status_code == 400 and "too many files" in str(exc.detail).lower():

@@ -135,3 +135,30 @@ def test_progress_is_plain_lines_off_a_terminal_and_skips_empty_stages() -> None
     assert lines[0].startswith("load") and "teacher loaded" in lines[0] and "s)" in lines[0]
     assert "generators 1/10 cls_loss=0.5" in lines and "generators 10/10 cls_loss=0.5" in lines
     assert not any("finetune" in line or "‰" in line for line in lines)
+
+
+def test_cli_eval_set_reports_accuracy_and_confidence(tmp_path: Path) -> None:
+    from tests.service.svc_helpers import write_eval_set, write_mlp_safetensors
+
+    ckpt = write_mlp_safetensors(tmp_path / "t.safetensors")
+    config = {"export_onnx": False, "export_portable": False, "generator": {"num_generators": 1, "batch_size": 16},
+              "distill": {"batch_size": 16, "holdout_samples": 64}}
+    base = [sys.executable, "-m", "kegnet", "compress", str(ckpt), "--arch", "mlp", "--arch-kwargs",
+            '{"hidden": [16]}', "--input-shape", "8", "--num-classes", "3", "--generator-steps", "2",
+            "--distill-steps", "2", "--device", "cpu", "--keep-slower", "--config", json.dumps(config)]
+    good = write_eval_set(tmp_path / "eval.safetensors")  # labels: the teacher's predictions
+    proc = subprocess.run([*base, "--out", str(tmp_path / "o"), "--eval-set", str(good)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    ev, conf = manifest["evaluation"], manifest["confidence"]
+    assert (f"evaluation accuracy on your 60 labelled samples: teacher 1.0000, student "
+            f"{ev['student_accuracy']:.4f}") in proc.stdout
+    assert f"confidence estimate: {conf['estimate']:.4f} ({conf['level']};" in proc.stdout
+    assert f"sample recipe kept: {manifest['recipe']}" in proc.stdout
+    assert all(f"warning: {w}" in proc.stdout.splitlines() for w in conf["warnings"])
+    # A file that does not fit the teacher is refused in the load stage, saying what to fix.
+    bad = write_eval_set(tmp_path / "bad.safetensors", shape=(9,))
+    proc = subprocess.run([*base, "--out", str(tmp_path / "p"), "--eval-set", str(bad)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "the evaluation set's 'x' must have shape (N, 8)" in proc.stderr

@@ -61,3 +61,8 @@ def test_cost_grows_with_each_knob() -> None:
     assert estimate_cost(teacher, (3, 32, 32), 10, PRESETS["fast"], teachers=3).macs > 1.5 * base.macs
     tucker = PipelineConfig.from_preset("fast", method="tucker-only")
     assert estimate_cost(teacher, (3, 32, 32), 10, tucker).macs == 0
+    three = PipelineConfig.from_preset("fast", distill={"recipes": [{"codes": c} for c in ("one_hot", "pairs",
+                                                                                         "sparse")]})
+    with_three = estimate_cost(teacher, (3, 32, 32), 10, three)
+    assert with_three.distill_macs == 3 * base.distill_macs
+    assert with_three.distill_memory_bytes == base.distill_memory_bytes + 4 * 2 * 10**5

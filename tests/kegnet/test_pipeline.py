@@ -98,25 +98,69 @@ def test_passing_trained_generators_gives_the_same_student(tmp_path: Path) -> No
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("codes", ["one_hot", "simplex"])
+@pytest.mark.parametrize("codes", ["one_hot", "simplex", "pairs", "sparse"])
 def test_the_student_learns_from_the_configured_class_codes(tmp_path: Path, small_cnn, small_cnn_spec,
                                                             monkeypatch: pytest.MonkeyPatch, codes: str) -> None:
-    from kegnet.generation import samplers
+    from kegnet import pipeline
 
-    asked: list[torch.Tensor] = []
-    hooked: set[int] = set()
-    original = samplers.KegNetSampler.sample
+    trained_on: list[object] = []
+    original = pipeline.distill
 
-    def recording(self: samplers.KegNetSampler, n: int, rng: torch.Generator):  # type: ignore[no-untyped-def]
-        for g in self.generators:  # record what each generator is asked for, then sample as usual
-            if id(g) not in hooked:
-                hooked.add(id(g))
-                g.register_forward_pre_hook(lambda m, args: asked.append(args[0].detach()))
-        return original(self, n, rng)
+    def spy(teacher, student, sampler, config, **kwargs):  # type: ignore[no-untyped-def]
+        trained_on.append(sampler)
+        return original(teacher, student, sampler, config, **kwargs)
 
-    monkeypatch.setattr(samplers.KegNetSampler, "sample", recording)
-    run_pipeline(small_cnn, small_cnn_spec, tiny_config(distill={"label_codes": codes}), tmp_path, device="cpu",
-                 seed=0)
-    codes_seen = torch.cat(asked)
-    one_hot = bool(((codes_seen == 0) | (codes_seen == 1)).all())
-    assert len(codes_seen) > 0 and one_hot == (codes == "one_hot")
+    monkeypatch.setattr(pipeline, "distill", spy)
+    result = run_pipeline(small_cnn, small_cnn_spec, tiny_config(distill={"label_codes": codes}), tmp_path,
+                          device="cpu", seed=0)
+    assert [getattr(s, "codes", None) for s in trained_on] == [codes]
+    assert result.manifest["recipe"] == f"kegnet/{codes}"
+
+
+def test_recipes_give_one_student_each_and_the_exam_picks_one(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    recipes = [{"codes": "pairs", "noise_share": 0.5}, {"codes": "one_hot"}, {"source": "gaussian"}]
+    cfg = tiny_config(distill={"recipes": recipes})
+    result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "all", device="cpu", seed=2)
+    conf = result.manifest["confidence"]
+    names = ["kegnet/pairs+noise0.5", "kegnet/one_hot", "gaussian"]
+    assert list(result.candidates) == names == list(conf["candidates"])
+    best = max(c["agreement"] for c in conf["candidates"].values())
+    assert conf["chosen"] == result.manifest["recipe"] and conf["estimate"] >= best - 0.005  # ties go by KL
+    assert result.student is result.candidates[conf["chosen"]]
+    assert conf["exam"]["samples"] >= 64 and set(conf["exam"]["sources"]) >= {"kegnet/one_hot", "gaussian"}
+
+    # A candidate is the same student whether trained among others or alone (same generators, same seeds).
+    alone = run_pipeline(small_cnn, small_cnn_spec, tiny_config(distill={"recipes": [recipes[1]]}), tmp_path / "one",
+                         device="cpu", seed=2, generators=result.generators)
+    for (name, a), b in zip(alone.student.state_dict().items(),
+                            result.candidates["kegnet/one_hot"].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_an_eval_set_is_reported_but_never_chooses(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    x = torch.randn(40, *small_cnn_spec.input_shape)
+    with torch.no_grad():
+        y = small_cnn(x).argmax(1)
+    y[:10] = (y[:10] + 1) % 3  # the teacher is wrong on a quarter
+    save_file({"x": x, "y": y}, str(tmp_path / "eval.safetensors"))
+    cfg = tiny_config(distill={"recipes": [{"codes": "one_hot"}, {"source": "uniform"}]})
+    with_set = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "a", device="cpu", seed=0,
+                            eval_set=tmp_path / "eval.safetensors")
+    ev = with_set.manifest["evaluation"]
+    assert ev["samples"] == 40 and ev["teacher_accuracy"] == pytest.approx(0.75)
+    assert set(ev["candidates"]) == {"kegnet/one_hot", "uniform"}
+    assert ev["student_accuracy"] == ev["candidates"][with_set.manifest["recipe"]]
+    assert sum(c["samples"] for c in ev["student_per_class"].values()) == 40
+    without = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "b", device="cpu", seed=0)
+    assert without.manifest["evaluation"] is None and without.manifest["recipe"] == with_set.manifest["recipe"]
+
+
+def test_a_bad_eval_set_fails_in_the_load_stage(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    from kegnet.errors import SpecError
+
+    save_file({"x": torch.randn(4, 5), "y": torch.zeros(4, dtype=torch.long)}, str(tmp_path / "bad.safetensors"))
+    events = []
+    with pytest.raises(SpecError, match="shape"):
+        run_pipeline(small_cnn, small_cnn_spec, tiny_config(), tmp_path / "out", device="cpu",
+                     eval_set=tmp_path / "bad.safetensors", progress=events.append)
+    assert {e.stage for e in events} <= {"load"}

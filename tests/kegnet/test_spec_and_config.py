@@ -32,3 +32,16 @@ def test_paper_preset_matches_the_paper() -> None:
     assert g.teacher_mode == "train" and cfg.distill.transfer == "fixed"
     assert (g.smoothness, g.activation, g.batchnorm_prior) == (0.0, 0.0, 0.0)  # the paper's loss, nothing added
     assert cfg.distill.samples_per_generator == 6400
+
+
+def test_recipes_must_fit_the_method() -> None:
+    with pytest.raises(ValueError, match="need method 'kegnet'"):
+        PipelineConfig(method="gaussian", distill={"recipes": [{"codes": "pairs"}]})
+    with pytest.raises(ValueError, match="not tucker-only"):
+        PipelineConfig(method="tucker-only", distill={"recipes": [{"source": "gaussian"}]})
+    with pytest.raises(ValueError, match="twice"):
+        PipelineConfig(distill={"recipes": [{"source": "gaussian"}, {"source": "gaussian"}]})
+    with pytest.raises(ValueError):
+        PipelineConfig(distill={"recipes": [{"source": "gaussian"}] * 13})
+    assert [r.name for r in PipelineConfig(method="uniform").candidate_recipes()] == ["uniform"]
+    assert PipelineConfig(method="tucker-only").candidate_recipes() == []

@@ -18,7 +18,8 @@ from tests.service.svc_helpers import REDIS_TEST_URL
 @pytest.fixture
 def settings(tmp_path: Path, redis_db: redis.Redis) -> Settings:
     return Settings(redis_url=REDIS_TEST_URL, data_dir=tmp_path / "data", max_upload_bytes=64 * 1024,
-                    form_overhead_bytes=8 * 1024, max_active_jobs_per_key=2, max_queued_jobs=3)
+                    max_eval_bytes=16 * 1024, form_overhead_bytes=8 * 1024, max_active_jobs_per_key=2,
+                    max_queued_jobs=3)
 
 
 @pytest.fixture

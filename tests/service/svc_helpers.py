@@ -41,6 +41,26 @@ def write_mlp_safetensors(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def eval_tensors(n: int = 60, seed: int = 0, shape: tuple[int, ...] = (8,)) -> dict[str, torch.Tensor]:
+    """A labelled evaluation set for the MLP of ``mlp_state()``: its own predictions are the labels, so the
+    teacher scores 100% and the student's accuracy is its agreement with the teacher. Another ``shape`` (a
+    wrong one) gets random labels."""
+    torch.manual_seed(seed)
+    x = torch.randn(n, *shape)
+    if shape != (8,):
+        return {"x": x, "y": torch.randint(0, 3, (n,))}
+    model = create_model("mlp", input_shape=(8,), num_classes=3, hidden=[16])
+    model.load_state_dict(mlp_state())
+    with torch.no_grad():
+        return {"x": x, "y": model.eval()(x).argmax(1)}
+
+
+def write_eval_set(path: Path, n: int = 60, seed: int = 0, shape: tuple[int, ...] = (8,)) -> Path:
+    """A safetensors evaluation file (``kegnet.evaluation``) for the MLP teacher of ``mlp_state()``."""
+    save_file(eval_tensors(n, seed, shape), str(path))
+    return path
+
+
 def write_mlp_torch(path: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     torch.save(state if state is not None else mlp_state(), path)
     return path

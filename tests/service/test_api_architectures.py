@@ -94,6 +94,20 @@ def test_onnx_upload_takes_shape_and_classes_from_the_graph(api, keys_for, tmp_p
     assert r.status_code == 202, r.text
 
 
+def test_onnx_eval_set_is_checked_against_the_shape_from_the_graph(api, keys_for, tmp_path):
+    # The spec names no input shape or classes: the eval set is checked against what the graph says (8 -> 3).
+    from tests.service.svc_helpers import write_eval_set
+
+    path = onnx_file(tmp_path)
+    for eval_set, status in [(write_eval_set(tmp_path / "ok.safetensors"), 202),
+                             (write_eval_set(tmp_path / "bad.safetensors", shape=(9,)), 422)]:
+        with path.open("rb") as f, eval_set.open("rb") as e:
+            r = api.post("/v1/jobs", files=[("checkpoint", ("x", f)), ("eval_set", ("e", e))],
+                         data={"spec": spec_json({"arch": "onnx"}, TINY_CONFIG)}, headers=auth(keys_for))
+        assert r.status_code == status, r.text
+    assert r.json()["detail"].startswith("eval_set: the evaluation set's 'x' must have shape (N, 8)")
+
+
 def test_onnx_with_external_data_is_refused(api, keys_for, tmp_path):
     import onnx
 

@@ -92,7 +92,8 @@ def test_idempotency_keys_are_per_caller(client, keys, ckpt):
 
 def test_oversize_declared_length_413(client, keys, tmp_path, settings):
     big = tmp_path / "big.bin"
-    big.write_bytes(b"\0" * (settings.max_upload_bytes + settings.form_overhead_bytes + 10))
+    # Over the body cap: every file budget (checkpoints and evaluation set) plus the form overhead.
+    big.write_bytes(b"\0" * (settings.max_upload_bytes + settings.max_eval_bytes + settings.form_overhead_bytes + 10))
     r = submit(client, keys["alice"], big)
     assert r.status_code == 413
     assert list((settings.data_dir / "tmp").iterdir()) == []
@@ -118,7 +119,8 @@ def test_oversize_streamed_without_length_413(client, keys, settings):
 
 
 def test_file_just_over_limit_413(client, keys, tmp_path, settings):
-    # Over the file limit but within the body allowance (file limit + form overhead).
+    # Over the file limit but within the body allowance (file limits + form overhead): the evaluation set's
+    # budget never lends room to the checkpoint.
     big = tmp_path / "big.bin"
     big.write_bytes(b"\0" * (settings.max_upload_bytes + 100))
     assert submit(client, keys["alice"], big).status_code == 413

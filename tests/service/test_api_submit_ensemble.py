@@ -55,7 +55,7 @@ def test_too_many_checkpoints_422_and_nothing_kept(settings, keys, teachers, tmp
     with TestClient(create_app(capped, enqueue=enqueued.append, run_reaper=False)) as c:
         r = submit_many(c, keys["alice"], paths)
     assert r.status_code == 422, r.text
-    assert r.json()["detail"] == "too many files: a job takes at most 2 'checkpoint' files"
+    assert r.json()["detail"] == "too many files: a job takes at most 2 'checkpoint' files and one 'eval_set'"
     assert enqueued == [] and list((settings.data_dir / "tmp").iterdir()) == []
 
 

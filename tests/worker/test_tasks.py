@@ -11,7 +11,13 @@ import torch
 from service.settings import Settings
 from service.storage import LocalStorage
 from service.store import QUEUED, JobStore
-from tests.service.svc_helpers import MLP_MODEL, REDIS_TEST_URL, TINY_CONFIG, write_mlp_safetensors
+from tests.service.svc_helpers import (
+    MLP_MODEL,
+    REDIS_TEST_URL,
+    TINY_CONFIG,
+    write_eval_set,
+    write_mlp_safetensors,
+)
 from worker.tasks import resolve_device, run_job
 
 
@@ -149,3 +155,45 @@ def test_worker_applies_the_upload_budget_to_stored_files(env, tmp_path):
     job_id = make_job(env, tmp_path)  # a 1,068-byte safetensors file, over a 1,024-byte budget
     assert run_job(job_id, store, storage, settings) == "failed"
     assert "above this service's limit of 1,024" in store.get(job_id)["error"]
+
+
+def test_eval_set_and_confidence_reach_the_job_metrics(env, tmp_path):
+    settings, store, storage = env
+    eval_file = write_eval_set(tmp_path / "eval.safetensors")  # labels: the teacher's own predictions
+    request = {"model": MLP_MODEL, "config": TINY_CONFIG, "seed": 0, "device": "cpu"}
+    job = store.create("alice", request, sha256="0" * 64, size=1, request_hash="h",
+                       eval_set={"sha256": "1" * 64, "size": eval_file.stat().st_size})
+    storage.commit_checkpoint(write_mlp_safetensors(tmp_path / "t.safetensors"), job["id"])
+    storage.commit_eval_set(eval_file, job["id"])
+    assert run_job(job["id"], store, storage, settings) == "succeeded", store.get(job["id"])["error"]
+    metrics = store.get(job["id"])["metrics"]
+    manifest = json.loads((storage.out_dir(job["id"]) / "manifest.json").read_text())
+    assert metrics["recipe"] == manifest["recipe"] and metrics["recipe"]
+    assert metrics["confidence_estimate"] == manifest["confidence"]["estimate"]
+    assert 0 <= metrics["confidence_estimate"] <= 1
+    assert metrics["confidence_level"] in ("high", "medium", "low")
+    assert metrics["confidence_warnings"] == manifest["confidence"]["warnings"]
+    assert metrics["eval_samples"] == 60 and metrics["eval_teacher_accuracy"] == 1.0
+    assert metrics["eval_student_accuracy"] == manifest["evaluation"]["student_accuracy"]
+    assert 0 <= metrics["eval_student_accuracy"] <= 1
+
+
+def test_a_job_without_eval_set_passes_none_and_reports_no_eval_metrics(env, tmp_path, monkeypatch):
+    import kegnet.pipeline
+    from kegnet.errors import KegnetError
+    from worker.tasks import _summary
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise KegnetError("stop here")
+
+    monkeypatch.setattr(kegnet.pipeline, "run_pipeline", record)
+    settings, store, storage = env
+    assert run_job(make_job(env, tmp_path), store, storage, settings) == "failed"
+    assert seen["eval_set"] is None and seen["max_eval_samples"] == settings.max_eval_samples
+    summary = _summary({"recipe": None, "evaluation": None,
+                        "confidence": {"estimate": 0.5, "level": "low", "warnings": ["low estimate: ..."]}})
+    assert summary == {"confidence_estimate": 0.5, "confidence_level": "low",
+                       "confidence_warnings": ["low estimate: ..."], "seconds": 0}

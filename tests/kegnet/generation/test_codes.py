@@ -6,7 +6,7 @@ from torch import nn
 
 from kegnet.config import DistillConfig, PipelineConfig
 from kegnet.generation import KegNetSampler
-from kegnet.generation.train import simplex_codes
+from kegnet.generation.codes import simplex_codes
 
 
 def test_simplex_codes_are_uniform_mixes_repeatable_by_seed() -> None:
@@ -48,3 +48,39 @@ def test_defaults_mix_classes_for_the_student_but_the_paper_preset_does_not() ->
     assert PipelineConfig.from_preset("paper").distill.label_codes == "one_hot"
     with pytest.raises(ValueError):
         KegNetSampler([], 3, 2, torch.device("cpu"), "dirichlet")  # type: ignore[arg-type]
+
+
+def _draw(scheme: str, n: int, classes: int, seed: int = 0) -> torch.Tensor:
+    from kegnet.generation.codes import draw_codes
+
+    return draw_codes(scheme, n, classes, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("scheme", ["one_hot", "simplex", "pairs", "sparse"])
+@pytest.mark.parametrize("classes", [2, 10, 26])
+def test_every_scheme_gives_simplex_points_repeatable_by_seed(scheme: str, classes: int) -> None:
+    c = _draw(scheme, 4000, classes)
+    assert c.shape == (4000, classes) and (c >= 0).all()
+    assert torch.allclose(c.sum(1), torch.ones(4000), atol=1e-5)
+    assert torch.equal(c, _draw(scheme, 4000, classes))
+    assert not torch.equal(c, _draw(scheme, 4000, classes, seed=1))
+    assert torch.allclose(c.mean(0), torch.full((classes,), 1 / classes), atol=0.03)  # no class favoured
+
+
+def test_pairs_mix_exactly_two_distinct_classes() -> None:
+    c = _draw("pairs", 2000, 26)
+    assert ((c > 0).sum(1) <= 2).all() and ((c > 0).sum(1) == 2).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("classes", [3, 10, 26, 100])
+def test_sparse_codes_stay_close_to_a_few_classes_whatever_the_class_count(classes: int) -> None:
+    # The simplex scheme's effective class count grows with C (26 classes: ~13.5); sparse stays below 3.
+    effective = 1 / (_draw("sparse", 20_000, classes) ** 2).sum(1).mean()
+    assert 1.5 < effective < 3.0
+    if classes >= 10:
+        assert 1 / (_draw("simplex", 20_000, classes) ** 2).sum(1).mean() > 5
+
+
+def test_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown class-code scheme"):
+        _draw("dirichlet", 4, 3)

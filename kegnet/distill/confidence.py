@@ -1,0 +1,69 @@
+"""How sure we are of a student without data: the manifest's ``confidence`` section, from exam grades.
+
+The estimate is the chosen student's agreement with the teacher on the synthetic exam
+(``kegnet.distill.exam``). Warnings name what a user should look at: a low estimate, fine-tuning that made
+the student worse than the plain decomposition, a recipe far below another, classes the student gets wrong
+on the exam, classes the exam has no sample of.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kegnet.distill.exam import Grade
+
+# Thresholds on exam agreement (fractions). Calibrated on the robustness suite (docs/benchmarks.md).
+LOW = 0.80
+HIGH = 0.92
+FAR_BELOW = 0.05  # a candidate this far below the best is flagged
+WEAK_CLASS = 0.5  # a class whose exam samples agree less than this is named
+MIN_CLASS_SAMPLES = 10
+
+
+def level(agreement: float) -> str:
+    return "high" if agreement >= HIGH else "low" if agreement < LOW else "medium"
+
+
+def assess(candidates: dict[str, Grade], chosen: str | None, before: Grade, num_classes: int,
+           exam_sources: dict[str, int]) -> dict[str, Any]:
+    """The ``confidence`` section. ``candidates``: exam grades of the fine-tuned students by recipe name
+    (empty when nothing was fine-tuned: the decomposed student is the result); ``before``: the decomposed
+    student's grade, before any fine-tuning."""
+    final = candidates[chosen] if chosen is not None else before
+    warnings: list[str] = []
+    if final.agreement < LOW:
+        warnings.append(f"low estimate: the student agrees with the teacher on {100 * final.agreement:.1f}% of "
+                        "the synthetic exam; expect it to lose accuracy on real data. Try a lower compression "
+                        "ratio, more distill.steps, or compare recipes (distill.recipes)")
+    if chosen is not None and final.agreement < before.agreement - FAR_BELOW:
+        warnings.append(f"fine-tuning lowered the exam agreement from {100 * before.agreement:.1f}% (the "
+                        f"decomposed student) to {100 * final.agreement:.1f}%")
+    best = max((g.agreement for g in candidates.values()), default=final.agreement)
+    far = sorted(name for name, g in candidates.items() if g.agreement < best - FAR_BELOW)
+    if far:
+        warnings.append(f"recipes far below the best ({100 * best:.1f}%): " + ", ".join(
+            f"{name} {100 * candidates[name].agreement:.1f}%" for name in far))
+    weak = sorted(c for c, (a, n) in final.per_class.items() if a < WEAK_CLASS and n >= MIN_CLASS_SAMPLES)
+    if weak:
+        warnings.append("classes the student often gets wrong on the exam: " + ", ".join(
+            f"{c} ({100 * final.per_class[c][0]:.0f}%)" for c in weak))
+    unseen = [c for c in range(num_classes) if c not in final.per_class]
+    if unseen:
+        warnings.append(f"the teacher predicts no exam sample as class {', '.join(map(str, unseen))}: the "
+                        "student is unchecked there")
+    return {
+        "estimate": final.agreement,
+        "level": level(final.agreement),
+        "kl": final.kl,
+        "chosen": chosen,
+        "per_class": final.to_dict()["per_class"],
+        "per_source": final.per_source,
+        "before_finetune": {"agreement": before.agreement, "kl": before.kl},
+        "balanced": final.balanced,
+        "candidates": {name: {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl,
+                              "per_source": g.per_source, "chosen": name == chosen, "far_below_best": name in far}
+                       for name, g in candidates.items()},
+        "exam": {"samples": sum(exam_sources.values()), "sources": exam_sources},
+        "thresholds": {"low": LOW, "high": HIGH, "far_below": FAR_BELOW},
+        "warnings": warnings,
+    }

@@ -1,0 +1,126 @@
+"""A common synthetic exam: how students trained from different sample recipes are compared without data.
+
+Agreement measured on each recipe's own samples is not comparable across recipes: a student trained on
+Gaussian noise agrees with the teacher on noise, one trained on class mixes agrees on mixes. The exam is one
+fixed set drawn in equal shares from every source a job can train on (the generators asked for each class-code
+scheme, including plain one-hot samples, and both noise baselines), with its own seed, never trained on. Every
+candidate and every evaluation step is graded on it: agreement (same top class as the teacher) and KL from the
+teacher's to the student's softmax. Classes are the teacher's predictions on the exam.
+
+Shapes: ``Exam.x`` ``(N, *input_shape)``, ``Exam.teacher_logits`` ``(N, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kegnet.generation.codes import CODE_SCHEMES
+from kegnet.generation.samplers import KegNetSampler, NoiseSampler, Sampler
+
+# Within this agreement of the best, candidates are ranked by KL instead (a few exam samples apart is noise).
+TIE = 0.005
+
+
+@dataclass
+class Exam:
+    x: torch.Tensor
+    teacher_logits: torch.Tensor
+    sources: dict[str, int]  # samples per source, in the order of x
+
+    @property
+    def teacher_classes(self) -> torch.Tensor:
+        return self.teacher_logits.argmax(1)
+
+
+@dataclass
+class Grade:
+    agreement: float
+    kl: float
+    per_class: dict[int, tuple[float, int]] = field(default_factory=dict)  # class -> (agreement, samples)
+    per_source: dict[str, float] = field(default_factory=dict)  # source -> agreement
+
+    @property
+    def balanced(self) -> float:
+        """Mean of the per-class agreements: a student that only gets the exam's commonest class right
+        scores low here even when plain agreement is high."""
+        return sum(a for a, _ in self.per_class.values()) / len(self.per_class) if self.per_class else self.agreement
+
+    def to_dict(self) -> dict:
+        return {"agreement": self.agreement, "balanced": self.balanced, "kl": self.kl,
+                "per_class": {str(c): {"agreement": a, "samples": n} for c, (a, n) in self.per_class.items()},
+                "per_source": self.per_source}
+
+
+def exam_sources(kegnet: KegNetSampler | None, input_shape: tuple[int, ...],
+                 device: torch.device) -> dict[str, Sampler]:
+    """Every source a job can train on: each code scheme of the generators (if any), Gaussian, uniform."""
+    sources: dict[str, Sampler] = {}
+    if kegnet is not None:
+        sources.update({f"kegnet/{scheme}": kegnet.with_codes(scheme) for scheme in CODE_SCHEMES})
+    sources["gaussian"] = NoiseSampler("gaussian", input_shape, device)
+    sources["uniform"] = NoiseSampler("uniform", input_shape, device)
+    return sources
+
+
+@torch.no_grad()
+def build_exam(teacher: nn.Module, sources: dict[str, Sampler], n: int, seed: int, device: torch.device,
+               chunk: int = 1024) -> Exam:
+    """``n`` samples in equal shares from ``sources``, labelled by ``teacher``'s logits."""
+    rng = torch.Generator(device=device).manual_seed(seed)
+    per = math.ceil(n / len(sources))
+    xs, counts = [], {}
+    for name, sampler in sources.items():
+        parts = [sampler.sample(min(chunk, per - start), rng)[0] for start in range(0, per, chunk)]
+        xs.append(torch.cat(parts))
+        counts[name] = per
+    x = torch.cat(xs)
+    teacher.eval()
+    logits = torch.cat([teacher(c) for c in x.split(chunk)])
+    return Exam(x, logits, counts)
+
+
+@torch.no_grad()
+def grade(student: nn.Module, exam: Exam, chunk: int = 1024) -> Grade:
+    """The student's agreement with the teacher and KL(teacher || student), overall, per teacher class and
+    per source."""
+    was_training = student.training
+    student.eval()
+    s_logits = torch.cat([student(c) for c in exam.x.split(chunk)])
+    student.train(was_training)
+    t_classes = exam.teacher_classes
+    same = (s_logits.argmax(1) == t_classes).float()
+    kl = F.kl_div(F.log_softmax(s_logits.float(), 1), F.log_softmax(exam.teacher_logits.float(), 1),
+                  log_target=True, reduction="batchmean").item()
+    per_class = {}
+    counts = torch.bincount(t_classes, minlength=exam.teacher_logits.shape[1])
+    hits = torch.bincount(t_classes, weights=same, minlength=exam.teacher_logits.shape[1])
+    for c in range(len(counts)):
+        if counts[c] > 0:
+            per_class[c] = (hits[c].item() / counts[c].item(), int(counts[c].item()))
+    per_source, start = {}, 0
+    for name, n in exam.sources.items():
+        per_source[name] = same[start:start + n].mean().item()
+        start += n
+    return Grade(same.mean().item(), kl, per_class, per_source)
+
+
+def agreement_on(student: nn.Module, exam: Exam, chunk: int = 1024) -> float:
+    """Just the overall agreement (cheaper than ``grade``: used at every evaluation step)."""
+    with torch.no_grad():
+        was_training = student.training
+        student.eval()
+        s = torch.cat([student(c).argmax(1) for c in exam.x.split(chunk)])
+        student.train(was_training)
+    return (s == exam.teacher_classes).float().mean().item()
+
+
+def choose(grades: dict[str, Grade], tie: float = TIE) -> str:
+    """The candidate with the best exam agreement; among those within ``tie`` of it, the lowest KL."""
+    best = max(g.agreement for g in grades.values())
+    close = [name for name, g in grades.items() if g.agreement >= best - tie]
+    return min(close, key=lambda name: grades[name].kl)

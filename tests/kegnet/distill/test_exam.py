@@ -1,0 +1,53 @@
+"""The common synthetic exam: its composition, grades, and the choice between candidates."""
+
+import pytest
+import torch
+from torch import nn
+
+from kegnet.distill.exam import Grade, build_exam, choose, exam_sources, grade
+from kegnet.generation import KegNetSampler
+
+
+class _Echo(nn.Module):
+    """A generator that returns its code as the sample (a 'teacher' on codes is then easy to write)."""
+
+    def forward(self, codes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return codes.clone()
+
+
+def _teacher(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(classes, classes)
+
+
+def test_exam_draws_equal_shares_from_every_source_and_repeats_by_seed() -> None:
+    kegnet = KegNetSampler([_Echo(), _Echo()], 4, 3, torch.device("cpu"))
+    sources = exam_sources(kegnet, (4,), torch.device("cpu"))
+    assert list(sources) == ["kegnet/one_hot", "kegnet/simplex", "kegnet/pairs", "kegnet/sparse", "gaussian",
+                             "uniform"]
+    exam = build_exam(_teacher(), sources, 600, seed=5, device=torch.device("cpu"))
+    assert exam.x.shape == (600, 4) and exam.teacher_logits.shape == (600, 4)
+    assert exam.sources == {name: 100 for name in sources}
+    one_hot = exam.x[:100]
+    assert bool(((one_hot == 0) | (one_hot == 1)).all())
+    again = build_exam(_teacher(), sources, 600, seed=5, device=torch.device("cpu"))
+    assert torch.equal(exam.x, again.x)
+    assert list(exam_sources(None, (4,), torch.device("cpu"))) == ["gaussian", "uniform"]
+
+
+def test_the_teacher_scores_perfectly_and_a_different_model_does_not() -> None:
+    teacher = _teacher()
+    exam = build_exam(teacher, exam_sources(None, (4,), torch.device("cpu")), 512, 0, torch.device("cpu"))
+    g = grade(teacher, exam)
+    assert g.agreement == 1.0 and g.kl == pytest.approx(0.0, abs=1e-6)
+    assert sum(n for _, n in g.per_class.values()) == 512 and set(g.per_source) == {"gaussian", "uniform"}
+    torch.manual_seed(1)
+    other = grade(nn.Linear(4, 4), exam)
+    assert other.agreement < 0.9 and other.kl > 0.01
+
+
+def test_choice_is_best_agreement_then_lowest_kl_among_near_ties() -> None:
+    grades = {"a": Grade(0.90, 0.10), "b": Grade(0.903, 0.05), "c": Grade(0.80, 0.01)}
+    assert choose(grades) == "b"
+    assert choose({"a": Grade(0.90, 0.02), "b": Grade(0.903, 0.05)}) == "a"  # within the tie: lower KL
+    assert choose({"a": Grade(0.90, 0.02), "b": Grade(0.95, 0.05)}) == "b"
