@@ -314,19 +314,29 @@ def main() -> None:
     parser.add_argument("--reuse-generators", action="store_true",
                         help="keep KegNet generators in bench/results/generators and reuse them (ablations)")
     parser.add_argument("--entries", default=None, help="suite: comma-separated subset of bench/suite/teachers.py")
+    parser.add_argument("--recipes", default=None, help="suite: comma-separated subset of the recipes (names as in "
+                                                        "the table, e.g. kegnet/pairs+noise0.5,gaussian)")
+    parser.add_argument("--report", action="store_true", help="suite: print the tables of --out (default "
+                                                                   "bench/results/suite.json) without running")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<scenario>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)  # 1-2 on a shared 2-core host: oversubscription crawls
     if args.scenario == "suite":
-        from bench.suite.run import run_suite
+        from bench.suite.run import RECIPES, run_suite
         from bench.suite.teachers import ENTRIES
 
         out = args.out or RESULTS / "suite.json"
         entries = args.entries.split(",") if args.entries else list(ENTRIES)
-        default = PipelineConfig().candidate_recipes()[0].name
-        result = run_suite(entries, args.seeds, args.device, out, default, extra=args.config)
+        if args.report:
+            from bench.suite.run import report
+
+            print(report(json.loads(out.read_text())["entries"]))
+            return
+        names = args.recipes.split(",") if args.recipes else None
+        recipes = [r for r in RECIPES if names is None or r.name in names]
+        result = run_suite(entries, args.seeds, args.device, out, recipes, extra=args.config)
         result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
         out.write_text(json.dumps(result, indent=2))
         return

@@ -162,7 +162,7 @@ def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: i
         if uses_generators and dc.adversarial_weight > 0 and dc.transfer == "fresh":
             dist_macs += int(dc.steps * dc.batch_size * 3 * (t * m + gen.macs) * dc.adversarial_share)
         # One student per candidate recipe, each kept (its weights) until the exam has chosen.
-        recipes = max(1, len(config.candidate_recipes()))
+        recipes = max(1, len(config.candidate_recipes(len(input_shape) == 3, num_classes)))
         dist_macs *= recipes
         dist_mem += FLOAT_BYTES * (recipes - 1) * p
 

@@ -266,7 +266,7 @@ def _generate(job: _Job, generators: list[nn.Module] | None) -> None:
                 report_every=max(1, min(50, gcfg.steps // 20 or 1)),
             )
         job.sampler = KegNetSampler([g.to(dev).eval() for g in generators], job.spec.num_classes, gcfg.noise_dim,
-                                    dev, dcfg.label_codes)
+                                    dev, "one_hot" if dcfg.label_codes == "auto" else dcfg.label_codes)
         job.generators = job.sampler.generators
     elif config.method != "tucker-only":
         job.sampler = NoiseSampler(config.method, job.spec.input_shape, dev)
@@ -319,7 +319,8 @@ def _distill(job: _Job) -> None:
     job.exam = build_exam(teacher, exam_sources(kegnet, job.spec.input_shape, dev), dcfg.holdout_samples,
                           job.seed + 7919, dev)
     job.before = grade(job.student, job.exam)
-    recipes = job.config.candidate_recipes() if dcfg.steps > 0 else []
+    image = len(job.spec.input_shape) == 3
+    recipes = job.config.candidate_recipes(image, job.spec.num_classes) if dcfg.steps > 0 else []
     base = job.student
     for i, recipe in enumerate(recipes):
         student = base if len(recipes) == 1 else copy.deepcopy(base)

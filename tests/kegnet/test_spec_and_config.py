@@ -43,5 +43,7 @@ def test_recipes_must_fit_the_method() -> None:
         PipelineConfig(distill={"recipes": [{"source": "gaussian"}, {"source": "gaussian"}]})
     with pytest.raises(ValueError):
         PipelineConfig(distill={"recipes": [{"source": "gaussian"}] * 13})
-    assert [r.name for r in PipelineConfig(method="uniform").candidate_recipes()] == ["uniform"]
-    assert PipelineConfig(method="tucker-only").candidate_recipes() == []
+    assert [r.name for r in PipelineConfig(method="uniform").candidate_recipes(True, 10)] == ["uniform"]
+    assert PipelineConfig(method="tucker-only").candidate_recipes(False, 3) == []
+    one = PipelineConfig(distill={"label_codes": "pairs", "noise_share": 0.25}).candidate_recipes(True, 3)
+    assert [r.name for r in one] == ["kegnet/pairs+noise0.25"]

@@ -51,3 +51,12 @@ def test_choice_is_best_agreement_then_lowest_kl_among_near_ties() -> None:
     assert choose(grades) == "b"
     assert choose({"a": Grade(0.90, 0.02), "b": Grade(0.903, 0.05)}) == "a"  # within the tie: lower KL
     assert choose({"a": Grade(0.90, 0.02), "b": Grade(0.95, 0.05)}) == "b"
+
+
+def test_by_default_a_student_right_only_on_the_commonest_class_loses() -> None:
+    # 90 exam samples of class 0, 10 of class 1: "lopsided" gets all of class 0 and none of class 1.
+    lopsided = Grade(0.90, 0.2, {0: (1.0, 90), 1: (0.0, 10)})
+    even = Grade(0.85, 0.3, {0: (0.85, 90), 1: (0.85, 10)})
+    assert lopsided.balanced == 0.5 and even.balanced == pytest.approx(0.85)
+    assert choose({"lopsided": lopsided, "even": even}) == "even"
+    assert choose({"lopsided": lopsided, "even": even}, by="agreement") == "lopsided"
