@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,18 +32,19 @@ def uci_spec(name: str) -> ModelSpec:
                      input_shape=(features,), num_classes=classes)
 
 
-def train_uci_teacher(name: str, seed: int = 0, max_epochs: int = 300, patience: int = 20) -> nn.Module:
-    """Train the paper's UCI MLP on ``name``'s training split; the best validation epoch is kept."""
-    spec = uci_spec(name)
-    x, y = load_uci_split(name, "train")
+def fit_early_stopping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, max_epochs: int = 300,
+                       patience: int = 20, max_steps: int | None = None) -> tuple[nn.Module, float, int]:
+    """Adam 1e-3, batch 64, on all but a tenth of ``(x, y)`` (drawn with ``seed``); the epoch with the best
+    accuracy on that tenth is kept, and training stops after ``patience`` epochs without a better one or
+    after ``max_steps`` steps' worth of epochs. Returns the model, its validation accuracy, epochs run."""
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
     n_val = len(x) // 10
     val, trn = perm[:n_val], perm[n_val:]
-    torch.manual_seed(seed)
-    model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.kwargs())
+    if max_steps is not None:
+        max_epochs = min(max_epochs, max(1, max_steps // -(-len(trn) // 64)))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    best, best_state, since, epochs_run = -1.0, None, 0, 0
+    best, best_state, since, epochs_run = -1.0, copy.deepcopy(model.state_dict()), 0, 0
     for epoch in range(1, max_epochs + 1):
         epochs_run = epoch
         model.train()
@@ -57,8 +60,18 @@ def train_uci_teacher(name: str, seed: int = 0, max_epochs: int = 300, patience:
             since += 1
             if since >= patience:
                 break
-    log.info("%s teacher (seed %d): best validation accuracy %.4f after %d epochs", name, seed, best, epochs_run)
     model.load_state_dict(best_state)
+    return model, best, epochs_run
+
+
+def train_uci_teacher(name: str, seed: int = 0, max_epochs: int = 300, patience: int = 20) -> nn.Module:
+    """Train the paper's UCI MLP on ``name``'s training split; the best validation epoch is kept."""
+    spec = uci_spec(name)
+    x, y = load_uci_split(name, "train")
+    torch.manual_seed(seed)
+    model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.kwargs())
+    model, best, epochs_run = fit_early_stopping(model, x, y, seed, max_epochs, patience)
+    log.info("%s teacher (seed %d): best validation accuracy %.4f after %d epochs", name, seed, best, epochs_run)
     return model.eval()
 
 
@@ -94,20 +107,48 @@ def fashion_inputs(split: str, channels: int) -> tuple[torch.Tensor, torch.Tenso
     return (x.expand(-1, channels, -1, -1).contiguous() if channels > 1 else x), y
 
 
+def shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The batch ``(N, C, H, W)`` shifted by one random offset of up to 2 px each way (zero padding)."""
+    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    return torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=(dy, dx), dims=(2, 3))[:, :, 2:-2, 2:-2]
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random shifts of up to 2 px (zero padding) and horizontal flips, per batch."""
-    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-    x = torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=(dy, dx), dims=(2, 3))[:, :, 2:-2, 2:-2]
+    x = shift(x, gen)
     flip = torch.rand(len(x), generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def fit_one_cycle(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, steps: int,
+                  augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+                  device: torch.device = torch.device("cpu"), name: str = "") -> nn.Module:
+    """SGD (momentum 0.9, nesterov, weight decay 5e-4), one-cycle to lr 0.05 (15% warm-up), batch 128,
+    ``steps`` steps over shuffled epochs of ``(x, y)``, each batch through ``augment``; ``model`` is on
+    ``device``, the data moves there batch by batch."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps, pct_start=0.15)
+    t0 = time.perf_counter()
+    model.train()
+    order = torch.cat([torch.randperm(len(x), generator=gen) for _ in range(-(-steps * 128 // len(x)))])
+    for i, idx in enumerate(order[: steps * 128].split(128)):
+        loss = F.cross_entropy(model(augment(x[idx], gen).to(device)), y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if name and i % 20 == 0:
+            log.info("%s step %d/%d loss %.3f (%.0fs)", name, i, steps, loss.item(), time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return model
 
 
 def train_image_teacher(name: str, seed: int = 0, steps: int | None = None,
                         limit: int | None = None) -> tuple[nn.Module, dict[str, float]]:
     """Train ``IMAGE_TEACHERS[name]`` on Fashion-MNIST's training split (on a GPU where there is one);
     returns the model, on the CPU, and its figures."""
-    import time
-
     steps = steps or IMAGE_STEPS[name]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = IMAGE_TEACHERS[name]
@@ -115,24 +156,10 @@ def train_image_teacher(name: str, seed: int = 0, steps: int | None = None,
     if limit:
         x, y = x[:limit], y[:limit]
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes,
                          **spec.kwargs()).to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps, pct_start=0.15)
     t0 = time.perf_counter()
-    model.train()
-    order = torch.cat([torch.randperm(len(x), generator=gen) for _ in range(-(-steps * 128 // len(x)))])
-    for i, idx in enumerate(order[: steps * 128].split(128)):
-        loss = F.cross_entropy(model(_augment(x[idx], gen).to(dev)), y[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if i % 20 == 0:
-            log.info("%s step %d/%d loss %.3f (%.0fs)", name, i, steps, loss.item(), time.perf_counter() - t0)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    fit_one_cycle(model, x, y, seed, steps, _augment, dev, name)
     seconds = time.perf_counter() - t0
     xt, yt = fashion_inputs("test", spec.input_shape[0])
     figures = {"train_seconds": seconds, "test_accuracy": accuracy(model, xt, yt), "steps": steps, "batch": 128,

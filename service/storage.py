@@ -76,18 +76,18 @@ class LocalStorage:
         return tmp, digest.hexdigest(), size
 
     def commit_checkpoint(self, tmp: Path, job_id: str, index: int = 0) -> Path:
-        """Atomically move an upload into the job's directory (same file system, so rename is atomic)."""
-        dest = self.checkpoint_path(job_id, index)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-        return dest
+        return self._commit(tmp, self.checkpoint_path(job_id, index))
 
     def eval_set_path(self, job_id: str) -> Path:
         """The job's labelled evaluation set (optional): one fixed name, never the client's."""
         return self.job_dir(job_id) / "eval.safetensors"
 
     def commit_eval_set(self, tmp: Path, job_id: str) -> Path:
-        dest = self.eval_set_path(job_id)
+        return self._commit(tmp, self.eval_set_path(job_id))
+
+    @staticmethod
+    def _commit(tmp: Path, dest: Path) -> Path:
+        """Atomically move an upload to ``dest`` in the job's directory (same file system, so rename is atomic)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
         return dest

@@ -141,8 +141,7 @@ def default_pick(entry: dict[str, Any], run: dict[str, Any]) -> str:
     return names[0] if len(names) == 1 else chosen_among(run, names)
 
 
-def method_accuracies(entry: dict[str, Any], choice_set: list[str] | None = None
-                      ) -> dict[str, list[float]]:
+def method_accuracies(entry: dict[str, Any]) -> dict[str, list[float]]:
     """Per-seed real accuracies of the table's columns for one entry."""
     cols: dict[str, list[float]] = {"tucker-only": [entry["tucker_only"]["accuracy"]], "gaussian": [],
                                     "uniform": [], "kegnet default": [], "data-free choice": [], "best recipe": []}
@@ -151,13 +150,13 @@ def method_accuracies(entry: dict[str, Any], choice_set: list[str] | None = None
         cols["gaussian"].append(c["gaussian"]["accuracy"])
         cols["uniform"].append(c["uniform"]["accuracy"])
         cols["kegnet default"].append(c[default_pick(entry, run)]["accuracy"])
-        pick = chosen_among(run, choice_set or list(c))  # the library's rule today, on the recorded grades
+        pick = chosen_among(run, list(c))  # the library's rule today, on the recorded grades
         cols["data-free choice"].append(c[pick]["accuracy"])
         cols["best recipe"].append(max(v["accuracy"] for v in c.values()))
     return cols
 
 
-def table(entries: list[dict[str, Any]], choice_set: list[str] | None = None) -> str:
+def table(entries: list[dict[str, Any]]) -> str:
     """The suite table (mean ± std over seeds, real test accuracy %), a summary row and the choice's hit rate."""
     columns = ["tucker-only", "gaussian", "uniform", "kegnet default", "data-free choice"]
     lines = ["| teacher | classes | teacher acc. | ratio | " + " | ".join(columns) + " | best recipe (real data) |",
@@ -166,7 +165,7 @@ def table(entries: list[dict[str, Any]], choice_set: list[str] | None = None) ->
     gaps: dict[str, list[float]] = {c: [] for c in columns}
     hits = total = 0
     for e in entries:
-        cols = method_accuracies(e, choice_set)
+        cols = method_accuracies(e)
         means = {c: _mean(cols[c]) for c in columns}
         order = sorted(columns, key=lambda c: -means[c])
         for c in columns:
@@ -176,7 +175,7 @@ def table(entries: list[dict[str, Any]], choice_set: list[str] | None = None) ->
                         for n in e["runs"][0]["candidates"]}
         best_name = max(recipe_means, key=recipe_means.__getitem__)
         for run in e["runs"]:
-            pick = chosen_among(run, choice_set or list(run["candidates"]))
+            pick = chosen_among(run, list(run["candidates"]))
             best = max(v["accuracy"] for v in run["candidates"].values())
             hits += run["candidates"][pick]["accuracy"] >= best - 0.01
             total += 1

@@ -10,7 +10,6 @@ Recipes (fixed, so that a cached teacher is reproducible):
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -19,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import nn
 
 from bench.datasets import accuracy, shared_dir
 from bench.suite.tasks import TASKS, Split
+from bench.teachers import fit_early_stopping, fit_one_cycle, shift
 from kegnet import ModelSpec, create_model, load_teacher
 
 log = logging.getLogger(__name__)
@@ -78,51 +76,6 @@ def spec_of(name: str, task: Split) -> ModelSpec:
                      num_classes=int(y.max()) + 1)
 
 
-def _train_mlp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, max_epochs: int = 300,
-               patience: int = 20, max_steps: int = 40_000) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
-    n_val = len(x) // 10
-    val, trn = perm[:n_val], perm[n_val:]
-    max_epochs = min(max_epochs, max(1, max_steps // -(-len(trn) // 64)))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    best, best_state, since = -1.0, copy.deepcopy(model.state_dict()), 0
-    for _ in range(max_epochs):
-        model.train()
-        for idx in trn[torch.randperm(len(trn), generator=gen)].split(64):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        acc = accuracy(model, x[val], y[val])
-        best, best_state, since = (acc, copy.deepcopy(model.state_dict()), 0) if acc > best else (best, best_state,
-                                                                                                     since + 1)
-        if since >= patience:
-            break
-    model.load_state_dict(best_state)
-    return model
-
-
-def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-    return torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=(dy, dx), dims=(2, 3))[:, :, 2:-2, 2:-2]
-
-
-def _train_image(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, steps: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=steps, pct_start=0.15)
-    order = torch.cat([torch.randperm(len(x), generator=gen) for _ in range(-(-steps * 128 // len(x)))])
-    model.train()
-    for idx in order[: steps * 128].split(128):
-        loss = F.cross_entropy(model(_shift(x[idx], gen)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model
-
-
 def suite_teacher(name: str, seed: int = 0) -> tuple[Path, ModelSpec, Split, dict[str, Any]]:
     """The cached teacher file of entry ``name`` (trained on first use), its spec, its task's data and the
     teacher's figures (test accuracy, training seconds)."""
@@ -140,8 +93,8 @@ def suite_teacher(name: str, seed: int = 0) -> tuple[Path, ModelSpec, Split, dic
         torch.manual_seed(seed)
         model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.kwargs())
         t0 = time.perf_counter()
-        model = (_train_image(model, task[0], task[1], seed, e.steps) if e.image
-                 else _train_mlp(model, task[0], task[1], seed)).eval()
+        model = (fit_one_cycle(model, task[0], task[1], seed, e.steps, shift) if e.image
+                 else fit_early_stopping(model, task[0], task[1], seed, max_steps=40_000)[0]).eval()
         figures = {"test_accuracy": accuracy(model, task[2], task[3]), "train_seconds": time.perf_counter() - t0,
                    "train_rows": len(task[1]), "steps": e.steps or None, "source": "bench/suite/teachers.py"}
         log.info("suite teacher %s: %.4f test accuracy in %.0fs", name, figures["test_accuracy"],

@@ -79,8 +79,7 @@ def build_exam(teacher: nn.Module, sources: dict[str, Sampler], n: int, seed: in
     per = math.ceil(n / len(sources))
     xs, counts = [], {}
     for name, sampler in sources.items():
-        parts = [sampler.sample(min(chunk, per - start), rng)[0] for start in range(0, per, chunk)]
-        xs.append(torch.cat(parts))
+        xs.append(sampler.sample_many(per, rng, chunk)[0])
         counts[name] = per
     x = torch.cat(xs)
     teacher.eval()

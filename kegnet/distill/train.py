@@ -52,16 +52,6 @@ def _hold_fixed_layers(model: nn.Module, dropout: bool = True) -> None:
             m.eval()
 
 
-@torch.no_grad()
-def _fixed_transfer_set(sampler: Sampler, n: int, rng: torch.Generator, chunk: int = 4096):
-    xs, ys = [], []
-    for start in range(0, n, chunk):
-        x, y = sampler.sample(min(chunk, n - start), rng)
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), (None if ys[0] is None else torch.cat(ys))
-
-
 def mix_samples(x: torch.Tensor, fraction: float, rng: torch.Generator) -> torch.Tensor:
     """Replace the first ``fraction`` of ``x`` by convex mixes of random pairs of its samples.
 
@@ -144,7 +134,7 @@ def distill(
         noise = NoiseSampler("gaussian", tuple(exam.x.shape[1:]), device)
         sampler = MixedSampler(sampler, noise, config.noise_share)
     if config.transfer == "fixed":
-        pool_x, pool_y = _fixed_transfer_set(sampler, config.samples_per_generator * num_sources, rng)
+        pool_x, pool_y = sampler.sample_many(config.samples_per_generator * num_sources, rng)
         with torch.no_grad():
             pool_t = torch.cat([teacher(c) for c in pool_x.split(4096)])
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)

@@ -16,6 +16,17 @@ class Sampler:
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def sample_many(self, n: int, rng: torch.Generator, chunk: int = 4096
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` samples drawn ``chunk`` at a time (a transfer set or an exam: bounded peak memory)."""
+        xs, ys = [], []
+        for start in range(0, n, chunk):
+            x, y = self.sample(min(chunk, n - start), rng)
+            xs.append(x)
+            ys.append(y)
+        return torch.cat(xs), (None if ys[0] is None else torch.cat(ys))
+
 
 class KegNetSampler(Sampler):
     """Equal shares from each trained generator, one code per sample; labels are each code's top class.
