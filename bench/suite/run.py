@@ -208,6 +208,34 @@ def recipe_table(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def exam_table(entries: list[dict[str, Any]]) -> str:
+    """Every recipe's agreement with the teacher on the synthetic exam (mean over seeds, %): what the
+    data-free choice sees."""
+    names = list(entries[0]["runs"][0]["candidates"])
+    lines = ["| teacher | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for e in entries:
+        cells = [f"{100 * _mean([r['candidates'][n]['agreement'] for r in e['runs']]):.1f}" for n in names]
+        lines.append(f"| {e['entry']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def confidence_table(entries: list[dict[str, Any]]) -> str:
+    """The default students by confidence level (kegnet/distill/confidence.py): how much of the teacher's real
+    accuracy each level kept (student / teacher accuracy, %)."""
+    from kegnet.distill.confidence import level
+
+    kept: dict[str, list[float]] = {"high": [], "medium": [], "low": []}
+    for e in entries:
+        for run in e["runs"]:
+            c = run["candidates"][default_pick(e, run)]
+            kept[level(c["agreement"])].append(c["accuracy"] / e["teacher"]["test_accuracy"])
+    lines = ["| level (exam agreement) | runs | teacher accuracy kept, % (min - max) |", "|---|---|---|"]
+    for name, values in kept.items():
+        span = f"{100 * min(values):.1f} - {100 * max(values):.1f}" if values else "-"
+        lines.append(f"| {name} | {len(values)} | {span} |")
+    return "\n".join(lines)
+
+
 def run_suite(entries: list[str], seeds: int, device: str, out: Path,
               recipes: list[Recipe] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     recipes = recipes or RECIPES
@@ -261,4 +289,4 @@ def report(entries: list[dict[str, Any]]) -> str:
                for e in entries]
     sets = {"every recipe": common, **{k: v for k, v in CANDIDATE_SETS.items() if set(v) <= set(common)}}
     return "\n\n".join([teachers_table(entries), table(entries), recipe_table(trimmed),
-                        selection_table(trimmed, sets)])
+                        selection_table(trimmed, sets), exam_table(trimmed), confidence_table(entries)])
