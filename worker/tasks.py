@@ -121,6 +121,7 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
                             stage="load", worker=f"{socket.gethostname()}:{os.getpid()}"):
         log.info("job %s is %s, not queued; skipping", job_id, job["status"])
         return job["status"]
+    log.info("job %s started on %s", job_id, socket.gethostname())
 
     reporter = _Reporter(store, job_id, settings)
     try:
