@@ -52,8 +52,12 @@ def _parse_ranks(text: str | None) -> dict[str, list[int]]:
 
 
 def spec_from_options(checkpoints: list[Path], arch: str | None, arch_kwargs: str, input_shape: str | None,
-                      num_classes: int | None) -> ModelSpec:
-    """The ``ModelSpec`` of the command's options; ``.onnx`` files default to ``arch=onnx``."""
+                      num_classes: int | None, sequence: str | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of the command's options; ``.onnx`` files default to ``arch=onnx``; ``sequence`` (a
+    JSON ``SequenceSpec``) makes it a sequence model."""
+    if sequence is not None:
+        return ModelSpec(arch=arch or "transformer", arch_kwargs=json.loads(arch_kwargs), task="sequence",
+                         sequence=json.loads(sequence))
     if arch is None:
         if not all(p.suffix.lower() == ".onnx" for p in checkpoints):
             raise typer.BadParameter("give --arch (lenet5, resnet, mlp, torchvision:<name>, timm:<name>); only "
@@ -147,6 +151,8 @@ def compress(
         None, help="lenet5 | resnet | mlp | torchvision:<name> | timm:<name> | onnx (default for .onnx files)"),
     input_shape: str | None = typer.Option(None, help="C,H,W or F (an ONNX graph may give it)"),
     num_classes: int | None = typer.Option(None, help="(an ONNX graph may give it)"),
+    sequence: str | None = typer.Option(None, help='a sequence model instead of a classifier: JSON {"vocab_size", '
+                                        '"max_length", "bos_id", "eos_id", "pad_id", "sep_id"?}; --arch transformer'),
     out: Path = typer.Option(..., help="output directory"),
     arch_kwargs: str = typer.Option("{}", help="JSON keyword arguments of the architecture"),
     method: str = typer.Option("kegnet", help="kegnet | gaussian | uniform | tucker-only"),
@@ -207,7 +213,7 @@ def compress(
         overrides[section] = {**extra.pop(section, {}), **values}
     overrides.update(extra)
     try:
-        spec = spec_from_options(checkpoints, arch, arch_kwargs, input_shape, num_classes)
+        spec = spec_from_options(checkpoints, arch, arch_kwargs, input_shape, num_classes, sequence)
         config = PipelineConfig.from_preset(preset, **overrides)  # type: ignore[arg-type]
     except (ValidationError, json.JSONDecodeError, KeyError) as exc:
         typer.secho(f"invalid options: {exc}", fg="red", err=True)
@@ -228,6 +234,9 @@ def compress(
     finally:
         progress.close()
     m = result.manifest
+    if spec.is_sequence:
+        _echo_sequence_result(out, m)
+        return
     typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
                f"({m['compression_ratio']:.2f}x); MACs {m['macs']['teacher']:,} -> {m['macs']['student']:,}")
     lat = m["latency"]
@@ -247,6 +256,23 @@ def compress(
     typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
     typer.echo("\nuse the student (inputs preprocessed exactly as for the teacher):")
     typer.echo(usage_snippet(out, m))
+
+
+def _echo_sequence_result(out: Path, m: dict[str, Any]) -> None:
+    """What a sequence job did: size, agreement with the teacher's greedy outputs, decode speed, files."""
+    agree, speed = m["synthetic_agreement"], m["decode_speed"]
+    typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
+               f"({m['compression_ratio']:.2f}x)")
+    typer.echo(f"agreement with the teacher's greedy completions of held-out generations: {agree['exact']:.2%} "
+               f"identical, {agree['best']:.2%} of tokens (SVD only: {agree['exact_before_finetune']:.2%}, "
+               f"{agree['before_finetune']:.2%})")
+    typer.echo("greedy decoding, sequences/s (batch 1 / 64): teacher "
+               f"{speed['teacher']['batch1_sequences_per_s']:.1f} / {speed['teacher']['batch64_sequences_per_s']:.0f}, "
+               f"student {speed['student']['batch1_sequences_per_s']:.1f} / "
+               f"{speed['student']['batch64_sequences_per_s']:.0f}")
+    typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
+    typer.echo(f"\nuse the student: torch.export.load(\"{out / 'student.pt2'}\").module()(tokens) -> logits "
+               "(B, T, V); or kegnet.load_student")
 
 
 def main() -> None:

@@ -183,6 +183,8 @@ def register_client_commands(app: Any) -> None:
                                             "(default for .onnx files)"),
         input_shape: str = typer.Option(None, help="C,H,W or F, e.g. 1,32,32"),
         num_classes: int = typer.Option(None),
+        sequence: str = typer.Option(None, help='a sequence model: JSON {"vocab_size", "max_length", "bos_id", '
+                                               '"eos_id", "pad_id", "sep_id"?} (arch defaults to transformer)'),
         arch_kwargs: str = typer.Option("{}", help="JSON object of architecture arguments"),
         spec_file: Path = typer.Option(None, exists=True, help="JSON file {model, config, seed, device}"),
         config_file: Path = typer.Option(None, exists=True, help="JSON PipelineConfig"),
@@ -198,6 +200,9 @@ def register_client_commands(app: Any) -> None:
         """Upload a teacher (or several, an ensemble) and queue a compression job."""
         spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
         model = spec.get("model")
+        if model is None and sequence:
+            model = {"arch": arch or "transformer", "arch_kwargs": json.loads(arch_kwargs), "task": "sequence",
+                     "sequence": json.loads(sequence)}
         if model is None:
             onnx = all(p.suffix.lower() == ".onnx" for p in checkpoints)
             arch = arch or ("onnx" if onnx else None)

@@ -237,6 +237,41 @@ class DistillConfig(_Strict):
         return self
 
 
+SequenceObjective = Literal["word", "sequence", "both"]
+
+
+class SequenceConfig(_Strict):
+    """Sequence models (``task: sequence``): the teacher's own generations as data, and the objectives of
+    Kim & Rush (2016). The classifier sections (generator, distill) do not apply to them; ``compression``
+    does (Linear layers by SVD, with its rank methods and target ratio).
+
+    - ``word``: KL between teacher and student next-token distributions at ``temperature`` (times T²) on
+      sequences the teacher sampled (``samples`` of them, at ``sample_temperature`` with top-k / top-p).
+    - ``sequence``: cross-entropy on the teacher's beam-search outputs (beam ``beam_size``): each sampled
+      prompt (up to ``sep_id``, or a random cut without one) completed by the teacher's beam search.
+    - ``both``: ``word_weight`` · word + (1 − ``word_weight``) · sequence.
+    The student kept is the step with the best agreement with the teacher's greedy outputs on ``holdout``
+    generations the student never trained on.
+    """
+
+    objective: SequenceObjective = "both"
+    word_weight: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0, le=20.0, description="word-level KD temperature")
+    samples: int = Field(20_000, ge=64, le=500_000, description="teacher generations in the transfer set")
+    sample_temperature: float = Field(1.0, gt=0.0, le=5.0)
+    top_k: int = Field(0, ge=0, le=65_536, description="0: off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="1: off")
+    beam_size: int = Field(5, ge=1, le=16)
+    length_penalty: float = Field(0.6, ge=0.0, le=5.0, description="GNMT alpha; 0: raw log-probability")
+    holdout: int = Field(512, ge=16, le=20_000, description="held-out generations for model selection")
+    embedding_rank: int | None = Field(None, ge=1, le=65_536, description="factorize the token embedding "
+                                                                          "(None: keep it)")
+    steps: int = Field(3000, ge=0, le=500_000)
+    batch_size: int = Field(128, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    eval_every: int = Field(250, ge=1, le=100_000)
+
+
 class PipelineConfig(_Strict):
     """Everything the pipeline needs besides the teacher, its spec, a device and a seed."""
 
@@ -245,6 +280,7 @@ class PipelineConfig(_Strict):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     export_portable: bool = Field(True, description="write a torch.export program of the student (student.pt2)")
     export_onnx: bool = Field(True, description="write an ONNX model of the student (student.onnx)")
 

@@ -59,7 +59,8 @@ class Profile:
 
 @dataclass(frozen=True)
 class JobCost:
-    """Estimated peak memory (bytes) and compute (MACs) of a job, with each stage's share."""
+    """Estimated peak memory (bytes) and compute (MACs) of a job, with each stage's share. For a sequence
+    model (``sequence=True``) the "generator" stage is the teacher's own generations."""
 
     memory_bytes: int
     macs: int
@@ -67,15 +68,17 @@ class JobCost:
     distill_memory_bytes: int
     generator_macs: int
     distill_macs: int
+    sequence: bool = False
 
     def describe(self) -> str:
         return f"about {self.memory_bytes / GIB:.1f} GiB of memory and {self.macs:.2e} MACs"
 
 
-def profile_model(model: nn.Module, input_shape: tuple[int, ...]) -> Profile:
+def profile_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Profile:
     """Parameters, and the MACs of every Conv2d / ConvTranspose2d / Linear and the output elements of every
     leaf module on one sample of ``input_shape``, from one forward pass on the model's device (a model on
-    the meta device costs nothing to profile)."""
+    the meta device costs nothing to profile). A sequence model: ``input_shape=(L,)``, ``dtype=torch.long``
+    (one sequence of ``L`` tokens)."""
     macs = activations = 0
 
     def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
@@ -96,7 +99,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...]) -> Profile:
         elif isinstance(module, nn.Linear):
             macs += module.in_features * module.out_features * (out.numel() // module.out_features)
 
-    forward_with_hooks(model, input_shape, hook, [m for m in model.modules() if not list(m.children())])
+    forward_with_hooks(model, input_shape, hook, [m for m in model.modules() if not list(m.children())], dtype)
     return Profile(sum(p.numel() for p in model.parameters()), int(macs), int(activations))
 
 
@@ -171,8 +174,60 @@ def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: i
                    distill_memory_bytes=int(dist_mem), generator_macs=int(gen_macs), distill_macs=int(dist_macs))
 
 
+# A sequence job's generations run this many prompts at once (kegnet/sequence/pipeline.py).
+GENERATION_BATCH = 256
+
+
+def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, config: PipelineConfig) -> JobCost:
+    """A sequence job's cost, for a teacher profiled on one full sequence of ``L = max_length`` tokens
+    (``M``, ``A``, ``P``: its MACs, activation elements and parameters; ``V`` the vocabulary).
+
+    Decoding has no key-value cache: a sequence of ``L`` tokens costs ``M·(L + 1)/2``. The teacher samples
+    ``N + H`` sequences (transfer set and held-out) and completes them by beam search (``K`` beams); every
+    evaluation decodes the ``H`` held-out prompts greedily with the student. A distillation step runs the
+    teacher forward and the student forward and backward on ``B`` sequences, twice for ``both``.
+    Memory: the teacher, plus the larger of ``GENERATION_BATCH·K`` sequences' activations and logits, or the
+    distillation batch's (teacher and student activations, student gradients, three ``B·L·V`` logit
+    tensors) with the student's weights, gradients and Adam state.
+    """
+    sc = config.sequence
+    m, a, p, ell = teacher.macs, teacher.activations, teacher.parameters, max_length
+    decode = m * (ell + 1) // 2
+    n, h, k = sc.samples, sc.holdout, sc.beam_size
+    evaluations = sc.steps // sc.eval_every + 1 if sc.steps else 0
+    gen_macs = (n + h) * (1 + k) * decode + evaluations * h * decode
+    batches = 2 if sc.objective == "both" else 1
+    dist_macs = sc.steps * sc.batch_size * 4 * m * batches
+    gen_mem = FLOAT_BYTES * GENERATION_BATCH * k * (a + ell * vocab_size)
+    dist_mem = FLOAT_BYTES * (sc.batch_size * (3 * a + 3 * ell * vocab_size) + 4 * p)
+    memory = FLOAT_BYTES * p + max(gen_mem, dist_mem)
+    return JobCost(memory_bytes=int(memory), macs=int(gen_macs + dist_macs), generator_memory_bytes=int(gen_mem),
+                   distill_memory_bytes=int(dist_mem), generator_macs=int(gen_macs), distill_macs=int(dist_macs),
+                   sequence=True)
+
+
+def _sequence_knobs(generation: bool) -> tuple[str, str]:
+    """A sequence job's stage and the config fields that lower its cost."""
+    if generation:
+        return ("the teacher's generations",
+                "config.sequence.samples, holdout or beam_size (or a smaller sequence.max_length)")
+    return "distillation", "config.sequence.steps or batch_size"
+
+
 def check_cost(cost: JobCost, *, max_memory_bytes: int, max_macs: int) -> None:
     """Raise ``SpecError`` naming the stage and the knobs to lower when ``cost`` is over either limit."""
+    if cost.sequence:  # the same checks, with the knobs of a sequence job
+        for over, stage_is_generation, what in (
+            (cost.memory_bytes > max_memory_bytes, cost.generator_memory_bytes >= cost.distill_memory_bytes,
+             f"about {cost.memory_bytes / GIB:.1f} GiB of memory, above this service's limit of "
+             f"{max_memory_bytes / GIB:.1f} GiB"),
+            (cost.macs > max_macs, cost.generator_macs >= cost.distill_macs,
+             f"about {cost.macs:.2e} multiply-accumulates, above this service's limit of {max_macs:.2e}"),
+        ):
+            if over:
+                stage, knobs = _sequence_knobs(stage_is_generation)
+                raise SpecError(f"this job would need {what}, mostly in {stage}; lower {knobs}")
+        return
     if cost.memory_bytes > max_memory_bytes:
         if cost.generator_memory_bytes >= cost.distill_memory_bytes:
             knobs = "config.generator.batch_size (or num_generators, or a smaller input_shape)"

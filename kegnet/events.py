@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from kegnet.errors import Cancelled
+
 Stage = Literal["load", "plan", "generators", "decompose", "finetune", "export", "done"]
 
 # Share of the whole job each stage accounts for, used to turn a stage's own fraction into an overall one.
@@ -46,3 +48,23 @@ def overall_progress(stage: str, stage_fraction: float) -> float:
         return 1.0
     done = sum(STAGE_WEIGHTS[s] for s in _ORDER[: _ORDER.index(stage)])
     return min(1.0, done + STAGE_WEIGHTS[stage] * min(max(stage_fraction, 0.0), 1.0))
+
+
+class Reporter:
+    """Turns stage-local progress into ``ProgressEvent``s and enforces cancellation: ``report(stage, fraction,
+    message, **metrics)`` emits one event and raises ``Cancelled`` when the job was asked to stop."""
+
+    def __init__(self, progress: ProgressCallback | None, should_cancel: CancelCheck | None) -> None:
+        self.progress, self.should_cancel = progress, should_cancel
+
+    def __call__(self, stage: str, fraction: float, message: str = "", *, step: int | None = None,
+                 total: int | None = None, skipped: bool = False, **metrics: Any) -> None:
+        if self.progress:
+            self.progress(ProgressEvent(stage=stage, stage_progress=min(max(fraction, 0.0), 1.0),  # type: ignore[arg-type]
+                                        progress=overall_progress(stage, fraction), message=message,
+                                        metrics=metrics, step=step, total=total, skipped=skipped))
+        self.check()
+
+    def check(self) -> None:
+        if self.should_cancel and self.should_cancel():
+            raise Cancelled("cancelled by request")

@@ -31,6 +31,8 @@ ONNX = "student.onnx"
 CURVES = "curves.png"
 SAMPLES = "samples.png"
 MANIFEST = "manifest.json"
+# student.safetensors metadata of a sequence student: its compression report (kegnet/sequence/compress.py).
+SEQUENCE_REPORT = "kegnet_sequence_report"
 
 
 def sha256_file(path: Path) -> str:
@@ -60,6 +62,8 @@ def load_student(path: str | Path, onnx_teacher: str | Path | None = None) -> nn
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     spec = ModelSpec.model_validate_json(meta["kegnet_spec"])
+    if spec.is_sequence:
+        return _load_sequence_student(path, spec, json.loads(meta[SEQUENCE_REPORT]))
     plan = CompressionPlan.from_dict(json.loads(meta["kegnet_plan"]))
     if spec.arch == "onnx":
         if onnx_teacher is None:
@@ -72,6 +76,20 @@ def load_student(path: str | Path, onnx_teacher: str | Path | None = None) -> nn
         model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes,
                              max_parameters=None, **spec.kwargs())
     student = apply_plan(model, plan, initialize=False)
+    student.load_state_dict(load_file(str(path)), strict=True)
+    return student.eval()
+
+
+def _load_sequence_student(path: Path, spec: ModelSpec, report: dict) -> nn.Module:
+    """A sequence student: the architecture, the factorized structure its compression report describes
+    (kegnet/sequence/compress.py), then its weights."""
+    from kegnet.models import create_sequence_model
+    from kegnet.sequence.compress import compressed_structure
+
+    assert spec.sequence is not None
+    model = create_sequence_model(spec.arch, vocab_size=spec.sequence.vocab_size,
+                                  max_length=spec.sequence.max_length, max_parameters=None, **spec.kwargs())
+    student = compressed_structure(model, report)
     student.load_state_dict(load_file(str(path)), strict=True)
     return student.eval()
 

@@ -29,9 +29,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def forward_with_hooks(model: nn.Module, input_shape: tuple[int, ...], hook: Callable[..., None],
-                       modules: list[nn.Module]) -> None:
-    """One eval-mode forward pass of one zero sample of ``input_shape``, on the model's device, with the
-    forward ``hook`` on each of ``modules``; hooks and the model's mode are restored afterwards."""
+                       modules: list[nn.Module], dtype: torch.dtype = torch.float32) -> None:
+    """One eval-mode forward pass of one zero sample of ``input_shape`` (``dtype=torch.long``: token ids),
+    on the model's device, with the forward ``hook`` on each of ``modules``; hooks and the model's mode are
+    restored afterwards."""
     handles = [m.register_forward_hook(hook) for m in modules]
     was_training = model.training
     model.eval()
@@ -39,7 +40,7 @@ def forward_with_hooks(model: nn.Module, input_shape: tuple[int, ...], hook: Cal
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
+            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
     finally:
         for h in handles:
             h.remove()

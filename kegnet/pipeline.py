@@ -32,9 +32,9 @@ from kegnet.distill import DistillResult, distill
 from kegnet.distill.confidence import assess
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
 from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
-from kegnet.errors import Cancelled, CompressionError, KegnetError
+from kegnet.errors import CompressionError, KegnetError
 from kegnet.evaluation import DEFAULT_MAX_SAMPLES, evaluate, read_eval_set
-from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, overall_progress
+from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, Reporter
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.metrics import count_macs, count_parameters
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
@@ -70,25 +70,6 @@ def resolve_device(device: str) -> torch.device:
     raise KegnetError(f"device {device!r} was requested but this machine has no GPU; use 'auto' or 'cpu'")
 
 
-class _Reporter:
-    """Turns stage-local progress into ``ProgressEvent``s and enforces cancellation."""
-
-    def __init__(self, progress: ProgressCallback | None, should_cancel: CancelCheck | None) -> None:
-        self.progress, self.should_cancel = progress, should_cancel
-
-    def __call__(self, stage: str, fraction: float, message: str = "", *, step: int | None = None,
-                 total: int | None = None, skipped: bool = False, **metrics: Any) -> None:
-        if self.progress:
-            self.progress(ProgressEvent(stage=stage, stage_progress=min(max(fraction, 0.0), 1.0),  # type: ignore[arg-type]
-                                        progress=overall_progress(stage, fraction), message=message,
-                                        metrics=metrics, step=step, total=total, skipped=skipped))
-        self.check()
-
-    def check(self) -> None:
-        if self.should_cancel and self.should_cancel():
-            raise Cancelled("cancelled by request")
-
-
 @dataclass
 class _Candidate:
     """A student fine-tuned from one sample recipe, and its exam grade."""
@@ -108,7 +89,7 @@ class _Job:
     device: torch.device
     seed: int
     out: Path
-    report: _Reporter
+    report: Reporter
     should_cancel: CancelCheck | None
     timings: dict[str, float] = field(default_factory=dict)
     # load
@@ -166,7 +147,10 @@ def run_pipeline(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    job = _Job(spec, config, resolve_device(device), seed, out, _Reporter(progress, should_cancel), should_cancel)
+    if spec.is_sequence:
+        return _run_sequence(checkpoint, spec, config, out, device, seed, Reporter(progress, should_cancel),
+                             max_parameters, max_bytes, eval_set)
+    job = _Job(spec, config, resolve_device(device), seed, out, Reporter(progress, should_cancel), should_cancel)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
     job.timed("load", _load, sources, max_parameters, max_bytes, eval_set, max_eval_samples)
     job.timed("plan", _plan)
@@ -181,6 +165,22 @@ def run_pipeline(
     assert job.student is not None
     candidates = {name: c.student for name, c in job.candidates.items()}
     return RunResult(out, manifest, job.student, job.generators, candidates)
+
+
+def _run_sequence(checkpoint: TeacherSource | Sequence[TeacherSource], spec: ModelSpec, config: PipelineConfig,
+                  out: Path, device: str, seed: int, report: Reporter, max_parameters: int | None,
+                  max_bytes: int | None, eval_set: EvalSet | None) -> RunResult:
+    """A sequence model's job (kegnet/sequence/pipeline.py): one teacher, no labelled evaluation set."""
+    from kegnet.sequence.pipeline import check_supported, run_sequence_pipeline
+
+    sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
+    if len(sources) != 1:
+        raise KegnetError(f"a sequence job takes one teacher, got {len(sources)}")
+    check_supported(spec, eval_set)
+    run = run_sequence_pipeline(sources[0], spec, config, out, device=resolve_device(device), seed=seed,
+                                report=report, max_parameters=max_parameters, max_bytes=max_bytes)
+    report("done", 1.0, "done", compression_ratio=run.manifest["compression_ratio"])
+    return RunResult(out, run.manifest, run.student)
 
 
 # 1. load ------------------------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
-"""What a user tells us about their model: architecture, its arguments, input shape, classes.
+"""What a user tells us about their model: architecture, its arguments, and what it computes.
 
-``arch`` is a built-in name (``lenet5``, ``resnet``, ``mlp``), ``torchvision:<name>``, ``timm:<name>``, or
-``onnx`` for an uploaded ONNX graph, whose input shape and class count may be left out (they are read
-from the graph: ``kegnet.models.onnx_graph``).
+A classifier (``task: classify``, the default) has an input shape and a class count. ``arch`` is a built-in
+name (``lenet5``, ``resnet``, ``mlp``), ``torchvision:<name>``, ``timm:<name>``, or ``onnx`` for an uploaded
+ONNX graph, whose input shape and class count may be left out (they are read from the graph:
+``kegnet.models.onnx_graph``).
+
+A sequence model (``task: sequence``) is autoregressive: token ids ``(B, T)`` in, next-token logits
+``(B, T, V)`` out. Its ``sequence`` section gives the vocabulary size, the longest sequence and the special
+tokens; ``arch`` names a sequence architecture (``transformer``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,8 +25,42 @@ JsonScalar = str | int | float | bool | None
 ArchKwarg = JsonScalar | list[JsonScalar]
 
 
+MAX_VOCAB = 65_536
+MAX_SEQUENCE_LENGTH = 2048
+
+
+class SequenceSpec(BaseModel):
+    """An autoregressive model's vocabulary, longest sequence and special tokens.
+
+    Generation starts from ``bos_id`` and stops at ``eos_id``; ``pad_id`` fills sequences after their end.
+    ``sep_id`` (optional) ends a prompt: for models trained on ``prompt SEP answer`` sequences (translation,
+    grapheme-to-phoneme), sequence-level targets and model selection decode the part after it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(ge=4, le=MAX_VOCAB)
+    max_length: int = Field(ge=4, le=MAX_SEQUENCE_LENGTH, description="longest sequence, BOS and EOS included")
+    bos_id: int = Field(ge=0)
+    eos_id: int = Field(ge=0)
+    pad_id: int = Field(ge=0)
+    sep_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _special_tokens(self) -> SequenceSpec:
+        named = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "sep_id": self.sep_id}
+        ids = {k: v for k, v in named.items() if v is not None}
+        outside = [f"{k}={v}" for k, v in ids.items() if v >= self.vocab_size]
+        if outside:
+            raise ValueError(f"special token ids must be below vocab_size {self.vocab_size}: {', '.join(outside)}")
+        if len(set(ids.values())) != len(ids):
+            raise ValueError(f"special tokens must be distinct ids, got {ids}")
+        return self
+
+
 class ModelSpec(BaseModel):
-    """Architecture name + keyword arguments, input shape (C,H,W or F) and number of classes."""
+    """Architecture name + keyword arguments, and either input shape (C,H,W or F) and number of classes
+    (a classifier) or a ``sequence`` section (an autoregressive model)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -35,6 +74,9 @@ class ModelSpec(BaseModel):
     input_shape: tuple[int, ...] | None = Field(None, description="(C, H, W) for images or (F,) for feature vectors; "
                                                              "optional for onnx (read from the graph)")
     num_classes: int | None = Field(None, ge=2, le=10_000, description="optional for onnx (read from the graph)")
+    task: Literal["classify", "sequence"] = "classify"
+    sequence: SequenceSpec | None = Field(None, description="vocabulary, length and special tokens of a sequence "
+                                                            "model (task: sequence)")
 
     @field_validator("input_shape")
     @classmethod
@@ -65,6 +107,19 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _shape_and_classes_known(self) -> ModelSpec:
+        if self.task == "sequence":
+            if self.sequence is None:
+                raise ValueError("a sequence model needs a 'sequence' section: vocab_size, max_length, bos_id, "
+                                 "eos_id, pad_id (and sep_id for prompt SEP answer data)")
+            if self.input_shape is not None or self.num_classes is not None:
+                raise ValueError("a sequence model has no input_shape or num_classes: its vocabulary and length "
+                                 "are in the 'sequence' section")
+            if self.arch == "onnx" or ":" in self.arch:
+                raise ValueError("sequence models are built-in architectures (transformer); onnx, torchvision "
+                                 "and timm models are classifiers")
+            return self
+        if self.sequence is not None:
+            raise ValueError("'sequence' is only for task: sequence")
         if self.arch != "onnx" and (self.input_shape is None or self.num_classes is None):
             raise ValueError("input_shape and num_classes are required (only an onnx graph can supply its own)")
         return self
@@ -77,11 +132,15 @@ class ModelSpec(BaseModel):
     @property
     def resolved(self) -> bool:
         """Whether input shape and class count are known (an onnx spec gets them from its graph)."""
-        return self.input_shape is not None and self.num_classes is not None
+        return self.is_sequence or (self.input_shape is not None and self.num_classes is not None)
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.task == "sequence"
 
     @property
     def is_image(self) -> bool:
-        return len(self.input_shape) == 3
+        return self.input_shape is not None and len(self.input_shape) == 3
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments passed to the architecture's constructor."""

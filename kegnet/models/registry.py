@@ -4,8 +4,13 @@ Constructors take ``input_shape`` and ``num_classes`` plus their own keyword arg
 add architectures with the decorator. ``torchvision:<name>`` and ``timm:<name>`` build those libraries'
 models (kegnet/models/libraries.py). Only listed names can be built: a client never names a Python path.
 
-``create_model`` first builds the model on the meta device (no memory) and refuses it when it has more than
-``max_parameters`` parameters, so a spec cannot make the server allocate a huge model.
+Sequence models (autoregressive, token in -> next-token logits out) have their own registry:
+``register_sequence_model`` adds a constructor ``fn(vocab_size, max_length, **kwargs)`` and
+``create_sequence_model(name, vocab_size=..., max_length=...)`` builds one; its names are apart from the
+classifiers' (``transformer`` is kegnet/models/transformer.py).
+
+``create_model`` and ``create_sequence_model`` first build the model on the meta device (no memory) and refuse
+it when it has more than ``max_parameters`` parameters, so a spec cannot make the server allocate a huge model.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
 
 _REGISTRY: dict[str, ModelFactory] = {}
+_SEQUENCE_REGISTRY: dict[str, ModelFactory] = {}
 _LIBRARIES: dict[str, ModelFactory] = {"torchvision": libraries.build_torchvision, "timm": libraries.build_timm}
 
 # Parameters of the largest model built by default (ViT-L is 304 M); callers pass their own cap.
@@ -52,6 +58,9 @@ def _factory(name: str) -> tuple[ModelFactory, dict[str, Any]]:
     source, short = libraries.split_arch(name)
     if source in _LIBRARIES:
         return _LIBRARIES[source], {"name": short}
+    if source == "kegnet" and name not in _REGISTRY and name in _SEQUENCE_REGISTRY:
+        raise SpecError(f"{name!r} is a sequence model: give vocabulary size and maximum length, not input shape "
+                        "and classes")
     if source != "kegnet" or name not in _REGISTRY:
         raise SpecError(f"unknown architecture {name!r}; available: {', '.join(list_models())}, "
                         "torchvision:<name>, timm:<name>, or onnx (upload an .onnx file)")
@@ -62,17 +71,22 @@ def _factory(name: str) -> tuple[ModelFactory, dict[str, Any]]:
 def _build(name: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     fn, fixed = _factory(name)
     if not fixed:  # a registered constructor: its signature says which arguments it takes
-        accepted = set(inspect.signature(fn).parameters) - {"input_shape", "num_classes"}
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            raise SpecError(
-                f"architecture {name!r} does not take argument(s) {', '.join(unknown)}; "
-                f"it takes: {', '.join(sorted(accepted)) or 'none'}"
-            )
+        _check_kwargs(name, fn, kwargs, {"input_shape", "num_classes"})
     try:
         return fn(input_shape=tuple(input_shape), num_classes=num_classes, **fixed, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # bad values, or a shape the net rejects
         raise SpecError(f"cannot build {name!r} with these arguments: {exc}") from exc
+
+
+def _check_kwargs(name: str, fn: ModelFactory, kwargs: dict[str, Any], positional: set[str]) -> None:
+    """Refuse ``kwargs`` that ``fn``'s signature does not name (besides the ``positional`` spec arguments)."""
+    accepted = set(inspect.signature(fn).parameters) - positional
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise SpecError(
+            f"architecture {name!r} does not take argument(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(sorted(accepted)) or 'none'}"
+        )
 
 
 @contextlib.contextmanager
@@ -96,14 +110,19 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def count_model_parameters(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> int:
     """Parameters of the architecture, counted without allocating them (built on the meta device)."""
+    return _count_on_meta(lambda: _build(name, input_shape, num_classes, dict(kwargs)))
+
+
+def _count_on_meta(build: Callable[[], nn.Module]) -> int:
+    """Parameters of the model ``build`` returns, built on the meta device."""
     try:
         with torch.device("meta"):
-            model = _build(name, input_shape, num_classes, dict(kwargs))
+            model = build()
     except SpecError as exc:
         if "meta" not in str(exc):
             raise
         with _parameters_on_meta():  # the constructor needs real tensors for its own arithmetic
-            model = _build(name, input_shape, num_classes, dict(kwargs))
+            model = build()
     return sum(p.numel() for p in model.parameters())
 
 
@@ -119,3 +138,53 @@ def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
             raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
                             f"of {max_parameters:,}; choose a smaller architecture or arguments")
     return _build(name, input_shape, num_classes, dict(kwargs))
+
+
+def register_sequence_model(name: str) -> Callable[[F], F]:
+    """Decorator: register ``fn(vocab_size, max_length, **kwargs) -> nn.Module`` under ``name``; the model
+    maps tokens ``(B, T)`` to next-token logits ``(B, T, vocab_size)``."""
+
+    def wrap(fn: F) -> F:
+        if name in _SEQUENCE_REGISTRY:
+            raise ValueError(f"sequence architecture {name!r} is already registered")
+        _SEQUENCE_REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_sequence_models() -> list[str]:
+    return sorted(_SEQUENCE_REGISTRY)
+
+
+def _build_sequence(name: str, vocab_size: int, max_length: int, kwargs: dict[str, Any]) -> nn.Module:
+    if name not in _SEQUENCE_REGISTRY:
+        hint = " (a classifier: give input shape and classes)" if name in _REGISTRY else ""
+        raise SpecError(f"unknown sequence architecture {name!r}{hint}; available: "
+                        f"{', '.join(list_sequence_models()) or 'none'}")
+    fn = _SEQUENCE_REGISTRY[name]
+    _check_kwargs(name, fn, kwargs, {"vocab_size", "max_length"})
+    try:
+        return fn(vocab_size=vocab_size, max_length=max_length, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise SpecError(f"cannot build {name!r} with these arguments: {exc}") from exc
+
+
+def count_sequence_model_parameters(name: str, *, vocab_size: int, max_length: int, **kwargs: Any) -> int:
+    """Parameters of the sequence architecture, counted without allocating them (built on the meta device)."""
+    return _count_on_meta(lambda: _build_sequence(name, vocab_size, max_length, dict(kwargs)))
+
+
+def create_sequence_model(name: str, *, vocab_size: int, max_length: int,
+                          max_parameters: int | None = DEFAULT_MAX_PARAMETERS, **kwargs: Any) -> nn.Module:
+    """Build the sequence architecture ``name`` (tokens ``(B, T)`` -> logits ``(B, T, vocab_size)``); raise
+    ``SpecError`` with a fixable message otherwise.
+
+    With ``max_parameters``, the model is counted on the meta device first and refused above the cap.
+    """
+    if max_parameters is not None:
+        count = count_sequence_model_parameters(name, vocab_size=vocab_size, max_length=max_length, **kwargs)
+        if count > max_parameters:
+            raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
+                            f"of {max_parameters:,}; choose a smaller architecture or arguments")
+    return _build_sequence(name, vocab_size, max_length, dict(kwargs))

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kegnet.checkpoint import open_teacher
 from kegnet.compression import plan_compression
-from kegnet.cost import check_cost, estimate_cost, profile_model
+from kegnet.cost import check_cost, estimate_cost, estimate_sequence_cost, profile_model
 from kegnet.errors import KegnetError
 from kegnet.evaluation import read_eval_set
 from kegnet.spec import ModelSpec
@@ -191,6 +192,9 @@ async def submit_job(
                 spec = resolved
         if eval_tmp is not None:
             assert spec is not None
+            if spec.is_sequence:
+                raise HTTPException(422, "eval_set: an evaluation set (x, y) is for classifiers; a sequence job "
+                                         "reports agreement with the teacher on its own generations")
             try:  # the worker reads it again with the same function: a bad file is a 422 now, not a failed job
                 async with request.app.state.validation_slots:
                     await run_in_threadpool(read_eval_set, eval_tmp, spec, settings.max_eval_samples)
@@ -234,6 +238,9 @@ def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers:
                            max_bytes=settings.max_upload_bytes)
     if not teachers:
         return teacher.spec
+    if teacher.spec.is_sequence:
+        _check_sequence_job(teacher.model, teacher.spec, job_request, settings, teachers)
+        return teacher.spec
     shape, classes = teacher.spec.input_shape, teacher.spec.num_classes
     assert shape is not None and classes is not None  # open_teacher resolves them
     cost = estimate_cost(profile_model(teacher.model, shape), shape, classes, job_request.config, teachers)
@@ -244,6 +251,22 @@ def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers:
     log.info("job cost estimate: %s", cost.describe())
     plan_compression(teacher.model, job_request.config.compression)
     return teacher.spec
+
+
+def _check_sequence_job(model: torch.nn.Module, spec: ModelSpec, job_request: JobRequest, settings: Settings,
+                        teachers: int) -> None:
+    """A sequence job: one teacher, its cost within the limits (kegnet.cost.estimate_sequence_cost)."""
+    if teachers > 1:
+        raise HTTPException(422, f"a sequence job takes one 'checkpoint' file, got {teachers}")
+    assert spec.sequence is not None
+    length = spec.sequence.max_length
+    cost = estimate_sequence_cost(profile_model(model, (length,), torch.long), length, spec.sequence.vocab_size,
+                                  job_request.config)
+    try:
+        check_cost(cost, max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs))
+    except KegnetError as exc:
+        raise HTTPException(422, str(exc)) from None
+    log.info("sequence job cost estimate: %s", cost.describe())
 
 
 def _too_many_files(settings: Settings) -> HTTPException:

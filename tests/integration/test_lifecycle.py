@@ -70,6 +70,37 @@ def test_teacher_ensemble_job_over_http(client, stack, tmp_path):
     assert manifest["teachers"]["count"] == 2 and manifest["teachers"]["weighting"] == "entropy"
 
 
+SEQ_KWARGS = {"n_layers": 1, "d_model": 32, "n_heads": 2}
+SEQ_MODEL = {"arch": "transformer", "arch_kwargs": SEQ_KWARGS, "task": "sequence",
+             "sequence": {"vocab_size": 16, "max_length": 10, "bos_id": 1, "eos_id": 2, "pad_id": 0, "sep_id": 3}}
+SEQ_CONFIG = {"compression": {"rank_method": "ratio", "target_ratio": 1.5},
+              "sequence": {"samples": 128, "holdout": 16, "steps": 20, "eval_every": 10, "batch_size": 16}}
+
+
+def test_sequence_job_over_http(client, stack, tmp_path):
+    from safetensors.torch import save_file
+
+    from kegnet.models import create_sequence_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "lm.safetensors"
+    save_file(create_sequence_model("transformer", vocab_size=16, max_length=10, **SEQ_KWARGS).state_dict(), str(path))
+    job = client.submit(path, SEQ_MODEL, SEQ_CONFIG, device="auto")
+    job = client.wait(job["id"], timeout=120, poll=0.3, progress=False)
+    assert job["status"] == "succeeded", (job, stack.logs())
+    assert job["metrics"]["compression_ratio"] > 1.4 and 0 <= job["metrics"]["synthetic_agreement"] <= 1
+    stages = {e.get("stage") for e in client.events(job["id"])["events"] if e["type"] == "progress"}
+    assert {"generators", "decompose", "finetune", "export"} <= stages
+    client.download(job["id"], tmp_path / "out")
+    logits = torch.export.load(tmp_path / "out" / "student.pt2").module()(torch.ones(2, 5, dtype=torch.long))
+    assert logits.shape == (2, 5, 16)
+    # What a sequence job cannot take is a 422 that says why, before any job exists.
+    with pytest.raises(ClientError, match="shape mismatch"):
+        client.submit(path, {**SEQ_MODEL, "sequence": {**SEQ_MODEL["sequence"], "vocab_size": 20}}, SEQ_CONFIG)
+    with pytest.raises(ClientError, match="one 'checkpoint' file"):
+        client.submit([path, path], SEQ_MODEL, SEQ_CONFIG)
+
+
 @needs_shared(MNIST_TEACHER)
 def test_shared_mnist_teacher_over_http(client, stack, tmp_path):
     model = {"arch": "lenet5", "input_shape": [1, 32, 32], "num_classes": 10}

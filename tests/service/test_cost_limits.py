@@ -68,3 +68,30 @@ def test_reported_job_is_refused_before_queueing(client, keys, tmp_path, enqueue
                     files={"checkpoint": ("t.pt", path.read_bytes())}, data={"spec": spec_json(model, small)})
     assert r.status_code == 202, r.text
     assert json.loads(r.text)["status"] == "queued"
+
+
+def test_sequence_job_over_the_limit_is_refused_with_its_knobs(settings, keys, tmp_path, enqueued):
+    from fastapi.testclient import TestClient
+    from safetensors.torch import save_file
+
+    from kegnet.models import create_sequence_model
+    from service.app import create_app
+
+    kwargs = {"n_layers": 1, "d_model": 32, "n_heads": 2}
+    model = {"arch": "transformer", "arch_kwargs": kwargs, "task": "sequence",
+             "sequence": {"vocab_size": 16, "max_length": 10, "bos_id": 1, "eos_id": 2, "pad_id": 0}}
+    path = tmp_path / "lm.safetensors"
+    save_file(create_sequence_model("transformer", vocab_size=16, max_length=10, **kwargs).state_dict(), str(path))
+    tight = settings.model_copy(update={"max_job_macs": 1e11})
+    with TestClient(create_app(tight, enqueue=enqueued.append, run_reaper=False)) as client:
+        def submit(config: dict) -> object:
+            return client.post("/v1/jobs", headers=auth(keys["alice"]),
+                               files={"checkpoint": ("lm.safetensors", path.read_bytes())},
+                               data={"spec": spec_json(model, config)})
+
+        r = submit({"sequence": {"samples": 500_000, "beam_size": 16}})
+        assert r.status_code == 422, r.text
+        assert "mostly in the teacher's generations; lower config.sequence.samples" in r.json()["detail"]
+        r = submit({"sequence": {"samples": 256, "holdout": 16, "steps": 10, "beam_size": 2}})
+        assert r.status_code == 202, r.text
+    assert len(enqueued) == 1

@@ -1,0 +1,161 @@
+"""Compressing a decoder Transformer: truncated SVD of the blocks' Linear layers, and a factorized embedding.
+
+The Linear layers go through the classifier machinery (``plan_compression`` / ``apply_plan`` with the rank
+methods of ``CompressionConfig``), named explicitly: by default ``DEFAULT_LAYERS``, the attention and MLP
+projections of every block, never the output head. The token embedding ``tok_emb`` (V, d) becomes a
+``FactorizedEmbedding`` A (V, r) · B (r, d) when an ``embedding_rank`` is given; a tied head then computes its
+logits through the factors.
+
+With ``rank_method: ratio`` the target is for the whole model, embedding included: the embedding is factorized
+first at its given rank, and the Linear ranks are solved for what is left of the target (see
+``compress_sequence_model``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional name
+from torch import nn
+
+from kegnet.compression import CompressionPlan, apply_plan, plan_compression
+from kegnet.compression.plan import blas_threads
+from kegnet.config import CompressionConfig
+from kegnet.errors import CompressionError
+from kegnet.metrics import count_parameters
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = "tok_emb"
+DEFAULT_LAYERS = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc", "blocks.*.mlp.proj"]
+
+
+class FactorizedEmbedding(nn.Module):
+    """Token embedding of rank ``r``: row ``A[token]`` (r) mapped by ``B`` (r, d), so ``E = A · B`` (V, d).
+
+    Keys: ``a`` (V, r), ``b`` (r, d). Shapes: ``(B, T) -> (B, T, d)``; ``logits``: ``(..., d) -> (..., V)``
+    computed as ``(h · Bᵀ) · Aᵀ``, never forming ``A · B``. Parameters: ``r (V + d)`` instead of ``V d``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(num_embeddings, embedding_dim):
+            raise ValueError(f"embedding rank must be in 1..{min(num_embeddings, embedding_dim)} "
+                             f"(min of vocabulary and width), got {rank}")
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.a = nn.Parameter(torch.empty(num_embeddings, rank))
+        self.b = nn.Parameter(torch.empty(rank, embedding_dim))
+        # Each factor N(0, 0.02 / sqrt(r)): the product's entries then have the std 0.02 of a GPT embedding.
+        std = math.sqrt(0.02 / math.sqrt(rank))
+        nn.init.normal_(self.a, std=std)
+        nn.init.normal_(self.b, std=std)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, rank: int) -> FactorizedEmbedding:
+        """Truncated SVD of ``emb.weight`` (V, d) = U S Vᵀ: ``A = U_r √S_r``, ``B = √S_r V_rᵀ``; exact at
+        ``rank = min(V, d)``. Computed in float64, stored in the embedding's dtype and device."""
+        weight = emb.weight
+        layer = cls(emb.num_embeddings, emb.embedding_dim, rank).to(device=weight.device, dtype=weight.dtype)
+        with blas_threads():
+            u, s, vh = np.linalg.svd(weight.detach().cpu().double().numpy(), full_matrices=False)
+        root = np.sqrt(s[:rank])
+        with torch.no_grad():
+            layer.a.copy_(torch.from_numpy(np.ascontiguousarray(u[:, :rank] * root[None, :])))
+            layer.b.copy_(torch.from_numpy(np.ascontiguousarray(root[:, None] * vh[:rank])))
+        return layer
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.a) @ self.b
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return (h @ self.b.T) @ self.a.T
+
+
+def compress_sequence_model(model: nn.Module, config: CompressionConfig, *, embedding_rank: int | None,
+                            seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A compressed copy of ``model`` (left as it is) and a report of what was done.
+
+    Layers: ``config.layers`` when given, else ``DEFAULT_LAYERS``; ranks by ``config.rank_method``. The token
+    embedding ``model.tok_emb`` is factorized at ``embedding_rank`` (``None``: kept). With ``rank_method:
+    ratio``, ``config.target_ratio`` is parameters(model) / parameters(student) for the whole model: the
+    embedding's saving is counted first and the Linear ranks are solved for the remaining ratio; an
+    ``embedding_rank`` that alone already exceeds the target is refused (raise it or the target). ``seed`` is
+    passed to ``apply_plan`` (SVD itself is deterministic).
+
+    Report (JSON-ready): ``params_before``, ``params_after``, ``ratio``, ``rank_method``, ``target_ratio``
+    (``None`` unless ratio), ``embedding`` (``{rank, params_before, params_after}`` or ``None``), ``layers``
+    (name -> ``{rank, params_before, params_after}``), ``skipped`` (name -> why), ``plan``
+    (``CompressionPlan.to_dict()``, for ``compressed_structure``). Raises ``CompressionError``.
+    """
+    before = count_parameters(model)
+    student = copy.deepcopy(model)
+    embedding = None
+    if embedding_rank is not None:
+        embedding = _factorize_embedding(student, embedding_rank)
+    layers_config = config.model_copy(update={"layers": list(config.layers or DEFAULT_LAYERS)})
+    if config.rank_method == "ratio":
+        # plan_compression measures the ratio against the model it is given (here, the embedding already
+        # factorized); ask it for what remains of the whole-model target.
+        remaining = config.target_ratio * count_parameters(student) / before
+        if remaining <= 1.0:
+            raise CompressionError(
+                f"embedding_rank {embedding_rank} alone makes the model {before / count_parameters(student):.2f}x "
+                f"smaller, beyond target_ratio {config.target_ratio}; raise embedding_rank or target_ratio"
+            )
+        layers_config = layers_config.model_copy(update={"target_ratio": remaining})
+    plan = plan_compression(student, layers_config)
+    student = apply_plan(student, plan, n_iter_max=config.n_iter_max, seed=seed)
+    after = count_parameters(student)
+    report: dict[str, Any] = {
+        "params_before": before, "params_after": after, "ratio": before / after,
+        "rank_method": config.rank_method,
+        "target_ratio": config.target_ratio if config.rank_method == "ratio" else None,
+        "embedding": embedding,
+        "layers": {p.name: {"rank": p.in_rank, "params_before": p.params_before, "params_after": p.params_after}
+                   for p in plan.layers},
+        "skipped": dict(plan.skipped),
+        "plan": plan.to_dict(),
+    }
+    log.info("compressed %d -> %d parameters (%.2fx): %d linear layers, embedding rank %s", before, after,
+             before / after, len(plan.layers), embedding_rank)
+    return student, report
+
+
+def compressed_structure(model: nn.Module, report: dict[str, Any]) -> nn.Module:
+    """A copy of ``model`` with the structure ``report`` describes and uninitialized factors, to load a saved
+    compressed model's state dict into."""
+    student = copy.deepcopy(model)
+    if report.get("embedding"):
+        emb = _token_embedding(student)
+        setattr(student, EMBEDDING, FactorizedEmbedding(emb.num_embeddings, emb.embedding_dim,
+                                                        report["embedding"]["rank"]).to(emb.weight.device))
+    return apply_plan(student, CompressionPlan.from_dict(report["plan"]), initialize=False)
+
+
+def _token_embedding(model: nn.Module) -> nn.Embedding:
+    emb = getattr(model, EMBEDDING, None)
+    if not isinstance(emb, nn.Embedding):
+        raise CompressionError(f"embedding_rank needs the token embedding {EMBEDDING!r} (an nn.Embedding, as in "
+                               "the 'transformer' architecture); this model has none")
+    return emb
+
+
+def _factorize_embedding(student: nn.Module, rank: int) -> dict[str, int]:
+    """Replace ``student.tok_emb`` by its rank-``rank`` SVD, in place; returns its report entry."""
+    emb = _token_embedding(student)
+    full = min(emb.num_embeddings, emb.embedding_dim)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+        raise CompressionError(f"embedding_rank must be an integer in 1..{full} (min of vocabulary "
+                               f"{emb.num_embeddings} and width {emb.embedding_dim}), got {rank!r}")
+    factorized = FactorizedEmbedding.from_embedding(emb, rank)
+    entry = {"rank": rank, "params_before": emb.weight.numel(), "params_after": count_parameters(factorized)}
+    if entry["params_after"] >= entry["params_before"]:
+        log.warning("embedding rank %d does not reduce the embedding's %d parameters (%d after)", rank,
+                    entry["params_before"], entry["params_after"])
+    setattr(student, EMBEDDING, factorized)
+    return entry

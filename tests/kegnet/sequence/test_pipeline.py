@@ -1,0 +1,131 @@
+"""A sequence job end to end on a tiny random Transformer: stages, files, manifest, the saved student, and
+what the job refuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kegnet.config import PipelineConfig
+from kegnet.cost import Profile, check_cost, estimate_sequence_cost
+from kegnet.errors import KegnetError, SpecError
+from kegnet.export import load_student
+from kegnet.models import create_sequence_model
+from kegnet.pipeline import run_pipeline
+from kegnet.sequence.generate import Sequences
+from kegnet.sequence.pipeline import cut_prompts
+from kegnet.spec import ModelSpec, SequenceSpec
+
+KWARGS = {"n_layers": 1, "d_model": 32, "n_heads": 2}
+TOKENS = {"vocab_size": 16, "max_length": 10, "bos_id": 1, "eos_id": 2, "pad_id": 0, "sep_id": 3}
+SPEC = ModelSpec(arch="transformer", arch_kwargs=KWARGS, task="sequence", sequence=TOKENS)
+CONFIG = {"compression": {"rank_method": "ratio", "target_ratio": 1.5},
+          "sequence": {"samples": 128, "holdout": 16, "steps": 20, "eval_every": 10, "batch_size": 16}}
+
+
+def tiny_teacher(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_sequence_model("transformer", vocab_size=16, max_length=10, **KWARGS)
+
+
+@pytest.mark.parametrize("objective", ["word", "sequence", "both"])
+def test_sequence_job_writes_a_loadable_student(tmp_path: Path, objective: str) -> None:
+    config = PipelineConfig.model_validate({**CONFIG, "sequence": {**CONFIG["sequence"], "objective": objective}})
+    stages: list[str] = []
+    result = run_pipeline(tiny_teacher(), SPEC, config, tmp_path, device="cpu", seed=0,
+                          progress=lambda e: stages.append(e.stage))
+    m = result.manifest
+    assert set(stages) == {"load", "plan", "generators", "decompose", "finetune", "export", "done"}
+    assert m["task"] == "sequence" and m["compression_ratio"] >= 1.5 * 0.95
+    assert set(m["files"]) == {"student.safetensors", "student.pt2"}
+    assert m["distill"]["objective"] == objective
+    assert 0.0 <= m["synthetic_agreement"]["exact"] <= 1.0
+    assert {"distinct_1", "distinct_2", "unique_fraction"} <= set(m["generation"]["diversity"])
+    assert m["decode_speed"]["student"]["batch1_tokens_per_s"] > 0
+    if objective != "word":
+        assert "beam_mean_length" in m["generation"]
+    # The saved student, rebuilt from its file, and the portable program compute what the run's student does.
+    tokens = torch.randint(4, 16, (3, 7))
+    tokens[:, 0] = 1
+    with torch.no_grad():
+        expected = result.student.cpu().eval()(tokens)
+        assert torch.allclose(load_student(tmp_path)(tokens), expected, atol=1e-5)
+        assert torch.allclose(torch.export.load(tmp_path / "student.pt2").module()(tokens), expected, atol=1e-5)
+
+
+def test_same_seed_same_student(tmp_path: Path) -> None:
+    config = PipelineConfig.model_validate(CONFIG)
+    a = run_pipeline(tiny_teacher(), SPEC, config, tmp_path / "a", device="cpu", seed=3)
+    b = run_pipeline(tiny_teacher(), SPEC, config, tmp_path / "b", device="cpu", seed=3)
+    assert a.manifest["synthetic_agreement"] == b.manifest["synthetic_agreement"]
+    for (k, v), (_, w) in zip(a.student.state_dict().items(), b.student.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_prompts_end_at_the_separator_or_at_a_random_cut() -> None:
+    tokens = SequenceSpec(**TOKENS)
+    seqs = torch.tensor([[1, 5, 6, 3, 7, 2, 0, 0],    # SEP at 3: prompt 1 5 6 3
+                         [1, 5, 6, 7, 8, 9, 2, 0],    # no SEP: a cut in 1..5
+                         [1, 3, 9, 2, 0, 0, 0, 0]])   # SEP at 1
+    samples = Sequences(seqs, torch.tensor([6, 7, 4]), torch.ones(3, dtype=torch.long))
+    prompts = cut_prompts(samples, tokens, torch.Generator().manual_seed(0))
+    assert prompts.lengths[0] == 4 and prompts.tokens[0].tolist()[:4] == [1, 5, 6, 3]
+    assert 1 <= prompts.lengths[1] <= 5 and prompts.tokens[1, : prompts.lengths[1]].tolist() == \
+        seqs[1, : prompts.lengths[1]].tolist()
+    assert prompts.lengths[2] == 2
+    assert (prompts.tokens[2, 2:] == tokens.pad_id).all()
+
+
+def test_bad_sequence_specs_say_what_to_fix() -> None:
+    with pytest.raises(ValueError, match="needs a 'sequence' section"):
+        ModelSpec(arch="transformer", task="sequence")
+    with pytest.raises(ValueError, match="has no input_shape or num_classes"):
+        ModelSpec(arch="transformer", task="sequence", sequence=TOKENS, num_classes=3)
+    with pytest.raises(ValueError, match="must be below vocab_size 16: sep_id=20"):
+        ModelSpec(arch="transformer", task="sequence", sequence={**TOKENS, "sep_id": 20})
+    with pytest.raises(ValueError, match="distinct"):
+        ModelSpec(arch="transformer", task="sequence", sequence={**TOKENS, "eos_id": 1})
+    with pytest.raises(ValueError, match="built-in architectures"):
+        ModelSpec(arch="timm:gpt2", task="sequence", sequence=TOKENS)
+    with pytest.raises(ValueError, match="only for task: sequence"):
+        ModelSpec(arch="mlp", input_shape=(4,), num_classes=2, sequence=TOKENS)
+
+
+def test_weights_of_another_vocabulary_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lm.safetensors"
+    save_file(tiny_teacher().state_dict(), str(path))
+    other = ModelSpec(arch="transformer", arch_kwargs=KWARGS, task="sequence", sequence={**TOKENS, "vocab_size": 20})
+    with pytest.raises(SpecError, match=r"shape mismatch: tok_emb.weight .*check sequence.vocab_size"):
+        run_pipeline(path, other, PipelineConfig.model_validate(CONFIG), tmp_path / "o", device="cpu")
+    with pytest.raises(KegnetError, match="eval_set is for classifiers"):
+        run_pipeline(path, SPEC, PipelineConfig.model_validate(CONFIG), tmp_path / "o", device="cpu",
+                     eval_set=(torch.zeros(2, 3), torch.zeros(2)))
+
+
+def test_sequence_cost_names_the_knob_to_lower() -> None:
+    profile = Profile(parameters=100_000_000, macs=100_000_000 * 512, activations=10_000_000)
+    big = PipelineConfig.model_validate({"sequence": {"samples": 500_000, "beam_size": 16}})
+    cost = estimate_sequence_cost(profile, 512, 50_000, big)
+    with pytest.raises(SpecError, match="config.sequence.samples, holdout or beam_size"):
+        check_cost(cost, max_memory_bytes=1 << 40, max_macs=int(5e17))
+    small = estimate_sequence_cost(Profile(10_000, 10_000 * 10, 1000), 10, 16, PipelineConfig.model_validate(CONFIG))
+    check_cost(small, max_memory_bytes=1 << 30, max_macs=int(1e12))
+
+
+def test_cli_compresses_a_sequence_model(tmp_path: Path) -> None:
+    path = tmp_path / "lm.safetensors"
+    save_file(tiny_teacher().state_dict(), str(path))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kegnet", "compress", str(path), "--arch", "transformer", "--arch-kwargs",
+           json.dumps(KWARGS), "--sequence", json.dumps(TOKENS), "--config", json.dumps(CONFIG), "--device", "cpu",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "agreement with the teacher's greedy completions" in proc.stdout
+    assert json.loads((out / "manifest.json").read_text())["task"] == "sequence"
