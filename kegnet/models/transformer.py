@@ -31,11 +31,18 @@ Within ``attn.qkv`` the heads are contiguous: rows ``[0, d)`` are the queries, `
 The projections are plain ``nn.Linear`` so compression can swap them for factorized modules. With tied
 embeddings the logits are ``tok_emb.logits(h)``: any replacement of ``tok_emb`` (``FactorizedEmbedding`` in
 ``kegnet.sequence.compress``) provides that method, so the tied head follows the embedding it replaces.
+
+Incremental decoding: ``new_cache`` makes a :class:`KVCache` (per layer keys and values ``(B, H, C, d / H)``
+and per-row lengths) and ``step(tokens_new (B, t), cache)`` runs only the new tokens, at positions
+``cache.lengths[b] ..`` of each row, attending to the cached ones; ``forward(tokens, cache)`` is the same call.
+The cache is not part of the state dict. It is meant for inference (``torch.no_grad`` or
+``torch.inference_mode``): it is written in place, so autograd through several steps is not supported.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
@@ -61,6 +68,60 @@ class TokenEmbedding(nn.Embedding):
         return F.linear(h, self.weight)
 
 
+class _Step(NamedTuple):
+    """One incremental call's layout, shared by every layer.
+
+    ``positions (B, t)``: the new tokens' absolute positions, which are also the cache slots they fill.
+    ``width``: the queries look at slots ``[0, width)`` only. ``mask (B, 1, t, width)``: slot ``j`` is visible
+    to a query at position ``p`` iff ``j <= p``.
+    """
+
+    positions: torch.Tensor
+    width: int
+    mask: torch.Tensor
+
+
+class KVCache:
+    """Keys and values of the tokens a :class:`DecoderTransformer` has seen, for incremental decoding.
+
+    Shapes: ``keys[i]``, ``values[i]``: ``(B, H, C, d / H)`` for layer ``i`` with ``C`` the capacity;
+    ``lengths (B,)``: the tokens held per row, at slots ``0 .. lengths[b] - 1`` (slot = position). Rows may
+    hold different lengths. Slots at or past a row's length may hold stale values (from padding, or from
+    :meth:`truncate`): they are never visible, because a query at position ``p`` sees slots ``<= p`` only
+    and its own slot is written before it attends.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor) -> None:
+        self.keys, self.values, self.lengths = keys, values, lengths
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens a row can hold."""
+        return self.keys[0].shape[2]
+
+    def select(self, index: torch.Tensor) -> KVCache:
+        """A new cache of the rows ``index`` (in that order; repeats allowed), copied: beam search's reordering
+        and the dropping of finished rows. Shapes: index (B',) -> a cache of B' rows."""
+        index = index.to(device=self.lengths.device, dtype=torch.long)
+        return KVCache([k.index_select(0, index) for k in self.keys],
+                       [v.index_select(0, index) for v in self.values], self.lengths.index_select(0, index))
+
+    def truncate(self, lengths: torch.Tensor | int) -> None:
+        """Keep only the first ``lengths`` tokens of each row (in place). Shapes: lengths (B,) or an int.
+
+        After a prefill of right-padded prefixes, truncating to the true lengths drops the padding: the next
+        step writes over it.
+        """
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device).expand_as(self.lengths)
+        if bool((lengths < 0).any()) or bool((lengths > self.lengths).any()):
+            raise ValueError("truncate can only shorten rows (0 <= lengths <= cache.lengths)")
+        self.lengths = lengths.clone()
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention. Shapes: ``(B, T, d) -> (B, T, d)``."""
 
@@ -70,12 +131,26 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                step: _Step | None = None) -> torch.Tensor:
+        """Without ``past``: causal attention over ``x`` alone. With ``past`` (this layer's key and value buffers
+        ``(B, H, C, d/H)``) and ``step``: the new keys and values are written at ``step.positions`` first, then
+        the queries attend to slots ``[0, step.width)`` under ``step.mask``."""
         b, t, d = x.shape
         # (B, T, 3d) -> 3 x (B, H, T, d/H); sizes come from the module, not from qkv (which may be factorized)
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+        dropout_p = self.dropout if self.training else 0.0
+        if past is None or step is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            keys, values = past
+            # Row r's new tokens go to slots positions[r]: indices (B, 1) and (B, t) around the head slice put
+            # (B, t) first, hence (B, t, H, d/H) values (advanced indexing; a few times faster than scatter_).
+            rows = torch.arange(b, device=x.device).unsqueeze(1)
+            keys[rows, :, step.positions] = k.transpose(1, 2).to(keys.dtype)
+            values[rows, :, step.positions] = v.transpose(1, 2).to(values.dtype)
+            y = F.scaled_dot_product_attention(q, keys[:, :, : step.width], values[:, :, : step.width],
+                                               attn_mask=step.mask, dropout_p=dropout_p)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -106,8 +181,9 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, d_ff)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                step: _Step | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), past, step))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -167,10 +243,11 @@ class DecoderTransformer(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.n_layers))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
-            raise ValueError(f"tokens must be an integer tensor of shape (B, T), got {tuple(tokens.shape)} "
-                             f"of {tokens.dtype}")
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Shapes: ``(B, T) -> (B, T, V)``. With ``cache``: :meth:`step` (logits of the new tokens only)."""
+        if cache is not None:
+            return self.step(tokens, cache)
+        _check_tokens(tokens)
         t = tokens.shape[1]
         if not 1 <= t <= self.max_length:
             raise ValueError(f"sequence length {t} is outside 1..max_length ({self.max_length})")
@@ -180,3 +257,54 @@ class DecoderTransformer(nn.Module):
             x = block(x)
         h = self.ln_f(x)
         return self.tok_emb.logits(h) if self.head is None else self.head(h)
+
+    def new_cache(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                  capacity: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows of up to ``capacity`` tokens (default, and at most,
+        ``max_length``). ``device`` and ``dtype`` default to the model's (that of ``ln_f``, which compression
+        never replaces). Zero-filled: a masked slot must hold finite values (0 * NaN would leak through)."""
+        ref = self.ln_f.weight
+        capacity = self.max_length if capacity is None else min(_check_int("capacity", capacity, 1, MAX_LENGTH),
+                                                                  self.max_length)
+        shape = (_check_int("batch", batch, 1, 2 ** 31), self.n_heads, capacity, self.d_model // self.n_heads)
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        return KVCache([torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks],
+                       [torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks],
+                       torch.zeros(batch, dtype=torch.long, device=device))
+
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Runs ``tokens`` (B, t) after what ``cache`` holds and appends them to it; returns their logits (B, t, V).
+
+        Row ``b``'s new tokens sit at positions ``cache.lengths[b] .. cache.lengths[b] + t - 1`` and each sees
+        the row's cached tokens and the new ones up to itself, so a prefill (t > 1 on an empty cache) gives
+        ``forward``'s logits, and so does any split of a sequence into consecutive steps (up to float rounding).
+        Raises ``ValueError`` when a row would pass ``max_length`` or the cache's capacity.
+        """
+        _check_tokens(tokens)
+        b, t = tokens.shape
+        if cache.batch_size != b or len(cache.keys) != len(self.blocks):
+            raise ValueError(f"cache holds {cache.batch_size} rows and {len(cache.keys)} layers, tokens have {b} "
+                             f"rows and the model {len(self.blocks)} layers")
+        if t == 0:
+            raise ValueError("step needs at least one new token per row")
+        width = int(cache.lengths.max()) + t
+        if width > self.max_length:
+            raise ValueError(f"sequence length {width} is outside 1..max_length ({self.max_length})")
+        if width > cache.capacity:
+            raise ValueError(f"sequence length {width} exceeds the cache's capacity ({cache.capacity})")
+        positions = cache.lengths.unsqueeze(1) + torch.arange(t, device=tokens.device)  # (B, t)
+        mask = torch.arange(width, device=tokens.device) <= positions.unsqueeze(-1)  # (B, t, width)
+        layout = _Step(positions, width, mask.unsqueeze(1))
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values, strict=True):
+            x = block(x, (keys, values), layout)
+        cache.lengths = cache.lengths + t
+        h = self.ln_f(x)
+        return self.tok_emb.logits(h) if self.head is None else self.head(h)
+
+
+def _check_tokens(tokens: torch.Tensor) -> None:
+    if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
+        raise ValueError(f"tokens must be an integer tensor of shape (B, T), got {tuple(tokens.shape)} "
+                         f"of {tokens.dtype}")

@@ -1,10 +1,14 @@
 """Decoding from an autoregressive model, batched: sampling, greedy, beam search, log-probabilities, diversity.
 
 The model is any callable ``model(tokens: LongTensor (B, T)) -> logits (B, T, V)`` that is causal (the logits at
-position t depend on ``tokens[:, :t + 1]`` only). There is no KV cache: every step recomputes the prefix, which
-is cheap at the short lengths used here. The model must already be on ``device``; it is put in eval mode for the
-call (its previous mode is restored) and run under ``torch.inference_mode()``. Returned tensors are ordinary
-tensors (cloned out of inference mode), so they can feed a training step.
+position t depend on ``tokens[:, :t + 1]`` only). A model that also offers a key-value cache (duck typing:
+``new_cache(batch, device=..., capacity=...)`` returning a cache with ``select(index)`` and ``truncate(lengths)``,
+and ``step(tokens_new, cache)``, as ``kegnet.models.transformer.DecoderTransformer`` does) is run incrementally:
+one prefill of the prefixes, then one new token per row and step instead of the whole prefix again. Any other
+model recomputes the prefix at every step. Both paths give the same tokens (logits agree up to float rounding),
+and sampling draws from the generator in the same order. The model must already be on ``device``; it is put in
+eval mode for the call (its previous mode is restored) and run under ``torch.inference_mode()``. Returned
+tensors are ordinary tensors (cloned out of inference mode), so they can feed a training step.
 
 Conventions shared by every function:
 
@@ -194,6 +198,50 @@ def _trimmed(tokens: torch.Tensor, lengths: torch.Tensor, prefix_lengths: torch.
 # ------------------------------------------------------------------------------- sampling and greedy
 
 
+def _has_cache(model: LanguageModel) -> bool:
+    """Whether ``model`` offers incremental decoding (``new_cache`` and ``step``)."""
+    return callable(getattr(model, "new_cache", None)) and callable(getattr(model, "step", None))
+
+
+class _NextLogits:
+    """Next-token logits for a set of rows that evolves between calls only through :meth:`keep`.
+
+    Each call gets the rows' tokens ``(n, W)`` and lengths ``(n,)`` and returns the logits at position
+    ``length - 1`` of each row ``(n, V)``. Without a cache the model reruns every row's whole prefix. With one,
+    the first call prefills (the right padding past a row's length is computed, then dropped by ``truncate``
+    and overwritten by later steps) and every later call feeds one token per row: the caller must have grown
+    each row by exactly one token since the previous call and told :meth:`keep` which rows it kept, in order.
+    """
+
+    def __init__(self, model: LanguageModel, capacity: int) -> None:
+        self.model, self.capacity = model, capacity
+        self.cached = _has_cache(model)
+        self.cache = None  # the model's cache object, from the first call on
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """``group``: on the first call the rows come in runs of ``group`` identical rows (beam search's copies
+        of a prefix); the cached path prefills one row per run."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        if not self.cached:
+            return self.model(tokens[:, : int(lengths.max())])[rows, lengths - 1]  # (n, T, V) -> (n, V)
+        if self.cache is None:
+            distinct, distinct_len = tokens[::group], lengths[::group]
+            self.cache = self.model.new_cache(distinct.shape[0], device=tokens.device, capacity=self.capacity)
+            logits = self.model.step(distinct[:, : int(distinct_len.max())], self.cache)
+            last = logits[torch.arange(distinct.shape[0], device=tokens.device), distinct_len - 1]
+            self.cache.truncate(distinct_len)
+            if group > 1:
+                self.keep(torch.arange(distinct.shape[0], device=tokens.device).repeat_interleave(group))
+                last = last.repeat_interleave(group, 0)
+            return last
+        return self.model.step(tokens[rows, lengths - 1].unsqueeze(1), self.cache)[:, 0]  # (n, 1, V) -> (n, V)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """The next call's rows are this call's rows ``index`` (reordered, dropped, repeated). Shapes: (n',)."""
+        if self.cache is not None:
+            self.cache = self.cache.select(index)
+
+
 def _extend(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.Tensor, choose: Chooser, *,
             banned: list[int], eos_id: int, pad_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Appends ``choose(log_probs)`` tokens to each row until EOS or ``max_length``.
@@ -206,13 +254,18 @@ def _extend(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.
     tokens[:, : prefixes.shape[1]] = prefixes
     lengths = prefix_lengths.clone()
     finished = torch.zeros(n, dtype=torch.bool, device=prefixes.device)
+    # The longest row the model ever sees is max_length - 1 tokens: it predicts the last one.
+    next_logits = _NextLogits(model, capacity=max_length - 1)
+    rows = torch.arange(n, device=prefixes.device)
     while True:
-        rows = ((~finished) & (lengths < max_length)).nonzero().squeeze(1)
+        live = (~finished[rows]) & (lengths[rows] < max_length)
+        if not bool(live.all()):
+            next_logits.keep(live.nonzero().squeeze(1))  # the cache follows the rows still decoding
+            rows = rows[live]
         if rows.numel() == 0:
             return tokens, lengths
         cur = lengths[rows]
-        logits = model(tokens[rows, : int(cur.max())])  # (n, T, V)
-        last = logits[torch.arange(rows.numel(), device=rows.device), cur - 1]  # (n, V)
+        last = next_logits(tokens[rows], cur)  # (n, V)
         chosen = choose(_log_probs(last, banned))
         tokens[rows, cur] = chosen
         lengths[rows] = cur + 1
@@ -308,13 +361,13 @@ def _beam_chunk(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: to
     pool_lp = torch.full((b, k), -inf, device=dev)
     pool_len = prefix_lengths.unsqueeze(1).repeat(1, k)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
+    next_logits = _NextLogits(model, capacity=max_length - 1)  # rows: the live groups' beams, group-major
     while True:
         act = (~done).nonzero().squeeze(1)
         if act.numel() == 0:
             break
         n, c, rows = act.numel(), cur[act], beams[act]  # (n,), (n, K, max_length)
-        logits = model(rows[:, :, : int(c.max())].reshape(n * k, -1))  # (n K, T, V)
-        last = logits[torch.arange(n * k, device=dev), c.repeat_interleave(k) - 1]
+        last = next_logits(rows.reshape(n * k, max_length), c.repeat_interleave(k), group=k)  # (n K, V)
         vocab = last.shape[-1]
         cand = (beam_lp[act].unsqueeze(-1) + _log_probs(last, banned).view(n, k, vocab)).view(n, k * vocab)
         m = min(2 * k, k * vocab)
@@ -341,7 +394,11 @@ def _beam_chunk(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: to
         beam_lp[act] = next_lp
         beams[act] = cand_tok.gather(1, next_i.unsqueeze(-1).expand(n, k, max_length))
         cur[act] = new_len
-        done[act] = at_max.squeeze(1) | torch.isfinite(best_s[:, -1]) | ~torch.isfinite(next_lp[:, 0])
+        stop = at_max.squeeze(1) | torch.isfinite(best_s[:, -1]) | ~torch.isfinite(next_lp[:, 0])
+        done[act] = stop
+        # The new beam j of group g extends the old beam top_i // vocab: its cache row is that beam's.
+        source = torch.arange(n, device=dev).unsqueeze(1) * k + top_i.gather(1, next_i) // vocab  # (n, K)
+        next_logits.keep(source[~stop].flatten())
     found = torch.isfinite(pool_score[:, :num_return])
     # Slots no hypothesis reached (a hypothesis space smaller than num_return) report the bare prefix at -inf.
     tokens = torch.where(found.unsqueeze(-1), pool_tok[:, :num_return], bare.expand(b, num_return, -1))

@@ -292,18 +292,22 @@ def decode_speed(model: nn.Module, tokens: SequenceSpec, device: torch.device, *
                  repeats: int = 3) -> dict[str, float]:
     """Greedy decoding of ``max_length`` tokens from BOS, EOS ignored (so teacher and student decode the same
     number of steps, whatever they generate), fastest of ``repeats``: sequences and tokens per second at batch
-    1 and at ``batch``. As in ``kegnet.sequence.generate``, each step runs the whole prefix (no cache)."""
+    1 and at ``batch``. With the model's key-value cache when it has one (as ``kegnet.sequence.generate``
+    decodes), else re-running the prefix every step."""
     model.eval()
+    cached = callable(getattr(model, "new_cache", None)) and callable(getattr(model, "step", None))
     out = {}
     for b in (1, batch):
         best = float("inf")
         for _ in range(repeats):
-            seq = torch.full((b, 1), tokens.bos_id, dtype=torch.long, device=device)
+            nxt = torch.full((b, 1), tokens.bos_id, dtype=torch.long, device=device)
+            seq, cache = nxt, model.new_cache(b, device=device) if cached else None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             while seq.shape[1] < tokens.max_length:
-                nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+                logits = model.step(nxt, cache) if cached else model(seq)
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
                 seq = torch.cat([seq, nxt], dim=1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
