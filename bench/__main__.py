@@ -5,7 +5,8 @@ data, which the pipeline itself never sees. ``--scale`` multiplies every step bu
 ``python -m bench scale`` measures time and memory of generator training as the input and batch grow
 (``--teacher torchvision:resnet18 --sides 224`` for ImageNet-sized inputs). ``bench/gpu.sh OUTDIR`` runs the
 GPU rows. Rows report parameters, ratio, real test accuracy, the latency of student and teacher at batch 1
-and 64 from the manifest, and the seconds of every pipeline stage.
+and 64 from the manifest, and the seconds of every pipeline stage. ``python -m bench g2p --help``: the
+sequence-model benchmark (grapheme-to-phoneme on CMUdict, bench/g2p/run.py), with options of its own.
 
 Within one seed, the KegNet generators are trained once and shared by the scenario's compression settings
 (they depend on the teacher only); the generator time is reported in every row that uses them.
@@ -294,8 +295,13 @@ def device_name(dev: torch.device) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["g2p"]:  # the sequence-model benchmark has its own options (bench/g2p/run.py)
+        from bench.g2p.run import main as g2p_main
+
+        g2p_main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale", "suite"]))
+    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale", "suite", "g2p"]))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
