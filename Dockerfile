@@ -12,8 +12,7 @@ ARG BASE_IMAGE=python:3.11-slim
 #    cached on the list itself, not on unrelated edits of pyproject.toml.
 FROM ${BASE_IMAGE} AS requirements
 COPY pyproject.toml scripts/requirements.py /src/
-RUN python3 /src/requirements.py /src/pyproject.toml service onnx > /requirements.txt \
- && echo "setuptools==80.9.0" >> /requirements.txt
+RUN python3 /src/requirements.py /src/pyproject.toml service onnx > /requirements.txt
 
 # 2. Every dependency in a virtual environment (Debian's python3 refuses system-wide pip installs), and the
 #    setuptools wheel that builds the project in stage 3 (kept outside the venv). The wheels are deleted in

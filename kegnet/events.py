@@ -65,6 +65,12 @@ class Reporter:
                                         metrics=metrics, step=step, total=total, skipped=skipped))
         self.check()
 
+    def done(self, **metrics: Any) -> None:
+        """The job's last event (stage ``done``); no cancellation check: the work is finished."""
+        if self.progress:
+            self.progress(ProgressEvent(stage="done", stage_progress=1.0, progress=1.0, message="done",
+                                        metrics=metrics))
+
     def check(self) -> None:
         if self.should_cancel and self.should_cancel():
             raise Cancelled("cancelled by request")

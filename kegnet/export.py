@@ -44,9 +44,13 @@ def sha256_file(path: Path) -> str:
 
 
 def save_weights(student: nn.Module, spec: ModelSpec, plan: CompressionPlan, path: Path) -> None:
+    write_weights(student, path, {"kegnet_spec": spec.model_dump_json(), "kegnet_plan": json.dumps(plan.to_dict())})
+
+
+def write_weights(student: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """``student``'s state dict as safetensors with ``metadata`` (what ``load_student`` rebuilds it from)."""
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    meta = {"kegnet_spec": spec.model_dump_json(), "kegnet_plan": json.dumps(plan.to_dict())}
-    save_file(state, str(path), metadata=meta)
+    save_file(state, str(path), metadata=metadata)
     path.chmod(0o644)  # safetensors writes 0600; the run's other files are 0644
 
 

@@ -34,7 +34,7 @@ from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
 from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
 from kegnet.errors import CompressionError, KegnetError
 from kegnet.evaluation import DEFAULT_MAX_SAMPLES, evaluate, read_eval_set
-from kegnet.events import CancelCheck, ProgressCallback, ProgressEvent, Reporter
+from kegnet.events import CancelCheck, ProgressCallback, Reporter
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.metrics import count_macs, count_parameters
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
@@ -147,39 +147,36 @@ def run_pipeline(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if spec.is_sequence:
-        return _run_sequence(checkpoint, spec, config, out, device, seed, Reporter(progress, should_cancel),
-                             max_parameters, max_bytes, eval_set)
-    job = _Job(spec, config, resolve_device(device), seed, out, Reporter(progress, should_cancel), should_cancel)
+    report = Reporter(progress, should_cancel)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
+    if spec.is_sequence:
+        return _run_sequence(sources, spec, config, out, device, seed, report, max_parameters, max_bytes, eval_set)
+    job = _Job(spec, config, resolve_device(device), seed, out, report, should_cancel)
     job.timed("load", _load, sources, max_parameters, max_bytes, eval_set, max_eval_samples)
     job.timed("plan", _plan)
     job.timed("generators", _generate, generators)
     job.timed("decompose", _decompose)
     job.timed("finetune", _distill)
     manifest = job.timed("export", _export)
-    if progress:
-        progress(ProgressEvent(stage="done", stage_progress=1.0, progress=1.0, message="done",
-                               metrics={"compression_ratio": manifest["compression_ratio"]}))
+    report.done(compression_ratio=manifest["compression_ratio"])
     log.info("compressed %s: %.2fx in %.1fs", job.spec.arch, manifest["compression_ratio"], sum(job.timings.values()))
     assert job.student is not None
     candidates = {name: c.student for name, c in job.candidates.items()}
     return RunResult(out, manifest, job.student, job.generators, candidates)
 
 
-def _run_sequence(checkpoint: TeacherSource | Sequence[TeacherSource], spec: ModelSpec, config: PipelineConfig,
-                  out: Path, device: str, seed: int, report: Reporter, max_parameters: int | None,
-                  max_bytes: int | None, eval_set: EvalSet | None) -> RunResult:
+def _run_sequence(sources: list[TeacherSource], spec: ModelSpec, config: PipelineConfig, out: Path, device: str,
+                  seed: int, report: Reporter, max_parameters: int | None, max_bytes: int | None,
+                  eval_set: EvalSet | None) -> RunResult:
     """A sequence model's job (kegnet/sequence/pipeline.py): one teacher, no labelled evaluation set."""
     from kegnet.sequence.pipeline import check_supported, run_sequence_pipeline
 
-    sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
     if len(sources) != 1:
         raise KegnetError(f"a sequence job takes one teacher, got {len(sources)}")
-    check_supported(spec, eval_set)
+    check_supported(eval_set)
     run = run_sequence_pipeline(sources[0], spec, config, out, device=resolve_device(device), seed=seed,
                                 report=report, max_parameters=max_parameters, max_bytes=max_bytes)
-    report("done", 1.0, "done", compression_ratio=run.manifest["compression_ratio"])
+    report.done(compression_ratio=run.manifest["compression_ratio"])
     return RunResult(out, run.manifest, run.student)
 
 

@@ -1,4 +1,5 @@
-"""Print the pinned requirements of pyproject.toml, one per line: the dependencies and the named extras.
+"""Print the pinned requirements of pyproject.toml, one per line: the dependencies and the named extras,
+then the setuptools that builds the project in the image (``BUILD``).
 
     python3 scripts/requirements.py pyproject.toml service onnx > requirements.txt
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import sys
 import tomllib
+
+# The image builds the project offline from this wheel (pyproject's build-system asks for setuptools>=61).
+BUILD = ["setuptools==80.9.0"]
 
 
 def requirements(pyproject: str, extras: list[str]) -> list[str]:
@@ -25,4 +29,4 @@ def requirements(pyproject: str, extras: list[str]) -> list[str]:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    print("\n".join(requirements(sys.argv[1], sys.argv[2:])))
+    print("\n".join(requirements(sys.argv[1], sys.argv[2:]) + BUILD))

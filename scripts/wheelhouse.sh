@@ -14,7 +14,6 @@ PY=${PYTHON:-python3}
 BASE_IMAGE=${1:-}
 mkdir -p wheelhouse
 python3 scripts/requirements.py pyproject.toml service onnx > wheelhouse/requirements.txt
-echo "setuptools==80.9.0" >> wheelhouse/requirements.txt
 
 # Done before for the same requirements and base image: nothing to fetch.
 stamp="$(sha256sum wheelhouse/requirements.txt | cut -c1-16) ${BASE_IMAGE:-host}"

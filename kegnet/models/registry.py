@@ -37,16 +37,21 @@ _LIBRARIES: dict[str, ModelFactory] = {"torchvision": libraries.build_torchvisio
 DEFAULT_MAX_PARAMETERS = 400_000_000
 
 
-def register_model(name: str) -> Callable[[F], F]:
-    """Decorator: register ``fn(input_shape, num_classes, **kwargs) -> nn.Module`` under ``name``."""
+def _registrar(registry: dict[str, ModelFactory], name: str, kind: str) -> Callable[[F], F]:
+    """The decorator that adds a constructor to ``registry`` under ``name`` (``kind`` names it in errors)."""
 
     def wrap(fn: F) -> F:
-        if name in _REGISTRY:
-            raise ValueError(f"architecture {name!r} is already registered")
-        _REGISTRY[name] = fn
+        if name in registry:
+            raise ValueError(f"{kind} {name!r} is already registered")
+        registry[name] = fn
         return fn
 
     return wrap
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Decorator: register ``fn(input_shape, num_classes, **kwargs) -> nn.Module`` under ``name``."""
+    return _registrar(_REGISTRY, name, "architecture")
 
 
 def list_models() -> list[str]:
@@ -72,9 +77,14 @@ def _build(name: str, input_shape: tuple[int, ...], num_classes: int, kwargs: di
     fn, fixed = _factory(name)
     if not fixed:  # a registered constructor: its signature says which arguments it takes
         _check_kwargs(name, fn, kwargs, {"input_shape", "num_classes"})
+    return _construct(name, fn, input_shape=tuple(input_shape), num_classes=num_classes, **fixed, **kwargs)
+
+
+def _construct(name: str, fn: ModelFactory, **arguments: Any) -> nn.Module:
+    """``fn(**arguments)``, its complaint about bad values (or a shape the net rejects) as a ``SpecError``."""
     try:
-        return fn(input_shape=tuple(input_shape), num_classes=num_classes, **fixed, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:  # bad values, or a shape the net rejects
+        return fn(**arguments)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         raise SpecError(f"cannot build {name!r} with these arguments: {exc}") from exc
 
 
@@ -126,6 +136,12 @@ def _count_on_meta(build: Callable[[], nn.Module]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _refuse_above(name: str, count: int, max_parameters: int) -> None:
+    if count > max_parameters:
+        raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
+                        f"of {max_parameters:,}; choose a smaller architecture or arguments")
+
+
 def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
                  max_parameters: int | None = DEFAULT_MAX_PARAMETERS, **kwargs: Any) -> nn.Module:
     """Build the architecture ``name``; raise ``SpecError`` with a fixable message otherwise.
@@ -133,24 +149,15 @@ def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
     With ``max_parameters``, the model is counted on the meta device first and refused above the cap.
     """
     if max_parameters is not None:
-        count = count_model_parameters(name, input_shape=input_shape, num_classes=num_classes, **kwargs)
-        if count > max_parameters:
-            raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
-                            f"of {max_parameters:,}; choose a smaller architecture or arguments")
+        _refuse_above(name, count_model_parameters(name, input_shape=input_shape, num_classes=num_classes, **kwargs),
+                      max_parameters)
     return _build(name, input_shape, num_classes, dict(kwargs))
 
 
 def register_sequence_model(name: str) -> Callable[[F], F]:
     """Decorator: register ``fn(vocab_size, max_length, **kwargs) -> nn.Module`` under ``name``; the model
     maps tokens ``(B, T)`` to next-token logits ``(B, T, vocab_size)``."""
-
-    def wrap(fn: F) -> F:
-        if name in _SEQUENCE_REGISTRY:
-            raise ValueError(f"sequence architecture {name!r} is already registered")
-        _SEQUENCE_REGISTRY[name] = fn
-        return fn
-
-    return wrap
+    return _registrar(_SEQUENCE_REGISTRY, name, "sequence architecture")
 
 
 def list_sequence_models() -> list[str]:
@@ -164,10 +171,7 @@ def _build_sequence(name: str, vocab_size: int, max_length: int, kwargs: dict[st
                         f"{', '.join(list_sequence_models()) or 'none'}")
     fn = _SEQUENCE_REGISTRY[name]
     _check_kwargs(name, fn, kwargs, {"vocab_size", "max_length"})
-    try:
-        return fn(vocab_size=vocab_size, max_length=max_length, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise SpecError(f"cannot build {name!r} with these arguments: {exc}") from exc
+    return _construct(name, fn, vocab_size=vocab_size, max_length=max_length, **kwargs)
 
 
 def count_sequence_model_parameters(name: str, *, vocab_size: int, max_length: int, **kwargs: Any) -> int:
@@ -183,8 +187,6 @@ def create_sequence_model(name: str, *, vocab_size: int, max_length: int,
     With ``max_parameters``, the model is counted on the meta device first and refused above the cap.
     """
     if max_parameters is not None:
-        count = count_sequence_model_parameters(name, vocab_size=vocab_size, max_length=max_length, **kwargs)
-        if count > max_parameters:
-            raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
-                            f"of {max_parameters:,}; choose a smaller architecture or arguments")
+        _refuse_above(name, count_sequence_model_parameters(name, vocab_size=vocab_size, max_length=max_length,
+                                                            **kwargs), max_parameters)
     return _build_sequence(name, vocab_size, max_length, dict(kwargs))

@@ -21,14 +21,13 @@ from typing import Any
 
 import safetensors
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.config import PipelineConfig, SequenceConfig
 from kegnet.errors import KegnetError
 from kegnet.events import Reporter
-from kegnet.export import MANIFEST, PROGRAM, SEQUENCE_REPORT, WEIGHTS, write_manifest
+from kegnet.export import MANIFEST, PROGRAM, SEQUENCE_REPORT, WEIGHTS, write_manifest, write_weights
 from kegnet.metrics import count_parameters
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
 from kegnet.sequence.compress import compress_sequence_model
@@ -238,10 +237,8 @@ def _export(job: _Job) -> dict[str, Any]:
     assert job.student is not None and job.teacher is not None
     student = job.student.eval()
     job.report("export", 0.0, "writing the student")
-    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    save_file(state, str(job.out / WEIGHTS), metadata={"kegnet_spec": job.spec.model_dump_json(),
-                                                       SEQUENCE_REPORT: json.dumps(job.compression)})
-    (job.out / WEIGHTS).chmod(0o644)
+    write_weights(student, job.out / WEIGHTS, {"kegnet_spec": job.spec.model_dump_json(),
+                                               SEQUENCE_REPORT: json.dumps(job.compression)})
     if job.pipeline_config.export_portable:
         export_program(student, job.tokens, job.out / PROGRAM)
     after = agreement(job, student)
@@ -321,7 +318,7 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def check_supported(spec: ModelSpec, eval_set: object) -> None:
+def check_supported(eval_set: object) -> None:
     """What sequence jobs do not take, refused with what to do instead."""
     if eval_set is not None:
         raise KegnetError("eval_set is for classifiers (x, y); a sequence job reports agreement with the teacher "
