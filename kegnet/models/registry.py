@@ -80,12 +80,13 @@ def _build(name: str, input_shape: tuple[int, ...], num_classes: int, kwargs: di
     return _construct(name, fn, input_shape=tuple(input_shape), num_classes=num_classes, **fixed, **kwargs)
 
 
-def _construct(name: str, fn: ModelFactory, **arguments: Any) -> nn.Module:
-    """``fn(**arguments)``, its complaint about bad values (or a shape the net rejects) as a ``SpecError``."""
+def _construct(arch: str, fn: ModelFactory, /, **arguments: Any) -> nn.Module:
+    """``fn(**arguments)``, its complaint about bad values (or a shape the net rejects) as a ``SpecError``.
+    Positional-only: the library builders take a ``name`` argument of their own."""
     try:
         return fn(**arguments)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise SpecError(f"cannot build {name!r} with these arguments: {exc}") from exc
+        raise SpecError(f"cannot build {arch!r} with these arguments: {exc}") from exc
 
 
 def _check_kwargs(name: str, fn: ModelFactory, kwargs: dict[str, Any], positional: set[str]) -> None:
