@@ -250,6 +250,7 @@ class SequenceConfig(_Strict):
     - ``sequence``: cross-entropy on the teacher's beam-search outputs (beam ``beam_size``): each sampled
       prompt (up to ``sep_id``, or a random cut without one) completed by the teacher's beam search.
     - ``both``: ``word_weight`` · word + (1 − ``word_weight``) · sequence.
+    The student is the teacher with ``student_layers`` of its blocks (all by default), then SVD to the target.
     The student kept is the step with the best agreement with the teacher's greedy outputs on ``holdout``
     generations the student never trained on.
     """
@@ -266,6 +267,8 @@ class SequenceConfig(_Strict):
     holdout: int = Field(512, ge=16, le=20_000, description="held-out generations for model selection")
     embedding_rank: int | None = Field(None, ge=1, le=65_536, description="factorize the token embedding "
                                                                           "(None: keep it)")
+    student_layers: int | None = Field(None, ge=1, le=48, description="keep this many of the teacher's blocks, "
+                                      "evenly spaced, first and last kept (None: all); fewer blocks decode faster")
     steps: int = Field(3000, ge=0, le=500_000)
     batch_size: int = Field(128, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0.0, le=1.0)

@@ -1,7 +1,7 @@
 """The G2P benchmark (issue 13): data-free compression of the CMUdict teacher, scored on held-out words.
 
 ``python -m bench g2p [--seeds N] [--rows teacher,svd,word,sequence,both] [--test-words N] [--samples N]
-[--steps N] [--beam-size K] [--target-ratio R] [--out FILE] [--report]``
+[--steps N] [--beam-size K] [--target-ratio R] [--student-layers N] [--layers P,...] [--out FILE] [--report]``
 
 Rows:
 
@@ -61,7 +61,7 @@ OBJECTIVE = {"svd": "word", "word": "word", "sequence": "sequence", "both": "bot
 DEFAULTS: dict[str, Any] = {
     "test_words": 1000, "samples": 2000, "beam_size": 5, "steps": 300, "batch_size": 128, "lr": 1e-3,
     "holdout": 256, "eval_every": 100, "target_ratio": 3.0, "speed_words": 100, "speed_batch": 256, "repeats": 2,
-    "eval_beam": 5,
+    "eval_beam": 5, "student_layers": None, "layers": None,
 }
 
 
@@ -75,8 +75,9 @@ def model_spec(teacher: nn.Module, max_length: int) -> ModelSpec:
 def pipeline_config(row: str, s: dict[str, Any]) -> PipelineConfig:
     """The pipeline config of a compressed row with settings ``s`` (``DEFAULTS`` and overrides)."""
     return PipelineConfig.model_validate({
-        "compression": {"rank_method": "ratio", "target_ratio": s["target_ratio"]},
+        "compression": {"rank_method": "ratio", "target_ratio": s["target_ratio"], "layers": s["layers"]},
         "sequence": {"objective": OBJECTIVE[row], "samples": s["samples"], "beam_size": s["beam_size"],
+                     "student_layers": s["student_layers"],
                      "steps": 0 if row == "svd" else s["steps"], "batch_size": s["batch_size"], "lr": s["lr"],
                      "holdout": s["holdout"], "eval_every": s["eval_every"]},
         "export_portable": False, "export_onnx": False,
@@ -220,6 +221,7 @@ def run_g2p(seeds: int = 1, rows: Sequence[str] = ROWS, settings: dict[str, Any]
                     "distill": None if m["distill"] is None else {k: m["distill"][k] for k in
                                                                     ("best_step", "best_score", "score_curve")},
                     "ranks": sorted({v["rank"] for v in m["compression"]["layers"].values()}),
+                    "blocks": m["compression"].get("blocks"),
                 }
                 result["rows"].append(entry)
                 log.info("%s seed %d: %s", row, seed, line(entry))
@@ -293,7 +295,9 @@ def report(result: dict[str, Any]) -> str:
                      f"{_pm(r, 'beam5_word_accuracy'):>13} "
                      f"{_pm(r, 'beam5_per'):>10} {r['batch1_words_per_s']:>8.0f} {r['batched_words_per_s']:>10.0f} "
                      f"{_pm(r, 'speedup_batch1', 1.0, False):>5} {_pm(r, 'speedup_batched', 1.0, False):>7}  {stages}")
-    cfg = (f"pipeline: target ratio {s['target_ratio']}, samples {s['samples']}, beam {s['beam_size']}, "
+    depth = s.get("student_layers")
+    cfg = (f"pipeline: target ratio {s['target_ratio']}, student blocks {depth or 'all'}, "
+           f"layers {','.join(s.get('layers') or ['all projections'])}, samples {s['samples']}, beam {s['beam_size']}, "
            f"steps {s['steps']} (batch {s['batch_size']}, lr {s['lr']}), holdout {s['holdout']}")
     lines.append(cfg)
     paired = any("teacher_speed" in r for r in result["rows"])
@@ -324,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed-words", type=int, default=DEFAULTS["speed_words"], help="words timed at batch 1")
     p.add_argument("--speed-batch", type=int, default=DEFAULTS["speed_batch"], help="batch of the batched timing")
     p.add_argument("--target-ratio", type=float, default=DEFAULTS["target_ratio"])
+    p.add_argument("--student-layers", type=int, default=None,
+                   help="pipeline: keep this many of the teacher's blocks (default: all)")
+    p.add_argument("--layers", default=None,
+                   help="pipeline: comma-separated Linear layer patterns to factorize (default: every projection)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/g2p.json)")
     p.add_argument("--report", action="store_true", help="print the table of --out without running")
@@ -337,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = {"test_words": args.test_words, "samples": args.samples, "steps": args.steps,
                 "beam_size": args.beam_size, "holdout": args.holdout, "lr": args.lr,
-                "target_ratio": args.target_ratio, "speed_words": args.speed_words, "speed_batch": args.speed_batch}
+                "target_ratio": args.target_ratio, "speed_words": args.speed_words, "speed_batch": args.speed_batch,
+                "student_layers": args.student_layers, "layers": args.layers.split(",") if args.layers else None}
     t0 = time.perf_counter()
     result = run_g2p(args.seeds, [r for r in args.rows.split(",") if r], settings,
                      partial=out.with_suffix(".partial.json"))

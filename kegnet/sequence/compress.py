@@ -1,4 +1,9 @@
-"""Compressing a decoder Transformer: truncated SVD of the blocks' Linear layers, and a factorized embedding.
+"""Compressing a decoder Transformer: fewer blocks, truncated SVD of the blocks' Linear layers, and a factorized
+embedding.
+
+A shallower student (``student_layers``) keeps that many of the teacher's blocks, evenly spaced with the first
+and the last kept (DistilBERT's every-other-layer initialization, generalized): decoding cost on small models is
+per block, so depth is the lever for speed, while SVD alone saves parameters but adds a call per layer.
 
 The Linear layers go through the classifier machinery (``plan_compression`` / ``apply_plan`` with the rank
 methods of ``CompressionConfig``), named explicitly: by default ``DEFAULT_LAYERS``, the attention and MLP
@@ -6,9 +11,9 @@ projections of every block, never the output head. The token embedding ``tok_emb
 ``FactorizedEmbedding`` A (V, r) · B (r, d) when an ``embedding_rank`` is given; a tied head then computes its
 logits through the factors.
 
-With ``rank_method: ratio`` the target is for the whole model, embedding included: the embedding is factorized
-first at its given rank, and the Linear ranks are solved for what is left of the target (see
-``compress_sequence_model``).
+With ``rank_method: ratio`` the target is for the whole model, embedding included: blocks are dropped and the
+embedding is factorized first, and the Linear ranks are solved for what is left of the target (see
+``compress_sequence_model``); when the dropped blocks alone reach it, no layer is factorized.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from kegnet.metrics import count_parameters
 log = logging.getLogger(__name__)
 
 EMBEDDING = "tok_emb"
+BLOCKS = "blocks"
 DEFAULT_LAYERS = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc", "blocks.*.mlp.proj"]
 
 
@@ -77,52 +83,64 @@ class FactorizedEmbedding(nn.Module):
 
 
 def compress_sequence_model(model: nn.Module, config: CompressionConfig, *, embedding_rank: int | None,
-                            seed: int) -> tuple[nn.Module, dict[str, Any]]:
+                            seed: int, student_layers: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A compressed copy of ``model`` (left as it is) and a report of what was done.
 
-    Layers: ``config.layers`` when given, else ``DEFAULT_LAYERS``; ranks by ``config.rank_method``. The token
+    Depth: ``student_layers`` of the model's blocks are kept (``block_indices``; ``None``: all). Layers:
+    ``config.layers`` when given, else ``DEFAULT_LAYERS``; ranks by ``config.rank_method``. The token
     embedding ``model.tok_emb`` is factorized at ``embedding_rank`` (``None``: kept). With ``rank_method:
     ratio``, ``config.target_ratio`` is parameters(model) / parameters(student) for the whole model: the
-    embedding's saving is counted first and the Linear ranks are solved for the remaining ratio; an
-    ``embedding_rank`` that alone already exceeds the target is refused (raise it or the target). ``seed`` is
-    passed to ``apply_plan`` (SVD itself is deterministic).
+    dropped blocks' and the embedding's savings are counted first and the Linear ranks are solved for the
+    remaining ratio. When the dropped blocks reach the target, no layer is factorized; an ``embedding_rank``
+    that alone already exceeds it is refused (raise it or the target). ``seed`` is passed to ``apply_plan``
+    (SVD itself is deterministic).
 
     Report (JSON-ready): ``params_before``, ``params_after``, ``ratio``, ``rank_method``, ``target_ratio``
-    (``None`` unless ratio), ``embedding`` (``{rank, params_before, params_after}`` or ``None``), ``layers``
-    (name -> ``{rank, params_before, params_after}``), ``skipped`` (name -> why), ``plan``
-    (``CompressionPlan.to_dict()``, for ``compressed_structure``). Raises ``CompressionError``.
+    (``None`` unless ratio), ``blocks`` (``{kept, of}``: the teacher's block indices kept, or ``None``),
+    ``embedding`` (``{rank, params_before, params_after}`` or ``None``), ``layers`` (name -> ``{rank,
+    params_before, params_after}``, names in the student's block numbering), ``skipped`` (name -> why),
+    ``plan`` (``CompressionPlan.to_dict()``, for ``compressed_structure``). Raises ``CompressionError``.
     """
     before = count_parameters(model)
-    student = copy.deepcopy(model)
+    # The student trains whole (embeddings, LayerNorms, kept dense layers), even when the teacher is frozen.
+    student = copy.deepcopy(model).requires_grad_(True)
+    blocks = None if student_layers is None else _drop_blocks(student, student_layers)
     embedding = None
     if embedding_rank is not None:
         embedding = _factorize_embedding(student, embedding_rank)
     layers_config = config.model_copy(update={"layers": list(config.layers or DEFAULT_LAYERS)})
+    plan = CompressionPlan()
     if config.rank_method == "ratio":
-        # plan_compression measures the ratio against the model it is given (here, the embedding already
-        # factorized); ask it for what remains of the whole-model target.
+        # plan_compression measures the ratio against the model it is given (here, already shallower and with
+        # the embedding factorized); ask it for what remains of the whole-model target.
         remaining = config.target_ratio * count_parameters(student) / before
-        if remaining <= 1.0:
+        if remaining <= 1.0 and blocks is None:
             raise CompressionError(
                 f"embedding_rank {embedding_rank} alone makes the model {before / count_parameters(student):.2f}x "
                 f"smaller, beyond target_ratio {config.target_ratio}; raise embedding_rank or target_ratio"
             )
-        layers_config = layers_config.model_copy(update={"target_ratio": remaining})
-    plan = plan_compression(student, layers_config)
+        if remaining > 1.0:
+            plan = plan_compression(student, layers_config.model_copy(update={"target_ratio": remaining}))
+        else:
+            log.info("%d of %d blocks already make the model %.2fx smaller (target %.2fx): no SVD", student_layers,
+                     len(getattr(model, BLOCKS)), before / count_parameters(student), config.target_ratio)
+    else:
+        plan = plan_compression(student, layers_config)
     student = apply_plan(student, plan, n_iter_max=config.n_iter_max, seed=seed)
     after = count_parameters(student)
     report: dict[str, Any] = {
         "params_before": before, "params_after": after, "ratio": before / after,
         "rank_method": config.rank_method,
         "target_ratio": config.target_ratio if config.rank_method == "ratio" else None,
+        "blocks": blocks,
         "embedding": embedding,
         "layers": {p.name: {"rank": p.in_rank, "params_before": p.params_before, "params_after": p.params_after}
                    for p in plan.layers},
         "skipped": dict(plan.skipped),
         "plan": plan.to_dict(),
     }
-    log.info("compressed %d -> %d parameters (%.2fx): %d linear layers, embedding rank %s", before, after,
-             before / after, len(plan.layers), embedding_rank)
+    log.info("compressed %d -> %d parameters (%.2fx): blocks %s, %d linear layers, embedding rank %s", before,
+             after, before / after, "all" if blocks is None else blocks["kept"], len(plan.layers), embedding_rank)
     return student, report
 
 
@@ -130,11 +148,45 @@ def compressed_structure(model: nn.Module, report: dict[str, Any]) -> nn.Module:
     """A copy of ``model`` with the structure ``report`` describes and uninitialized factors, to load a saved
     compressed model's state dict into."""
     student = copy.deepcopy(model)
+    if report.get("blocks"):
+        _keep(student, report["blocks"]["kept"])
     if report.get("embedding"):
         emb = _token_embedding(student)
         setattr(student, EMBEDDING, FactorizedEmbedding(emb.num_embeddings, emb.embedding_dim,
                                                         report["embedding"]["rank"]).to(emb.weight.device))
     return apply_plan(student, CompressionPlan.from_dict(report["plan"]), initialize=False)
+
+
+def block_indices(total: int, keep: int) -> list[int]:
+    """The ``keep`` of ``total`` blocks a shallower student starts from: evenly spaced, the first and the last
+    always (``keep == 1``: the first, which reads the embeddings the student keeps). Distinct and increasing
+    for ``1 <= keep <= total``."""
+    if keep == 1:
+        return [0]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
+
+
+def _drop_blocks(student: nn.Module, keep: int) -> dict[str, Any]:
+    """Keep ``block_indices(len(student.blocks), keep)`` of ``student.blocks``, in place; returns the report
+    entry ``{kept, of}``."""
+    blocks = getattr(student, BLOCKS, None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise CompressionError(f"student_layers needs the model's blocks in {BLOCKS!r} (an nn.ModuleList, as in the "
+                               "'transformer' architecture); this model has none")
+    total = len(blocks)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= total:
+        raise CompressionError(f"student_layers must be an integer in 1..{total} (the teacher's blocks), got "
+                               f"{keep!r}; leave it unset to keep every block")
+    kept = block_indices(total, keep)
+    _keep(student, kept)
+    return {"kept": kept, "of": total}
+
+
+def _keep(student: nn.Module, kept: list[int]) -> None:
+    blocks = getattr(student, BLOCKS)
+    setattr(student, BLOCKS, nn.ModuleList(blocks[i] for i in kept))
+    if hasattr(student, "n_layers"):  # the transformer's own record of its depth (new_cache reads the blocks)
+        student.n_layers = len(kept)
 
 
 def _token_embedding(model: nn.Module) -> nn.Embedding:

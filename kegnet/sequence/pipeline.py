@@ -2,9 +2,9 @@
 
 No data is read. The teacher's own generations are the data: ancestral samples from BOS (the transfer set of
 word-level distillation) and, for sequence-level distillation (Kim & Rush 2016), the teacher's beam-search
-completions of prompts cut from those samples. The student is the teacher with its blocks' Linear layers
-factorized by SVD (and optionally its embedding); the step kept is the one whose greedy decodes agree best
-with the teacher's on held-out prompts sampled with another seed.
+completions of prompts cut from those samples. The student is the teacher, optionally with fewer blocks, with
+its blocks' Linear layers factorized by SVD (and optionally its embedding); the step kept is the one whose
+greedy decodes agree best with the teacher's on held-out prompts sampled with another seed.
 
 ``kegnet.pipeline.run_pipeline`` dispatches here for ``spec.task == "sequence"``.
 """
@@ -121,7 +121,8 @@ def _plan(job: _Job) -> None:
     assert job.teacher is not None
     job.report("plan", 0.0, "factorizing the Linear layers")
     job.student, job.compression = compress_sequence_model(
-        job.teacher, job.pipeline_config.compression, embedding_rank=job.config.embedding_rank, seed=job.seed)
+        job.teacher, job.pipeline_config.compression, embedding_rank=job.config.embedding_rank, seed=job.seed,
+        student_layers=job.config.student_layers)
     job.report("plan", 1.0, f"student: {job.compression['ratio']:.2f}x fewer parameters",
                compression_ratio=job.compression["ratio"])
 

@@ -19,6 +19,7 @@ from kegnet.models.transformer import DecoderTransformer
 from kegnet.sequence.compress import (
     DEFAULT_LAYERS,
     FactorizedEmbedding,
+    block_indices,
     compress_sequence_model,
     compressed_structure,
 )
@@ -100,6 +101,14 @@ def test_ratio_target_is_met_for_the_whole_model(target: float, embedding_rank: 
     assert len(report["layers"]) == 8
 
 
+def test_every_student_parameter_trains_even_from_a_frozen_teacher() -> None:
+    teacher = _teacher().requires_grad_(False)  # as the pipeline holds it
+    student, _ = compress_sequence_model(teacher, CompressionConfig(rank_method="fraction", rank_fraction=0.5),
+                                         embedding_rank=8, seed=0)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
 def test_lower_ranks_give_fewer_parameters() -> None:
     teacher = _teacher()
     sizes = []
@@ -148,6 +157,53 @@ def test_impossible_requests_are_refused_with_the_reason(kwargs: dict, match: st
     config = kwargs.pop("config", CompressionConfig(rank_method="fraction", rank_fraction=0.5))
     with pytest.raises(CompressionError, match=match):
         compress_sequence_model(_teacher(), config, seed=0, **kwargs)
+
+
+@pytest.mark.parametrize(("total", "keep", "expected"), [
+    (3, 1, [0]), (3, 2, [0, 2]), (3, 3, [0, 1, 2]), (5, 4, [0, 1, 3, 4]), (12, 4, [0, 4, 7, 11]),
+])
+def test_a_shallower_student_keeps_evenly_spaced_blocks(total: int, keep: int, expected: list[int]) -> None:
+    assert block_indices(total, keep) == expected
+
+
+def test_a_shallower_student_is_the_kept_blocks_of_the_teacher() -> None:
+    teacher = _teacher(n_layers=3)
+    config = CompressionConfig(rank_method="fraction", rank_fraction=0.25)
+    student, report = compress_sequence_model(teacher, config, embedding_rank=None, seed=0, student_layers=2)
+    assert report["blocks"] == {"kept": [0, 2], "of": 3}
+    assert len(student.blocks) == student.n_layers == 2 and len(teacher.blocks) == 3  # the teacher is untouched
+    # Names in the report follow the student's numbering; untouched tensors are the kept teacher blocks'.
+    assert set(report["layers"]) == {f"blocks.{i}.{n}" for i in (0, 1) for n in
+                                     ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert torch.equal(student.blocks[1].ln1.weight, teacher.blocks[2].ln1.weight)
+    # Decoding through the cache needs one buffer per kept block, and the model reloads from its report.
+    tokens = _tokens(L)
+    with torch.no_grad():
+        cache = student.new_cache(3)
+        assert len(cache.keys) == 2
+        assert torch.allclose(student.step(tokens, cache), student(tokens), atol=1e-5)
+    rebuilt = compressed_structure(teacher, json.loads(json.dumps(report)))
+    rebuilt.load_state_dict(student.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(tokens), student(tokens))
+
+
+def test_depth_counts_toward_the_ratio_target() -> None:
+    teacher = _teacher(n_layers=4, vocab_size=64)
+    before = count_parameters(teacher)
+    # Half the blocks alone are about 1.9x here: a 3x target still needs SVD, a 1.5x target none.
+    for target, factorized in [(3.0, True), (1.5, False)]:
+        config = CompressionConfig(rank_method="ratio", target_ratio=target)
+        student, report = compress_sequence_model(teacher, config, embedding_rank=None, seed=0, student_layers=2)
+        assert (len(report["layers"]) > 0) == factorized
+        assert before / count_parameters(student) >= target
+    assert before / count_parameters(student) < 2.2  # no SVD: only the dropped blocks
+
+
+@pytest.mark.parametrize("keep", [0, 3, True])
+def test_student_layers_outside_the_teacher_are_refused(keep: object) -> None:
+    with pytest.raises(CompressionError, match=r"student_layers must be an integer in 1\.\.2 \(the teacher's blocks\)"):
+        compress_sequence_model(_teacher(), CompressionConfig(), embedding_rank=None, seed=0, student_layers=keep)
 
 
 def test_embedding_rank_needs_a_token_embedding() -> None:

@@ -68,6 +68,22 @@ def test_same_seed_same_student(tmp_path: Path) -> None:
         assert torch.equal(v, w), k
 
 
+def test_a_shallower_student_is_saved_and_reloaded(tmp_path: Path) -> None:
+    kwargs = {**KWARGS, "n_layers": 3}
+    torch.manual_seed(0)
+    teacher = create_sequence_model("transformer", vocab_size=16, max_length=10, **kwargs)
+    spec = ModelSpec(arch="transformer", arch_kwargs=kwargs, task="sequence", sequence=TOKENS)
+    config = PipelineConfig.model_validate({**CONFIG, "sequence": {**CONFIG["sequence"], "student_layers": 1}})
+    result = run_pipeline(teacher, spec, config, tmp_path, device="cpu", seed=0)
+    assert result.manifest["compression"]["blocks"] == {"kept": [0], "of": 3}
+    assert result.manifest["compression_ratio"] >= 1.5 and len(result.student.blocks) == 1
+    tokens = torch.randint(4, 16, (2, 6))
+    with torch.no_grad():
+        assert torch.allclose(load_student(tmp_path)(tokens), result.student.cpu().eval()(tokens), atol=1e-5)
+    with pytest.raises(ValueError, match="less than or equal to 48"):
+        PipelineConfig.model_validate({"sequence": {"student_layers": 49}})
+
+
 def test_prompts_end_at_the_separator_or_at_a_random_cut() -> None:
     tokens = SequenceSpec(**TOKENS)
     seqs = torch.tensor([[1, 5, 6, 3, 7, 2, 0, 0],    # SEP at 3: prompt 1 5 6 3
