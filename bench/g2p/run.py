@@ -42,7 +42,7 @@ from torch import nn
 
 from bench.g2p.data import BOS, EOS, PAD, G2PData, load_g2p
 from bench.g2p.metrics import after_prefix, score
-from bench.g2p.teacher import g2p_teacher, sequence_spec
+from bench.g2p.teacher import TEACHERS, g2p_teacher, sequence_spec
 from kegnet import ModelSpec, PipelineConfig, run_pipeline
 from kegnet.metrics import count_parameters
 from kegnet.sequence.generate import beam_search, greedy_decode
@@ -160,7 +160,7 @@ def score_model(model: nn.Module, data: G2PData, s: dict[str, Any],
 def run_g2p(seeds: int = 1, rows: Sequence[str] = ROWS, settings: dict[str, Any] | None = None,
             teacher: nn.Module | None = None, teacher_info: dict[str, Any] | None = None,
             data: G2PData | None = None, work_dir: Path | None = None,
-            partial: Path | None = None) -> dict[str, Any]:
+            partial: Path | None = None, teacher_name: str = "base") -> dict[str, Any]:
     """Run the rows for ``seeds`` pipeline seeds (0..seeds-1); ``teacher`` / ``data`` default to the cached
     teacher and the real dictionary (tests inject tiny ones). Returns the JSON-ready result; with ``partial``,
     the result so far is also written there after every row (a long run keeps what it finished)."""
@@ -170,7 +170,7 @@ def run_g2p(seeds: int = 1, rows: Sequence[str] = ROWS, settings: dict[str, Any]
         raise ValueError(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     data = data or load_g2p()
     if teacher is None:
-        teacher, teacher_info = g2p_teacher(0, data)
+        teacher, teacher_info = g2p_teacher(0, data, teacher_name)
     teacher.eval()
     spec = model_spec(teacher, data.seq_len)
     n_test = min(s["test_words"], len(data.entries["test"]))
@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed-words", type=int, default=DEFAULTS["speed_words"], help="words timed at batch 1")
     p.add_argument("--speed-batch", type=int, default=DEFAULTS["speed_batch"], help="batch of the batched timing")
     p.add_argument("--target-ratio", type=float, default=DEFAULTS["target_ratio"])
+    p.add_argument("--teacher", default="base", choices=sorted(TEACHERS),
+                   help="which cached teacher (bench.g2p.teacher.TEACHERS; trained on first use)")
     p.add_argument("--student-layers", type=int, default=None,
                    help="pipeline: keep this many of the teacher's blocks (default: all)")
     p.add_argument("--layers", default=None,
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                 "student_layers": args.student_layers, "layers": args.layers.split(",") if args.layers else None}
     t0 = time.perf_counter()
     result = run_g2p(args.seeds, [r for r in args.rows.split(",") if r], settings,
-                     partial=out.with_suffix(".partial.json"))
+                     partial=out.with_suffix(".partial.json"), teacher_name=args.teacher)
     result["seconds"] = time.perf_counter() - t0
     result["command"] = shlex.join(["python", "-m", "bench", "g2p", *(sys.argv[1:] if argv is None else argv)])
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,11 @@ shuffled epochs, each batch trimmed to its longest row. Every ``eval_every`` ste
 a fixed subset of the validation split (``eval_words`` words, decoded after ``BOS letters SEP``) is measured
 and the best checkpoint is kept (model selection on validation only; the test split is never read here).
 
-Cached as ``bench/results/teachers/g2p-transformer-seed{seed}.safetensors`` with a JSON sidecar (arch, steps,
-training seconds, train size, validation accuracy, torch version); ``g2p_teacher`` reloads it instead of
-training again.
+Teachers (``TEACHERS``): ``base`` (``ARCH``, the benchmark's main teacher) and ``small`` (d_model 64, 4 layers,
+4 heads: another shape, deeper and narrower, so defaults are not read off one model). Cached as
+``bench/results/teachers/g2p-transformer-seed{seed}.safetensors`` (``base``) or
+``g2p-transformer-{name}-seed{seed}.safetensors`` with a JSON sidecar (arch, steps, training seconds, train
+size, validation accuracy, torch version); ``g2p_teacher`` reloads it instead of training again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CACHE = Path(__file__).resolve().parent.parent / "results" / "teachers"
 ARCH: dict[str, Any] = {"n_layers": 3, "n_heads": 4, "d_model": 128}
+TEACHERS: dict[str, dict[str, Any]] = {"base": ARCH, "small": {"n_layers": 4, "n_heads": 4, "d_model": 64}}
 MAX_LENGTH = 35  # seq_len() with the default 16 letters / 16 phones
 SPECIAL_IDS: dict[str, int] = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "sep_id": SEP}
 
@@ -154,17 +157,22 @@ def train_teacher(data: G2PData, seed: int = 0, arch: dict[str, Any] | None = No
     return model, figures
 
 
-def cache_path(seed: int = 0) -> Path:
-    return CACHE / f"g2p-transformer-seed{seed}.safetensors"
+def cache_path(seed: int = 0, name: str = "base") -> Path:
+    return CACHE / (f"g2p-transformer-seed{seed}.safetensors" if name == "base"
+                    else f"g2p-transformer-{name}-seed{seed}.safetensors")
 
 
-def g2p_teacher(seed: int = 0, data: G2PData | None = None, **train_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """The cached teacher for ``seed`` (trained and cached on first use) and its sidecar figures."""
-    path = cache_path(seed)
+def g2p_teacher(seed: int = 0, data: G2PData | None = None, name: str = "base",
+                **train_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The cached teacher ``name`` (of ``TEACHERS``) for ``seed`` (trained and cached on first use) and its
+    sidecar figures."""
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; choose from {', '.join(TEACHERS)}")
+    path = cache_path(seed, name)
     sidecar = path.with_suffix(".json")
     if not path.exists():
         data = data or load_g2p()
-        model, figures = train_teacher(data, seed, **train_kwargs)
+        model, figures = train_teacher(data, seed, arch=TEACHERS[name], **train_kwargs)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
@@ -179,10 +187,11 @@ def g2p_teacher(seed: int = 0, data: G2PData | None = None, **train_kwargs: Any)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.g2p.teacher [--steps N] [--budget S] [--measure N]``: train and cache the teacher,
-    or (``--measure N``) time N training steps and exit."""
+    """``python -m bench.g2p.teacher [--teacher NAME] [--steps N] [--budget S] [--measure N]``: train and cache
+    the teacher, or (``--measure N``) time N training steps and exit."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", default="base", choices=sorted(TEACHERS))
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--budget", type=float, default=None, help="stop after this many seconds (after an eval)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     data = load_g2p()
     if args.measure:
-        model = build_model()
+        model = build_model(TEACHERS[args.teacher])
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)
         for warm in (True, False):
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{per:.3f} s/step ({1 / per:.2f} steps/s); eval of {args.eval_words} words "
               f"{time.perf_counter() - t0:.1f}s; params {sum(q.numel() for q in model.parameters())}")
         return
-    model, figures = g2p_teacher(args.seed, data, steps=args.steps, time_budget_s=args.budget,
+    model, figures = g2p_teacher(args.seed, data, args.teacher, steps=args.steps, time_budget_s=args.budget,
                                  eval_every=args.eval_every, eval_words=args.eval_words)
     print(json.dumps({k: v for k, v in figures.items() if k != "history"}, indent=2))
     if args.test_words:

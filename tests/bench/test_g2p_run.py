@@ -11,7 +11,7 @@ import torch
 
 from bench.g2p.data import PHONEMES, load_g2p
 from bench.g2p.run import ROWS, main, report, run_g2p
-from bench.g2p.teacher import build_model, lm_loss
+from bench.g2p.teacher import build_model, cache_path, g2p_teacher, lm_loss
 
 ROW_KEYS = {"row", "seed", "parameters", "ratio", "greedy_word_accuracy", "greedy_per", "beam5_word_accuracy",
             "beam5_per", "speed", "score_seconds"}
@@ -82,3 +82,21 @@ def test_unknown_row_refused(data):
     with pytest.raises(ValueError, match="unknown rows"):
         run_g2p(rows=["teacher", "nope"], teacher=build_model({"n_layers": 1, "n_heads": 1, "d_model": 8}),
                 data=data)
+
+
+def test_teachers_have_their_own_cache_files():
+    assert cache_path(0).name == "g2p-transformer-seed0.safetensors"  # the main teacher's file, as committed
+    assert cache_path(0, "small").name == "g2p-transformer-small-seed0.safetensors"
+    with pytest.raises(ValueError, match="unknown teacher 'nope'; choose from base, small"):
+        g2p_teacher(0, name="nope")
+
+
+def test_a_shallower_student_row(data, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model({"n_layers": 2, "n_heads": 2, "d_model": 32}, data.seq_len).eval()
+    settings = {"test_words": 3, "samples": 64, "steps": 1, "eval_every": 1, "holdout": 16, "target_ratio": 1.5,
+                "speed_words": 1, "speed_batch": 4, "repeats": 1, "student_layers": 1}
+    out = run_g2p(seeds=1, rows=["word"], settings=settings, teacher=teacher, teacher_info={}, data=data,
+                  work_dir=tmp_path)
+    assert out["rows"][0]["blocks"] == {"kept": [0], "of": 2}
+    assert "student blocks 1" in report(out)
