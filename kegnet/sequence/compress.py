@@ -166,10 +166,12 @@ def block_indices(total: int, keep: int) -> list[int]:
     return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
 
 
-def _drop_blocks(student: nn.Module, keep: int) -> dict[str, Any]:
-    """Keep ``block_indices(len(student.blocks), keep)`` of ``student.blocks``, in place; returns the report
-    entry ``{kept, of}``."""
-    blocks = getattr(student, BLOCKS, None)
+def check_student_layers(model: nn.Module, keep: int | None) -> None:
+    """Raise ``CompressionError`` unless ``keep`` is ``None`` or a block count ``model`` can be cut to (the API
+    calls this before queueing a job, so the mistake is a 422, not a failed job)."""
+    if keep is None:
+        return
+    blocks = getattr(model, BLOCKS, None)
     if not isinstance(blocks, nn.ModuleList):
         raise CompressionError(f"student_layers needs the model's blocks in {BLOCKS!r} (an nn.ModuleList, as in the "
                                "'transformer' architecture); this model has none")
@@ -177,6 +179,13 @@ def _drop_blocks(student: nn.Module, keep: int) -> dict[str, Any]:
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= total:
         raise CompressionError(f"student_layers must be an integer in 1..{total} (the teacher's blocks), got "
                                f"{keep!r}; leave it unset to keep every block")
+
+
+def _drop_blocks(student: nn.Module, keep: int) -> dict[str, Any]:
+    """Keep ``block_indices(len(student.blocks), keep)`` of ``student.blocks``, in place; returns the report
+    entry ``{kept, of}``."""
+    check_student_layers(student, keep)
+    total = len(getattr(student, BLOCKS))
     kept = block_indices(total, keep)
     _keep(student, kept)
     return {"kept": kept, "of": total}

@@ -25,6 +25,7 @@ from kegnet.compression import plan_compression
 from kegnet.cost import check_cost, estimate_cost, estimate_sequence_cost, profile_model
 from kegnet.errors import KegnetError
 from kegnet.evaluation import read_eval_set
+from kegnet.sequence.compress import check_student_layers
 from kegnet.spec import ModelSpec
 from service.deps import current_owner, get_settings_dep, get_storage, get_store
 from service.schemas import EventPage, JobOut, JobPage, JobRequest
@@ -259,6 +260,10 @@ def _check_sequence_job(model: torch.nn.Module, spec: ModelSpec, job_request: Jo
     if teachers > 1:
         raise HTTPException(422, f"a sequence job takes one 'checkpoint' file, got {teachers}")
     assert spec.sequence is not None
+    try:
+        check_student_layers(model, job_request.config.sequence.student_layers)
+    except KegnetError as exc:
+        raise HTTPException(422, f"config.sequence: {exc}") from None
     length = spec.sequence.max_length
     cost = estimate_sequence_cost(profile_model(model, (length,), torch.long), length, spec.sequence.vocab_size,
                                   job_request.config)

@@ -92,6 +92,9 @@ def test_sequence_job_over_the_limit_is_refused_with_its_knobs(settings, keys, t
         r = submit({"sequence": {"samples": 500_000, "beam_size": 16}})
         assert r.status_code == 422, r.text
         assert "mostly in the teacher's generations; lower config.sequence.samples" in r.json()["detail"]
+        r = submit({"sequence": {"samples": 256, "holdout": 16, "student_layers": 2}})
+        assert r.status_code == 422, r.text
+        assert "config.sequence: student_layers must be an integer in 1..1 (the teacher's blocks)" in r.json()["detail"]
         r = submit({"sequence": {"samples": 256, "holdout": 16, "steps": 10, "beam_size": 2}})
         assert r.status_code == 202, r.text
     assert len(enqueued) == 1
