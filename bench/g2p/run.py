@@ -61,7 +61,7 @@ OBJECTIVE = {"svd": "word", "word": "word", "sequence": "sequence", "both": "bot
 DEFAULTS: dict[str, Any] = {
     "test_words": 1000, "samples": 2000, "beam_size": 5, "steps": 300, "batch_size": 128, "lr": 1e-3,
     "holdout": 256, "eval_every": 100, "target_ratio": 3.0, "speed_words": 100, "speed_batch": 256, "repeats": 2,
-    "eval_beam": 5, "student_layers": None, "layers": None,
+    "eval_beam": 5, "student_layers": None, "layers": None, "temperature": 1.0,
 }
 
 
@@ -77,7 +77,7 @@ def pipeline_config(row: str, s: dict[str, Any]) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "compression": {"rank_method": "ratio", "target_ratio": s["target_ratio"], "layers": s["layers"]},
         "sequence": {"objective": OBJECTIVE[row], "samples": s["samples"], "beam_size": s["beam_size"],
-                     "student_layers": s["student_layers"],
+                     "student_layers": s["student_layers"], "temperature": s["temperature"],
                      "steps": 0 if row == "svd" else s["steps"], "batch_size": s["batch_size"], "lr": s["lr"],
                      "holdout": s["holdout"], "eval_every": s["eval_every"]},
         "export_portable": False, "export_onnx": False,
@@ -298,7 +298,8 @@ def report(result: dict[str, Any]) -> str:
     depth = s.get("student_layers")
     cfg = (f"pipeline: target ratio {s['target_ratio']}, student blocks {depth or 'all'}, "
            f"layers {','.join(s.get('layers') or ['all projections'])}, samples {s['samples']}, beam {s['beam_size']}, "
-           f"steps {s['steps']} (batch {s['batch_size']}, lr {s['lr']}), holdout {s['holdout']}")
+           f"steps {s['steps']} (batch {s['batch_size']}, lr {s['lr']}), holdout {s['holdout']}, "
+           f"temperature {s.get('temperature', 1.0)}")
     lines.append(cfg)
     paired = any("teacher_speed" in r for r in result["rows"])
     lines.append("x b1 / x batch: student words/s over the teacher's, "
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beam-size", type=int, default=DEFAULTS["beam_size"], help="pipeline: sequence-level beam")
     p.add_argument("--holdout", type=int, default=DEFAULTS["holdout"], help="pipeline: held-out generations")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="pipeline: word-level KD T")
     p.add_argument("--speed-words", type=int, default=DEFAULTS["speed_words"], help="words timed at batch 1")
     p.add_argument("--speed-batch", type=int, default=DEFAULTS["speed_batch"], help="batch of the batched timing")
     p.add_argument("--target-ratio", type=float, default=DEFAULTS["target_ratio"])
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"test_words": args.test_words, "samples": args.samples, "steps": args.steps,
                 "beam_size": args.beam_size, "holdout": args.holdout, "lr": args.lr,
                 "target_ratio": args.target_ratio, "speed_words": args.speed_words, "speed_batch": args.speed_batch,
-                "student_layers": args.student_layers, "layers": args.layers.split(",") if args.layers else None}
+                "temperature": args.temperature, "student_layers": args.student_layers,
+                "layers": args.layers.split(",") if args.layers else None}
     t0 = time.perf_counter()
     result = run_g2p(args.seeds, [r for r in args.rows.split(",") if r], settings,
                      partial=out.with_suffix(".partial.json"), teacher_name=args.teacher)
