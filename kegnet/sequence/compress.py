@@ -109,23 +109,23 @@ def compress_sequence_model(model: nn.Module, config: CompressionConfig, *, embe
     if embedding_rank is not None:
         embedding = _factorize_embedding(student, embedding_rank)
     layers_config = config.model_copy(update={"layers": list(config.layers or DEFAULT_LAYERS)})
-    plan = CompressionPlan()
-    if config.rank_method == "ratio":
+    plan = CompressionPlan()  # stays empty when the dropped blocks already reach the target
+    if config.rank_method != "ratio":
+        plan = plan_compression(student, layers_config)
+    else:
         # plan_compression measures the ratio against the model it is given (here, already shallower and with
         # the embedding factorized); ask it for what remains of the whole-model target.
         remaining = config.target_ratio * count_parameters(student) / before
-        if remaining <= 1.0 and blocks is None:
+        if remaining > 1.0:
+            plan = plan_compression(student, layers_config.model_copy(update={"target_ratio": remaining}))
+        elif blocks is None:
             raise CompressionError(
                 f"embedding_rank {embedding_rank} alone makes the model {before / count_parameters(student):.2f}x "
                 f"smaller, beyond target_ratio {config.target_ratio}; raise embedding_rank or target_ratio"
             )
-        if remaining > 1.0:
-            plan = plan_compression(student, layers_config.model_copy(update={"target_ratio": remaining}))
         else:
             log.info("%d of %d blocks already make the model %.2fx smaller (target %.2fx): no SVD", student_layers,
-                     len(getattr(model, BLOCKS)), before / count_parameters(student), config.target_ratio)
-    else:
-        plan = plan_compression(student, layers_config)
+                     blocks["of"], before / count_parameters(student), config.target_ratio)
     student = apply_plan(student, plan, n_iter_max=config.n_iter_max, seed=seed)
     after = count_parameters(student)
     report: dict[str, Any] = {
