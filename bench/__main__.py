@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from bench.datasets import accuracy
 from bench.scenarios import SCENARIOS, Scenario
-from kegnet import KegnetError, ModelSpec, PipelineConfig, run_pipeline
+from kegnet import KegnetError, ModelSpec, ClassifierConfig, run_pipeline
 from kegnet.compression.latency import model_latency
 from kegnet.generation import make_generator
 from kegnet.metrics import count_parameters
@@ -53,7 +53,7 @@ def teacher_digest(teacher: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _generator_key(cfg: PipelineConfig, teachers: list[str], seed: int) -> str:
+def _generator_key(cfg: ClassifierConfig, teachers: list[str], seed: int) -> str:
     """What KegNet generators depend on: their config, the teachers (digests) they learn from, the seed."""
     text = json.dumps([cfg.generator.model_dump(), teachers, seed])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -64,7 +64,7 @@ def _cache_file(key: str) -> Path:
     return CACHE / f"{key}.safetensors"
 
 
-def _load_generators(path: Path, cfg: PipelineConfig, spec: ModelSpec) -> tuple[list[torch.nn.Module], float] | None:
+def _load_generators(path: Path, cfg: ClassifierConfig, spec: ModelSpec) -> tuple[list[torch.nn.Module], float] | None:
     if not path.exists():
         return None
     with safe_open(str(path), "pt") as f:
@@ -117,10 +117,10 @@ class _SharedDecomposition:
 
 
 def make_config(scenario: Scenario, setting: str, method: str, scale: float,
-                extra: dict[str, Any] | None = None) -> PipelineConfig:
+                extra: dict[str, Any] | None = None) -> ClassifierConfig:
     """The "fast" preset with the scenario's overrides, then ``extra`` (``--config``), the setting's
     compression, and budgets × ``scale``."""
-    base = PipelineConfig.from_preset("fast")
+    base = ClassifierConfig.from_preset("fast")
     extra = extra or {}
     gen = {**scenario.overrides.get("generator", {}), **extra.get("generator", {})}
     dist = {**scenario.overrides.get("distill", {}), **extra.get("distill", {})}
@@ -132,7 +132,7 @@ def make_config(scenario: Scenario, setting: str, method: str, scale: float,
     dist.update(variant.get("distill", {}))
     compression = {"keep_slower": scenario.keep_slower, **scenario.settings[setting],
                    **extra.get("compression", {})}
-    return PipelineConfig.from_preset("fast", method=method.partition(":")[0], generator=gen, distill=dist,
+    return ClassifierConfig.from_preset("fast", method=method.partition(":")[0], generator=gen, distill=dist,
                                       compression=compression, export_portable=False,
                                       export_onnx=False)
 

@@ -43,7 +43,7 @@ class Scenario:
     test_set: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     settings: dict[str, dict[str, Any]]  # setting name -> CompressionConfig fields
     methods: list[str] = field(default_factory=lambda: list(PAPER_METHODS))
-    overrides: dict[str, Any] = field(default_factory=dict)  # PipelineConfig sections on top of "fast"
+    overrides: dict[str, Any] = field(default_factory=dict)  # ClassifierConfig sections on top of "fast"
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     teachers_of: dict[str, list[int]] = field(default_factory=dict)
     about: str = ""

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from kegnet import ModelSpec, PipelineConfig, run_pipeline, create_model, register_model, load_student
+    from kegnet import ModelSpec, ClassifierConfig, run_pipeline, create_model, register_model, load_student
 
 Names are imported on first use (PEP 562), so ``import kegnet`` and ``kegnet --help`` do not load torch.
 """
@@ -16,7 +16,8 @@ from typing import Any
 _EXPORTS = {
     "Cancelled": "kegnet.errors", "CheckpointError": "kegnet.errors", "CompressionError": "kegnet.errors",
     "KegnetError": "kegnet.errors", "SpecError": "kegnet.errors",
-    "ModelSpec": "kegnet.spec", "PipelineConfig": "kegnet.config", "Recipe": "kegnet.config",
+    "ModelSpec": "kegnet.spec", "ClassifierConfig": "kegnet.config", "SequenceJobConfig": "kegnet.config",
+    "config_for": "kegnet.config", "Recipe": "kegnet.config", "RunReport": "kegnet.report",
     "ProgressEvent": "kegnet.events", "read_eval_set": "kegnet.evaluation",
     "RunResult": "kegnet.pipeline", "run_pipeline": "kegnet.pipeline",
     "load_student": "kegnet.export",

@@ -28,7 +28,7 @@ from kegnet.errors import CheckpointError, SpecError
 from kegnet.metrics import count_parameters
 from kegnet.models import create_model
 from kegnet.models.libraries import library_version
-from kegnet.models.registry import DEFAULT_MAX_PARAMETERS, create_sequence_model
+from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
 from kegnet.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -410,14 +410,7 @@ def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | No
 
     The architecture is counted on the meta device first and refused above ``max_parameters``.
     """
-    if spec.is_sequence:
-        assert spec.sequence is not None
-        model = create_sequence_model(spec.arch, vocab_size=spec.sequence.vocab_size,
-                                      max_length=spec.sequence.max_length, max_parameters=max_parameters,
-                                      **spec.kwargs())
-    else:
-        model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes,
-                             max_parameters=max_parameters, **spec.kwargs())
+    model = create_model(spec.arch, max_parameters=max_parameters, **spec.model_arguments(), **spec.kwargs())
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -433,9 +426,7 @@ def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | No
         for k, v in expected.items() if state[k].shape != v.shape
     ]
     if wrong:
-        fields = ("sequence.vocab_size, sequence.max_length and arch_kwargs" if spec.is_sequence
-                  else "input_shape, arch_kwargs and num_classes")
-        raise SpecError("shape mismatch: " + "; ".join(wrong[:4]) + f" (check {fields})")
+        raise SpecError("shape mismatch: " + "; ".join(wrong[:4]) + f" (check {spec.shape_fields})")
     check_finite(state)
     model.load_state_dict(state, strict=True)
     _check_forward(model, spec)
@@ -443,28 +434,17 @@ def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | No
 
 
 def _check_forward(model: nn.Module, spec: ModelSpec) -> None:
-    """One forward pass on zeros of ``spec.input_shape`` must give ``(2, num_classes)`` logits; for a sequence
-    model, tokens ``(2, 2)`` must give ``(2, 2, vocab_size)``."""
+    """One forward pass on the spec's probe (``ModelSpec.probe``: zeros of ``input_shape`` must give
+    ``(2, num_classes)`` logits; BOS tokens ``(2, 2)`` must give ``(2, 2, vocab_size)``)."""
     model.eval()
-    if spec.is_sequence:
-        assert spec.sequence is not None
-        vocab = spec.sequence.vocab_size
-        tokens = torch.full((2, 2), spec.sequence.bos_id, dtype=torch.long)
-        try:
-            with torch.no_grad():
-                out = model(tokens)
-        except (RuntimeError, ValueError) as exc:
-            raise SpecError(f"the sequence model cannot run on tokens of shape (2, 2): {exc}") from exc
-        if tuple(out.shape) != (2, 2, vocab):
-            raise SpecError(f"the model outputs shape {tuple(out.shape)} for tokens (2, 2), expected (2, 2, {vocab})")
-        return
+    x, expected, described = spec.probe()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *spec.input_shape))
-    except RuntimeError as exc:
-        raise SpecError(f"the model cannot run on input shape {spec.input_shape}: {exc}") from exc
-    if out.shape != (2, spec.num_classes):
-        raise SpecError(f"the model outputs shape {tuple(out.shape[1:])}, expected ({spec.num_classes},)")
+            out = model(x)
+    except (RuntimeError, ValueError) as exc:
+        raise SpecError(f"the model cannot run on {described}: {exc}") from exc
+    if tuple(out.shape) != expected:
+        raise SpecError(f"the model outputs shape {tuple(out.shape)} for {described}, expected {expected}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from kegnet.config import MAX_TEACHERS, PipelineConfig
+from kegnet.config import MAX_TEACHERS, config_for
 from kegnet.errors import KegnetError
 from kegnet.events import ProgressEvent
 from kegnet.spec import ModelSpec
@@ -65,40 +65,6 @@ def spec_from_options(checkpoints: list[Path], arch: str | None, arch_kwargs: st
         arch = "onnx"
     return ModelSpec(arch=arch, arch_kwargs=json.loads(arch_kwargs),
                      input_shape=_parse_shape(input_shape) if input_shape else None, num_classes=num_classes)
-
-
-def usage_snippet(out: Path, manifest: dict[str, Any]) -> str:
-    """Three lines that load the student and predict, for the files this run wrote."""
-    shape = ", ".join(str(d) for d in manifest["spec"]["input_shape"])
-    files = manifest["files"]
-    if "student.pt2" in files:
-        load = f'import torch; student = torch.export.load("{out / "student.pt2"}").module()'
-        predict = "classes = student(x).argmax(1)"
-    elif "student.onnx" in files:
-        load = f'import onnxruntime, numpy; student = onnxruntime.InferenceSession("{out / "student.onnx"}")'
-        predict = 'classes = student.run(None, {"x": x.numpy()})[0].argmax(1)'
-    else:
-        load = f'from kegnet import load_student; student = load_student("{out}")'
-        predict = "classes = student(x).argmax(1)"
-    return f"  {load}\n  x = ...  # a float32 tensor of shape (N, {shape})\n  {predict}"
-
-
-def report_lines(manifest: dict[str, Any]) -> list[str]:
-    """The recipe kept, the confidence estimate and its warnings, and the accuracy on the user's labelled set."""
-    lines = []
-    if manifest.get("recipe"):
-        lines.append(f"sample recipe kept: {manifest['recipe']}")
-    conf = manifest.get("confidence")
-    if conf:
-        lines.append(f"confidence estimate: {conf['estimate']:.4f} ({conf['level']}; agreement with the teacher on a "
-                     "synthetic exam, not an accuracy)")
-        lines += [f"warning: {w}" for w in conf.get("warnings") or []]
-    ev = manifest.get("evaluation")
-    if ev:
-        lines.append(f"evaluation accuracy on your {ev['samples']} labelled samples: teacher "
-                     f"{ev['teacher_accuracy']:.4f}, student {ev['student_accuracy']:.4f} (reported only, never "
-                     "used for training or selection)")
-    return lines
 
 
 class StageProgress:
@@ -155,7 +121,7 @@ def compress(
                                         '"max_length", "bos_id", "eos_id", "pad_id", "sep_id"?}; --arch transformer'),
     out: Path = typer.Option(..., help="output directory"),
     arch_kwargs: str = typer.Option("{}", help="JSON keyword arguments of the architecture"),
-    method: str = typer.Option("kegnet", help="kegnet | gaussian | uniform | tucker-only"),
+    method: str | None = typer.Option(None, help="kegnet (default) | gaussian | uniform | tucker-only"),
     preset: str = typer.Option("fast", help="fast (measured default) | paper (the paper's settings)"),
     layers: str | None = typer.Option(None, help="comma-separated layer names or globs"),
     rank_method: str | None = typer.Option(None, help="evbmf | fraction | explicit | ratio"),
@@ -167,7 +133,8 @@ def compress(
     generator_steps: int | None = typer.Option(None, help="override the preset's generator steps"),
     num_generators: int | None = typer.Option(None, help="override the preset's number of generators"),
     distill_steps: int | None = typer.Option(None, help="override the preset's student steps"),
-    config_json: str | None = typer.Option(None, "--config", help="JSON overrides of PipelineConfig sections"),
+    config_json: str | None = typer.Option(None, "--config", help="JSON overrides of the job's config sections "
+                                           "(kegnet.config: ClassifierConfig, or SequenceJobConfig with --sequence)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     seed: int = typer.Option(0, help="seed of every random draw (the same seed repeats a run)"),
     threads: int | None = typer.Option(None, min=1, max=256,
@@ -195,27 +162,12 @@ def compress(
 
         torch.set_num_threads(threads)
 
-    overrides: dict[str, Any] = {"method": method}
-    comp: dict[str, Any] = {}
-    if layers:
-        comp["layers"] = [v.strip() for v in layers.split(",") if v.strip()]
-    if ranks:
-        comp["ranks"] = _parse_ranks(ranks)
-        comp.setdefault("rank_method", "explicit")
-    for key, value in (("rank_method", rank_method), ("rank_fraction", rank_fraction),
-                       ("target_ratio", target_ratio), ("keep_slower", keep_slower or None)):
-        if value is not None:
-            comp[key] = value
-    gen = {k: v for k, v in (("steps", generator_steps), ("num_generators", num_generators)) if v is not None}
-    dist = {"steps": distill_steps} if distill_steps is not None else {}
-    extra = json.loads(config_json) if config_json else {}
-    for section, values in (("compression", comp), ("generator", gen), ("distill", dist)):
-        overrides[section] = {**extra.pop(section, {}), **values}
-    overrides.update(extra)
     try:
         spec = spec_from_options(checkpoints, arch, arch_kwargs, input_shape, num_classes, sequence)
-        config = PipelineConfig.from_preset(preset, **overrides)  # type: ignore[arg-type]
-    except (ValidationError, json.JSONDecodeError, KeyError) as exc:
+        overrides = _overrides(method, layers, ranks, rank_method, rank_fraction, target_ratio, keep_slower,
+                               generator_steps, num_generators, distill_steps, config_json)
+        config = config_for(spec.task, preset, **overrides)  # type: ignore[arg-type]
+    except (ValidationError, ValueError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
         typer.secho(f"invalid options: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
 
@@ -233,46 +185,37 @@ def compress(
         raise typer.Exit(1) from exc
     finally:
         progress.close()
-    m = result.manifest
-    if spec.is_sequence:
-        _echo_sequence_result(out, m)
-        return
-    typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
-               f"({m['compression_ratio']:.2f}x); MACs {m['macs']['teacher']:,} -> {m['macs']['student']:,}")
-    lat = m["latency"]
-    typer.echo(f"latency on {lat['device']} (ms, batch 1 / 64): teacher {lat['teacher']['batch1_ms']:.3f} / "
-               f"{lat['teacher']['batch64_ms']:.2f}, student {lat['student']['batch1_ms']:.3f} / "
-               f"{lat['student']['batch64_ms']:.2f}; {len(m['plan']['layers'])} layers factorized, "
-               f"{len(m['plan']['skipped'])} left as they were (manifest.json says why)")
-    if m["teachers"]["count"] > 1:
-        t = m["teachers"]
-        typer.echo(f"{t['count']} teachers, {t['weighting']} weighting; student compressed from teacher "
-                   f"{t['student_from']}")
-    if m["synthetic_agreement"]:
-        what = "the teacher" if m["teachers"]["count"] == 1 else "the teacher ensemble"
-        typer.echo(f"synthetic agreement with {what}: {m['synthetic_agreement']['best']:.4f}")
-    for line in report_lines(m):
+    for line in result.report.lines():
         typer.echo(line)
-    typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
-    typer.echo("\nuse the student (inputs preprocessed exactly as for the teacher):")
-    typer.echo(usage_snippet(out, m))
+    typer.echo(f"\nuse the student ({out}):")
+    typer.echo(result.report.usage(out))
 
 
-def _echo_sequence_result(out: Path, m: dict[str, Any]) -> None:
-    """What a sequence job did: size, agreement with the teacher's greedy outputs, decode speed, files."""
-    agree, speed = m["synthetic_agreement"], m["decode_speed"]
-    typer.echo(f"parameters {m['parameters']['teacher']:,} -> {m['parameters']['student']:,} "
-               f"({m['compression_ratio']:.2f}x)")
-    typer.echo(f"agreement with the teacher's greedy completions of held-out generations: {agree['exact']:.2%} "
-               f"identical, {agree['best']:.2%} of tokens (SVD only: {agree['exact_before_finetune']:.2%}, "
-               f"{agree['before_finetune']:.2%})")
-    typer.echo("greedy decoding, sequences/s (batch 1 / 64): teacher "
-               f"{speed['teacher']['batch1_sequences_per_s']:.1f} / {speed['teacher']['batch64_sequences_per_s']:.0f}, "
-               f"student {speed['student']['batch1_sequences_per_s']:.1f} / "
-               f"{speed['student']['batch64_sequences_per_s']:.0f}")
-    typer.echo(f"wrote {', '.join(sorted(m['files']))} and manifest.json to {out}")
-    typer.echo(f"\nuse the student: torch.export.load(\"{out / 'student.pt2'}\").module()(tokens) -> logits "
-               "(B, T, V); or kegnet.load_student")
+def _overrides(method: str | None, layers: str | None, ranks: str | None, rank_method: str | None,
+               rank_fraction: float | None, target_ratio: float | None, keep_slower: bool,
+               generator_steps: int | None, num_generators: int | None, distill_steps: int | None,
+               config_json: str | None) -> dict[str, Any]:
+    """The config sections the options set, over ``--config``'s JSON; sections left empty are not sent, so a
+    sequence job is not given the classifier's."""
+    comp: dict[str, Any] = {}
+    if layers:
+        comp["layers"] = [v.strip() for v in layers.split(",") if v.strip()]
+    if ranks:
+        comp["ranks"] = _parse_ranks(ranks)
+        comp.setdefault("rank_method", "explicit")
+    for key, value in (("rank_method", rank_method), ("rank_fraction", rank_fraction),
+                       ("target_ratio", target_ratio), ("keep_slower", keep_slower or None)):
+        if value is not None:
+            comp[key] = value
+    gen = {k: v for k, v in (("steps", generator_steps), ("num_generators", num_generators)) if v is not None}
+    dist = {"steps": distill_steps} if distill_steps is not None else {}
+    overrides: dict[str, Any] = json.loads(config_json) if config_json else {}
+    for section, values in (("compression", comp), ("generator", gen), ("distill", dist)):
+        if values:
+            overrides[section] = {**overrides.get(section, {}), **values}
+    if method is not None:
+        overrides["method"] = method
+    return overrides
 
 
 def main() -> None:

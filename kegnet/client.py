@@ -187,7 +187,9 @@ def register_client_commands(app: Any) -> None:
                                                '"eos_id", "pad_id", "sep_id"?} (arch defaults to transformer)'),
         arch_kwargs: str = typer.Option("{}", help="JSON object of architecture arguments"),
         spec_file: Path = typer.Option(None, exists=True, help="JSON file {model, config, seed, device}"),
-        config_file: Path = typer.Option(None, exists=True, help="JSON PipelineConfig"),
+        config_file: Path = typer.Option(None, exists=True,
+                                         help="JSON config of the job (kegnet.config: ClassifierConfig, or "
+                                              "SequenceJobConfig for a sequence model)"),
         seed: int = typer.Option(0),
         device: str = typer.Option("auto", help="auto|cpu|cuda"),
         idempotency_key: str = typer.Option(None),

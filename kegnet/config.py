@@ -43,14 +43,12 @@ class GeneratorConfig(_Strict):
     activation: float | None = Field(
         None, ge=0, le=1e3,
         description="weight of rewarding strong penultimate teacher features (DAFL); "
-                    "None: 0.1 for images, 0 for vectors (measured: it helps on MNIST, gives nothing on pendigits)",
+                    "None: 0.1 for images, 0 for vectors (docs/benchmarks.md)",
     )
     batchnorm_prior: float = Field(
         0.1, ge=0, le=1e3,
         description="weight of matching the teacher's BatchNorm running statistics (DeepInversion); eval mode "
-                    "only, nothing to match without BatchNorm. Measured on the three BatchNorm teachers of "
-                    "docs/benchmarks.md, it lifted every KegNet student: ResNet-18 61.06 -> 72.79, MobileNetV3 "
-                    "41.48 -> 44.98, the paper's ResNet-14 80.45 -> 87.66 (one seed each)",
+                    "only, nothing to match without BatchNorm (docs/benchmarks.md measures it)",
     )
     decoder_layers: int = Field(2, ge=1, le=3, description="hidden 120-unit layers in the decoder")
     teacher_mode: Literal["eval", "train"] = Field(
@@ -85,8 +83,7 @@ class CompressionConfig(_Strict):
     )
     latency_floor_ms: float = Field(
         0.02, ge=0.0, le=100.0,
-        description="and up to this many milliseconds: below it two timings of a small layer cannot be told apart "
-                    "(measured: 64-channel convs at 8x8 kept or dropped at random between runs without it)",
+        description="and up to this many milliseconds: below it two timings of a small layer cannot be told apart",
     )
     latency_repeats: int = Field(15, ge=3, le=1000, description="timed runs per latency measurement (the median "
                                                                  "is kept), within latency_budget_s")
@@ -186,9 +183,8 @@ class DistillConfig(_Strict):
         0.0, ge=0.0, le=1.0, description="share of each student batch drawn as Gaussian noise instead (any sampler)",
     )
     student_dropout: bool = Field(
-        False, description="keep the student's dropout layers active while it trains (off: measured on pendigits, "
-                           "dropout on gave 93.11 ± 2.27%, off 95.80 ± 0.54% at rank 10 with one-hot codes; "
-                           "docs/benchmarks.md)",
+        False, description="keep the student's dropout layers active while it trains (off by default: "
+                           "docs/benchmarks.md measures both)",
     )
     eval_every: int = Field(100, ge=1, le=100_000)
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
@@ -275,20 +271,21 @@ class SequenceConfig(_Strict):
     eval_every: int = Field(250, ge=1, le=100_000)
 
 
-class PipelineConfig(_Strict):
-    """Everything the pipeline needs besides the teacher, its spec, a device and a seed."""
+class ClassifierConfig(_Strict):
+    """A classifier job (``task: classify``): everything the pipeline needs besides the teacher, its spec, a
+    device and a seed."""
 
+    task: Literal["classify"] = "classify"
     method: Method = "kegnet"
     preset: Preset = "fast"
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     export_portable: bool = Field(True, description="write a torch.export program of the student (student.pt2)")
     export_onnx: bool = Field(True, description="write an ONNX model of the student (student.onnx)")
 
     @model_validator(mode="after")
-    def _recipes_fit_the_method(self) -> PipelineConfig:
+    def _recipes_fit_the_method(self) -> ClassifierConfig:
         kinds = {r.source for r in self.distill.recipes}
         if kinds and self.method == "tucker-only":
             raise ValueError("distill.recipes needs a method that fine-tunes the student (not tucker-only)")
@@ -313,7 +310,7 @@ class PipelineConfig(_Strict):
         return [Recipe(codes=self.distill.label_codes, noise_share=self.distill.noise_share)]
 
     @classmethod
-    def from_preset(cls, preset: Preset, **overrides: object) -> PipelineConfig:
+    def from_preset(cls, preset: Preset, **overrides: object) -> ClassifierConfig:
         """Build a config from a preset, then apply ``overrides`` (nested dicts merge into sections)."""
         base = PRESETS[preset]
         merged = base.model_dump()
@@ -326,13 +323,43 @@ class PipelineConfig(_Strict):
         return cls.model_validate(merged)
 
 
-PRESETS: dict[str, PipelineConfig] = {
+class SequenceJobConfig(_Strict):
+    """A sequence-model job (``task: sequence``): the ``sequence`` section (generations and objectives), the
+    Linear layers' factorization (``compression``: rank methods and target ratio) and the exports."""
+
+    task: Literal["sequence"] = "sequence"
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    sequence: SequenceConfig = Field(default_factory=SequenceConfig)
+    export_portable: bool = Field(True, description="write a torch.export program of the student (student.pt2)")
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides: object) -> SequenceJobConfig:
+        """Presets are the classifier's; a sequence job takes the defaults (``fast``) with ``overrides``."""
+        if preset != "fast":
+            raise ValueError(f"preset {preset!r} is for classifier jobs; a sequence job takes 'fast' (the defaults)")
+        return cls.model_validate(overrides)
+
+
+# A job's config: one model per task, told apart by ``task`` (the spec's task; kegnet.config.config_for).
+JobConfig = Annotated[ClassifierConfig | SequenceJobConfig, Field(discriminator="task")]
+TASK_CONFIGS: dict[str, type[ClassifierConfig] | type[SequenceJobConfig]] = {
+    "classify": ClassifierConfig, "sequence": SequenceJobConfig,
+}
+
+
+def config_for(task: str, preset: Preset = "fast", **overrides: object) -> ClassifierConfig | SequenceJobConfig:
+    """The config of a ``task`` job: ``preset`` with ``overrides`` (nested dicts merge into sections), only the
+    sections that task reads. Raises pydantic's ``ValidationError`` (a section of another task is refused)."""
+    return TASK_CONFIGS[task].from_preset(preset, **overrides)
+
+
+PRESETS: dict[str, ClassifierConfig] = {
     # Measured default (docs/benchmarks.md): diversity on, a smoothness prior and DAFL's activation reward
     # (digit-like samples, not textures), 300 generator steps, eval-mode teacher, fresh samples every step,
     # short cosine schedule.
-    "fast": PipelineConfig(),
+    "fast": ClassifierConfig(),
     # The paper's MNIST settings and its code's behaviour (train-mode teacher, fixed transfer set).
-    "paper": PipelineConfig(
+    "paper": ClassifierConfig(
         preset="paper",
         generator=GeneratorConfig(
             num_generators=5, steps=20_000, batch_size=256, lr=1e-3, alpha=1.0, beta=0.0,

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kegnet.config import PipelineConfig
+from kegnet.config import ClassifierConfig, SequenceJobConfig
 from kegnet.errors import SpecError
 from kegnet.metrics import forward_with_hooks
 
@@ -58,9 +58,33 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class Knobs:
+    """A task's two costly stages (making samples, distilling) and the config fields that lower each one's
+    memory and compute, named in refusals."""
+
+    sample_stage: str
+    sample_memory: str
+    sample_compute: str
+    distill_memory: str
+    distill_compute: str
+    distill_stage: str = "distillation"
+
+
+CLASSIFIER_KNOBS = Knobs(
+    "generator training", "config.generator.batch_size (or num_generators, or a smaller input_shape)",
+    "config.generator.steps, num_generators or batch_size",
+    "config.distill.batch_size (or holdout_samples, samples_per_generator with transfer 'fixed', or a smaller "
+    "input_shape)", "config.distill.steps or batch_size")
+SEQUENCE_KNOBS = Knobs(
+    "the teacher's generations", *["config.sequence.samples, holdout or beam_size (or a smaller "
+                                   "sequence.max_length)"] * 2, *["config.sequence.steps or batch_size"] * 2)
+
+
+@dataclass(frozen=True)
 class JobCost:
-    """Estimated peak memory (bytes) and compute (MACs) of a job, with each stage's share. For a sequence
-    model (``sequence=True``) the "generator" stage is the teacher's own generations."""
+    """Estimated peak memory (bytes) and compute (MACs) of a job, with each stage's share: the "generator"
+    stage makes the samples (a sequence model's: the teacher's own generations), ``knobs`` name what lowers
+    each."""
 
     memory_bytes: int
     macs: int
@@ -68,7 +92,7 @@ class JobCost:
     distill_memory_bytes: int
     generator_macs: int
     distill_macs: int
-    sequence: bool = False
+    knobs: Knobs = CLASSIFIER_KNOBS
 
     def describe(self) -> str:
         return f"about {self.memory_bytes / GIB:.1f} GiB of memory and {self.macs:.2e} MACs"
@@ -135,7 +159,7 @@ def generator_profile(input_shape: tuple[int, ...], num_classes: int, noise_dim:
     return Profile(params, macs // 2, activations // 2)
 
 
-def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: int, config: PipelineConfig,
+def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: int, config: ClassifierConfig,
                   teachers: int = 1) -> JobCost:
     """The module docstring's formula for ``config`` on ``teachers`` teachers profiled as ``teacher``."""
     from kegnet.generation.train import CONCAT_LIMIT
@@ -174,11 +198,11 @@ def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: i
                    distill_memory_bytes=int(dist_mem), generator_macs=int(gen_macs), distill_macs=int(dist_macs))
 
 
-# A sequence job's generations run this many prompts at once (kegnet/sequence/pipeline.py).
+# A sequence job's generations run this many prompts at once (kegnet/sequence/generate.py).
 GENERATION_BATCH = 256
 
 
-def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, config: PipelineConfig) -> JobCost:
+def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, config: SequenceJobConfig) -> JobCost:
     """A sequence job's cost, for a teacher profiled on one full sequence of ``L = max_length`` tokens
     (``M``, ``A``, ``P``: its MACs, activation elements and parameters; ``V`` the vocabulary).
 
@@ -203,45 +227,19 @@ def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, c
     memory = FLOAT_BYTES * p + max(gen_mem, dist_mem)
     return JobCost(memory_bytes=int(memory), macs=int(gen_macs + dist_macs), generator_memory_bytes=int(gen_mem),
                    distill_memory_bytes=int(dist_mem), generator_macs=int(gen_macs), distill_macs=int(dist_macs),
-                   sequence=True)
-
-
-def _sequence_knobs(generation: bool) -> tuple[str, str]:
-    """A sequence job's stage and the config fields that lower its cost."""
-    if generation:
-        return ("the teacher's generations",
-                "config.sequence.samples, holdout or beam_size (or a smaller sequence.max_length)")
-    return "distillation", "config.sequence.steps or batch_size"
+                   knobs=SEQUENCE_KNOBS)
 
 
 def check_cost(cost: JobCost, *, max_memory_bytes: int, max_macs: int) -> None:
     """Raise ``SpecError`` naming the stage and the knobs to lower when ``cost`` is over either limit."""
-    if cost.sequence:  # the same checks, with the knobs of a sequence job
-        for over, stage_is_generation, what in (
-            (cost.memory_bytes > max_memory_bytes, cost.generator_memory_bytes >= cost.distill_memory_bytes,
-             f"about {cost.memory_bytes / GIB:.1f} GiB of memory, above this service's limit of "
-             f"{max_memory_bytes / GIB:.1f} GiB"),
-            (cost.macs > max_macs, cost.generator_macs >= cost.distill_macs,
-             f"about {cost.macs:.2e} multiply-accumulates, above this service's limit of {max_macs:.2e}"),
-        ):
-            if over:
-                stage, knobs = _sequence_knobs(stage_is_generation)
-                raise SpecError(f"this job would need {what}, mostly in {stage}; lower {knobs}")
-        return
+    k = cost.knobs
     if cost.memory_bytes > max_memory_bytes:
-        if cost.generator_memory_bytes >= cost.distill_memory_bytes:
-            knobs = "config.generator.batch_size (or num_generators, or a smaller input_shape)"
-            stage = "generator training"
-        else:
-            knobs = ("config.distill.batch_size (or holdout_samples, samples_per_generator with transfer "
-                     "'fixed', or a smaller input_shape)")
-            stage = "distillation"
+        samples = cost.generator_memory_bytes >= cost.distill_memory_bytes
+        stage, knobs = (k.sample_stage, k.sample_memory) if samples else (k.distill_stage, k.distill_memory)
         raise SpecError(f"this job would need about {cost.memory_bytes / GIB:.1f} GiB of memory in {stage}, "
                         f"above this service's limit of {max_memory_bytes / GIB:.1f} GiB; lower {knobs}")
     if cost.macs > max_macs:
-        if cost.generator_macs >= cost.distill_macs:
-            knobs, stage = "config.generator.steps, num_generators or batch_size", "generator training"
-        else:
-            knobs, stage = "config.distill.steps or batch_size", "distillation"
+        samples = cost.generator_macs >= cost.distill_macs
+        stage, knobs = (k.sample_stage, k.sample_compute) if samples else (k.distill_stage, k.distill_compute)
         raise SpecError(f"this job would need about {cost.macs:.2e} multiply-accumulates, mostly in {stage}, "
                         f"above this service's limit of {max_macs:.2e}; lower {knobs}")

@@ -8,7 +8,6 @@ and ``manifest.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -30,21 +29,15 @@ PROGRAM = "student.pt2"
 ONNX = "student.onnx"
 CURVES = "curves.png"
 SAMPLES = "samples.png"
-MANIFEST = "manifest.json"
-# student.safetensors metadata of a sequence student: its compression report (kegnet/sequence/compress.py).
+# student.safetensors metadata: the spec (every student), and what rebuilds the student's structure from the
+# teacher's: a classifier's compression plan, a sequence student's compression report (kegnet/sequence/compress.py).
+SPEC_METADATA = "kegnet_spec"
+PLAN_METADATA = "kegnet_plan"
 SEQUENCE_REPORT = "kegnet_sequence_report"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_weights(student: nn.Module, spec: ModelSpec, plan: CompressionPlan, path: Path) -> None:
-    write_weights(student, path, {"kegnet_spec": spec.model_dump_json(), "kegnet_plan": json.dumps(plan.to_dict())})
+    write_weights(student, path, {SPEC_METADATA: spec.model_dump_json(), PLAN_METADATA: json.dumps(plan.to_dict())})
 
 
 def write_weights(student: nn.Module, path: Path, metadata: dict[str, str]) -> None:
@@ -235,14 +228,3 @@ def plot_samples(sampler: object, num_classes: int, path: Path, *, per_class: in
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def write_manifest(out_dir: Path, manifest: dict) -> None:
-    """Add the sha256 of every artifact and write ``manifest.json`` atomically."""
-    manifest["files"] = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    }
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out_dir / MANIFEST)

@@ -1,62 +1,48 @@
-"""The whole job, as stages: load → plan → generate → decompose → distill → export.
+"""The one pipeline driver: ``run_pipeline`` runs any kind of job, stage by stage.
 
-``run_pipeline`` is the one entry point used by the CLI and the worker. It reports progress through a
-callback, checks a cancel function between steps, and never reads any data: the teacher is the only input.
-Each stage is one function below that reads and fills a ``_Job``; the compression is planned (layers, ranks,
-measured latency) before the generators train, so a bad plan fails in seconds, not after the longest stage.
+The job's task (kegnet/tasks: ``classify``, ``sequence``) gives the stages; this driver owns what they share:
+the inputs, device and seed, progress events and cancellation (kegnet.events.Reporter), each stage's time,
+and the run report (kegnet.report.RunReport, written as ``manifest.json``). It never reads any data: the
+teacher is the only input. The CLI, the worker and the bench all call ``run_pipeline``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import platform
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import safetensors
 import tensorly
 import torch
+from pydantic import BaseModel
 from torch import nn
 
-from kegnet import export
-from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
-from kegnet.compression import CompressionPlan, apply_plan, plan_compression
-from kegnet.compression.latency import model_latency
-from kegnet.compression.plan import drop_slower_layers, replan_ratio
-from kegnet.config import MAX_TEACHERS, PipelineConfig, Recipe
-from kegnet.distill import DistillResult, distill
-from kegnet.distill.confidence import assess
-from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
-from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
-from kegnet.errors import CompressionError, KegnetError
-from kegnet.evaluation import DEFAULT_MAX_SAMPLES, evaluate, read_eval_set
+from kegnet.errors import KegnetError
+from kegnet.evaluation import DEFAULT_MAX_SAMPLES
 from kegnet.events import CancelCheck, ProgressCallback, Reporter
-from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
-from kegnet.metrics import count_macs, count_parameters
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
+from kegnet.report import MANIFEST, RunReport
 from kegnet.spec import ModelSpec
+from kegnet.tasks import Inputs, get_task
+from kegnet.tasks.base import EvalSet, TeacherSource
 
 log = logging.getLogger(__name__)
-
-TeacherSource = str | Path | nn.Module
-EvalSet = str | Path | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class RunResult:
     out_dir: Path
-    manifest: dict[str, Any]
+    report: RunReport
     student: nn.Module
     generators: list[nn.Module] | None = None  # the KegNet generators, reusable for another setting
     candidates: dict[str, nn.Module] = field(default_factory=dict)  # recipe name -> its student (chosen included)
 
     @property
     def artifacts(self) -> dict[str, Path]:
-        return {name: self.out_dir / name for name in [*self.manifest["files"], export.MANIFEST]}
+        return {name: self.out_dir / name for name in [*self.report.files, MANIFEST]}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,60 +56,8 @@ def resolve_device(device: str) -> torch.device:
     raise KegnetError(f"device {device!r} was requested but this machine has no GPU; use 'auto' or 'cpu'")
 
 
-@dataclass
-class _Candidate:
-    """A student fine-tuned from one sample recipe, and its exam grade."""
-
-    recipe: Recipe
-    student: nn.Module
-    result: DistillResult
-    grade: Grade
-
-
-@dataclass
-class _Job:
-    """What the stages share: inputs first, then what each stage adds, in stage order."""
-
-    spec: ModelSpec
-    config: PipelineConfig
-    device: torch.device
-    seed: int
-    out: Path
-    report: Reporter
-    should_cancel: CancelCheck | None
-    timings: dict[str, float] = field(default_factory=dict)
-    # load
-    teachers: list[nn.Module] = field(default_factory=list)
-    teacher: nn.Module | None = None  # the one the student is compressed from
-    ensemble: TeacherEnsemble | None = None
-    architecture: dict[str, Any] = field(default_factory=dict)
-    # plan
-    plan: CompressionPlan | None = None
-    layer_latency: dict[str, dict[str, float]] = field(default_factory=dict)
-    # generate
-    sampler: Sampler | None = None
-    generators: list[nn.Module] | None = None
-    generator_curve: list[dict[str, float]] = field(default_factory=list)
-    # decompose
-    student: nn.Module | None = None
-    agreements: list[float] | None = None
-    eval_set: tuple[torch.Tensor, torch.Tensor] | None = None  # the user's labelled data: reported only
-    # distill
-    exam: Exam | None = None
-    before: Grade | None = None  # the decomposed student's exam grade
-    candidates: dict[str, _Candidate] = field(default_factory=dict)
-    chosen: str | None = None
-    distill_result: DistillResult | None = None
-
-    def timed(self, stage: str, fn: Any, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        result = fn(self, *args)
-        self.timings[stage] = time.perf_counter() - t0
-        return result
-
-
 def run_pipeline(
-    checkpoint: TeacherSource | Sequence[TeacherSource], spec: ModelSpec, config: PipelineConfig,
+    checkpoint: TeacherSource | Sequence[TeacherSource], spec: ModelSpec, config: BaseModel,
     out_dir: str | Path, *, device: str = "auto", seed: int = 0, progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None, generators: list[nn.Module] | None = None,
     max_parameters: int | None = DEFAULT_MAX_PARAMETERS, max_bytes: int | None = None,
@@ -131,11 +65,9 @@ def run_pipeline(
 ) -> RunResult:
     """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
 
-    ``checkpoint`` may also be a list of up to ``MAX_TEACHERS`` teachers of the same ``spec``: generators
-    are then trained against their plain average, the student is compressed from one of them
-    (``config.distill.ensemble_student``) and distilled from their per-sample weighted mixture
-    (``config.distill.ensemble_weighting``; see ``kegnet.distill.ensemble``). One teacher in a list is the
-    same as one teacher. ``spec.arch == "onnx"``: each file is an ONNX graph (kegnet/models/onnx_graph.py).
+    ``config`` is the config of the spec's task (kegnet.config: ``ClassifierConfig`` or ``SequenceJobConfig``).
+    ``checkpoint`` may also be a list of up to ``MAX_TEACHERS`` classifiers of the same ``spec``: a teacher
+    ensemble (kegnet/tasks/classify.py). ``spec.arch == "onnx"``: each file is an ONNX graph.
 
     ``generators``: KegNet generators already trained against this teacher (for example by an earlier run at
     another compression setting); the generator stage is then skipped. ``max_parameters`` refuses larger
@@ -144,306 +76,40 @@ def run_pipeline(
     ``(x, y)``; ``kegnet.evaluation``), used only to report real accuracy. Raises ``KegnetError`` subclasses
     for bad input (user-facing messages) and ``Cancelled`` on request.
     """
+    task = get_task(spec.task)
+    if getattr(config, "task", None) != spec.task:
+        raise KegnetError(f"a {spec.task} job needs the {spec.task} config (kegnet.config.config_for), got "
+                          f"{type(config).__name__}")
+    sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
+    task.check(spec, config, len(sources), eval_set is not None)  # the same rules the API checks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    report = Reporter(progress, should_cancel)
-    sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
-    if spec.is_sequence:
-        return _run_sequence(sources, spec, config, out, device, seed, report, max_parameters, max_bytes, eval_set)
-    job = _Job(spec, config, resolve_device(device), seed, out, report, should_cancel)
-    job.timed("load", _load, sources, max_parameters, max_bytes, eval_set, max_eval_samples)
-    job.timed("plan", _plan)
-    job.timed("generators", _generate, generators)
-    job.timed("decompose", _decompose)
-    job.timed("finetune", _distill)
-    manifest = job.timed("export", _export)
-    report.done(compression_ratio=manifest["compression_ratio"])
-    log.info("compressed %s: %.2fx in %.1fs", job.spec.arch, manifest["compression_ratio"], sum(job.timings.values()))
-    assert job.student is not None
-    candidates = {name: c.student for name, c in job.candidates.items()}
-    return RunResult(out, manifest, job.student, job.generators, candidates)
+    inputs = Inputs(sources, eval_set, max_eval_samples, max_parameters, max_bytes, generators)
+    job = task.job_type(spec, config, resolve_device(device), seed, out,
+                        Reporter(progress, should_cancel, task.stage_weights), inputs)
+    for stage in task.stages:
+        job.timed(stage.name, stage.run)
+    outcome = task.finish(job)
+    report = RunReport(task=spec.task, spec=job.spec.model_dump(mode="json"), config=config.model_dump(mode="json"),
+                       seed=seed, device=str(job.device), timings_s=job.timings, versions=_versions(),
+                       **outcome.core, **{spec.task: outcome.section})
+    report.write(out)
+    job.report.done(compression_ratio=report.compression_ratio)
+    log.info("compressed %s (%s): %.2fx in %.1fs", spec.arch, spec.task, report.compression_ratio,
+             sum(job.timings.values()))
+    return RunResult(out, report, outcome.student, outcome.generators, outcome.candidates)
 
 
-def _run_sequence(sources: list[TeacherSource], spec: ModelSpec, config: PipelineConfig, out: Path, device: str,
-                  seed: int, report: Reporter, max_parameters: int | None, max_bytes: int | None,
-                  eval_set: EvalSet | None) -> RunResult:
-    """A sequence model's job (kegnet/sequence/pipeline.py): one teacher, no labelled evaluation set."""
-    from kegnet.sequence.pipeline import check_supported, run_sequence_pipeline
-
-    if len(sources) != 1:
-        raise KegnetError(f"a sequence job takes one teacher, got {len(sources)}")
-    check_supported(eval_set)
-    run = run_sequence_pipeline(sources[0], spec, config, out, device=resolve_device(device), seed=seed,
-                                report=report, max_parameters=max_parameters, max_bytes=max_bytes)
-    report.done(compression_ratio=run.manifest["compression_ratio"])
-    return RunResult(out, run.manifest, run.student)
-
-
-# 1. load ------------------------------------------------------------------------------------------------
-def _load(job: _Job, sources: list[TeacherSource], max_parameters: int | None, max_bytes: int | None,
-          eval_set: EvalSet | None, max_eval_samples: int) -> None:
-    """Build every teacher (all of one spec), then read the evaluation set if any; a bad file's error names
-    which one it is."""
-    if not 1 <= len(sources) <= MAX_TEACHERS:
-        raise KegnetError(f"give 1 to {MAX_TEACHERS} teachers, got {len(sources)}")
-    job.report("load", 0.0, "loading the teacher")
-    loaded: list[LoadedTeacher] = []
-    for i, source in enumerate(sources):
-        if len(sources) > 1:
-            job.report("load", i / len(sources), f"loading teacher {i + 1} of {len(sources)}")
-        try:
-            loaded.append(_open(source, job.spec, max_parameters, max_bytes))
-        except KegnetError as exc:
-            if len(sources) == 1:
-                raise
-            raise type(exc)(f"checkpoint {i + 1} of {len(sources)} (index {i}): {exc}") from exc
-    job.spec = loaded[0].spec  # an ONNX graph fills in input shape and classes
-    if isinstance(eval_set, str | Path):
-        job.eval_set = read_eval_set(eval_set, job.spec, max_eval_samples)
-    elif eval_set is not None:
-        job.eval_set = (eval_set[0].float().cpu(), eval_set[1].long().cpu())
-    job.architecture = loaded[0].architecture
-    job.teachers = [t.model.to(job.device).eval() for t in loaded]
-    job.teacher = job.teachers[0]  # unless ensemble_student picks another, after the generators
-    dcfg = job.config.distill
-    if len(job.teachers) > 1:
-        job.ensemble = TeacherEnsemble(job.teachers, weighting=dcfg.ensemble_weighting, temperature=dcfg.temperature,
-                                       tau=dcfg.ensemble_temperature, mc_passes=dcfg.mc_dropout_passes)
-    job.report("load", 1.0, "teacher loaded" if len(job.teachers) == 1 else f"{len(job.teachers)} teachers loaded",
-               parameters=count_parameters(job.teacher))
-
-
-def _open(source: TeacherSource, spec: ModelSpec, max_parameters: int | None, max_bytes: int | None
-          ) -> LoadedTeacher:
-    if not isinstance(source, nn.Module):
-        return open_teacher(source, spec, max_parameters=max_parameters, max_bytes=max_bytes)
-    if not spec.resolved:
-        raise KegnetError("a teacher passed as a module needs input_shape and num_classes in its spec")
-    return LoadedTeacher(source, spec, architecture_of(spec))
-
-
-# 2. plan -----------------------------------------------------------------------------------------------
-def _plan(job: _Job) -> None:
-    """Layers and ranks on the teacher, then drop the factorizations that run slower on this device."""
-    job.report("plan", 0.0, "choosing layers and ranks")
-    cfg = job.config.compression
-    job.plan = plan_compression(job.teacher, cfg)
-    job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
-    job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg)
-    if not job.plan.layers:
-        raise CompressionError(
-            f"every factorization ran slower than its layer on {job.device.type} at batch {cfg.latency_batch}, so "
-            "none is worth making; set compression.keep_slower to compress anyway, or raise latency_batch")
-    job.plan = replan_ratio(job.teacher, job.plan, cfg)  # the target ratio, from the layers kept
-    job.report("plan", 1.0, f"{len(job.plan.layers)} layers to factorize",
-               ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers})
-
-
-# 3. generate -------------------------------------------------------------------------------------------
-def _generate(job: _Job, generators: list[nn.Module] | None) -> None:
-    """KegNet generators (trained here unless given), or the noise baselines' samplers."""
-    config, gcfg, dcfg, dev = job.config, job.config.generator, job.config.distill, job.device
-    if config.method == "kegnet":
-        if generators is None:  # none passed in (a rerun with other compression settings passes them)
-            def on_gen_step(step: int, metrics: dict[str, float]) -> None:
-                job.generator_curve.append({"step": step, **metrics})
-                job.report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", step=step,
-                           total=gcfg.steps, **metrics)
-
-            # Generators learn against the plain mean of the teachers' probabilities: a sample then only has
-            # to be class y for some teacher, so teachers of different domains each contribute samples of
-            # their own domain. Uncertainty weights are for the student's targets only: through them a
-            # generator could lower its loss by choosing whom to convince.
-            target = job.teacher if job.ensemble is None else TeacherEnsemble(job.teachers, weighting="mean",
-                                                                               temperature=1.0)
-            generators = train_generators(
-                target, job.spec.input_shape, job.spec.num_classes, gcfg, device=dev, seed=job.seed,
-                on_step=on_gen_step, should_cancel=job.should_cancel,
-                report_every=max(1, min(50, gcfg.steps // 20 or 1)),
-            )
-        job.sampler = KegNetSampler([g.to(dev).eval() for g in generators], job.spec.num_classes, gcfg.noise_dim,
-                                    dev, "one_hot" if dcfg.label_codes == "auto" else dcfg.label_codes)
-        job.generators = job.sampler.generators
-    elif config.method != "tucker-only":
-        job.sampler = NoiseSampler(config.method, job.spec.input_shape, dev)
-    if job.sampler is None:
-        job.report("generators", 1.0, "no samples: this method fine-tunes nothing", skipped=True)
-    elif generators is not None and not job.generator_curve:
-        job.report("generators", 1.0, "generators given; not trained again")
-    else:
-        job.report("generators", 1.0, "samples ready")
-
-
-# 4. decompose ------------------------------------------------------------------------------------------
-def _decompose(job: _Job) -> None:
-    """Factorize the planned layers (with several teachers, first choose which one to compress)."""
-    dcfg = job.config.distill
-    if job.ensemble is not None and job.sampler is not None:
-        probe_x, _ = job.sampler.sample(dcfg.holdout_samples,
-                                        torch.Generator(device=job.device).manual_seed(job.seed + 104_729))
-        job.agreements = member_agreements(job.ensemble, probe_x)
-        if dcfg.ensemble_student == "best":
-            job.ensemble.base = max(range(len(job.teachers)), key=lambda i: job.agreements[i])  # first of equals
-            if job.teachers[job.ensemble.base] is not job.teacher:
-                job.teacher = job.teachers[job.ensemble.base]
-                # Same architecture, so the same layers; ranks are chosen again on this teacher's weights.
-                kept = {p.name for p in job.plan.layers}
-                job.plan = plan_compression(job.teacher, job.config.compression)
-                job.plan.layers = [p for p in job.plan.layers if p.name in kept]
-    elif job.ensemble is not None and dcfg.ensemble_student == "best":
-        log.info("ensemble_student=best needs synthetic samples; method %s has none: compressing teacher 0",
-                 job.config.method)
-    job.student = apply_plan(job.teacher, job.plan, n_iter_max=job.config.compression.n_iter_max,
-                             seed=job.seed).to(job.device)
-    ratio = count_parameters(job.teacher) / count_parameters(job.student)
-    job.report("decompose", 1.0, f"{len(job.plan.layers)} layers factorized",
-               ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers}, compression_ratio=ratio)
-
-
-# 5. distill --------------------------------------------------------------------------------------------
-def _distill(job: _Job) -> None:
-    """Fine-tune one student per sample recipe, grade each on the common synthetic exam, keep the best.
-
-    Each candidate starts from the same decomposed student with the same seeds, so a recipe's student is
-    the same whether it is trained alone or among others. Nothing to fine-tune for tucker-only or zero
-    steps: the decomposed student is graded and kept.
-    """
-    dcfg, dev = job.config.distill, job.device
-    teacher = job.ensemble or job.teacher
-    kegnet = job.sampler if isinstance(job.sampler, KegNetSampler) else None
-    job.report("finetune", 0.0, "drawing the synthetic exam")
-    job.exam = build_exam(teacher, exam_sources(kegnet, job.spec.input_shape, dev), dcfg.holdout_samples,
-                          job.seed + 7919, dev)
-    job.before = grade(job.student, job.exam)
-    image = len(job.spec.input_shape) == 3
-    recipes = job.config.candidate_recipes(image, job.spec.num_classes) if dcfg.steps > 0 else []
-    base = job.student
-    for i, recipe in enumerate(recipes):
-        student = base if len(recipes) == 1 else copy.deepcopy(base)
-        name = recipe.name
-
-        def on_eval(step: int, metrics: dict[str, float], i: int = i, name: str = name) -> None:
-            what = f"student step {step}/{dcfg.steps}" if len(recipes) == 1 else (
-                f"recipe {i + 1}/{len(recipes)} ({name}): student step {step}/{dcfg.steps}")
-            job.report("finetune", (i + step / dcfg.steps) / len(recipes), what, step=step, total=dcfg.steps,
-                       recipe=name, **metrics)
-
-        # Dropout in the student draws from the global generator: reseed, so that a candidate is the same
-        # student whether the generators were trained in this run or passed in, alone or among others.
-        torch.manual_seed(job.seed + 1)
-        sampler: Sampler = (kegnet.with_codes(recipe.codes) if recipe.source == "kegnet" and kegnet is not None
-                            else NoiseSampler(recipe.source, job.spec.input_shape, dev))
-        cfg = dcfg.model_copy(update={"noise_share": recipe.noise_share if recipe.source == "kegnet" else 0.0})
-        result = distill(
-            teacher, student, sampler, cfg, device=dev, seed=job.seed,
-            num_sources=len(job.generators) if job.generators else 1, on_eval=on_eval,
-            should_cancel=job.should_cancel, diversity_beta=job.config.generator.beta,
-            feature_layers=[p.name for p in job.plan.layers], exam=job.exam)
-        job.candidates[name] = _Candidate(recipe, student, result, grade(student, job.exam))
-    if not job.candidates:
-        job.report("finetune", 1.0, "no fine-tuning for this method", skipped=True,
-                   exam_agreement=job.before.agreement)
-        return
-    job.chosen = choose({name: c.grade for name, c in job.candidates.items()})
-    chosen = job.candidates[job.chosen]
-    job.student, job.distill_result = chosen.student, chosen.result
-    job.report("finetune", 1.0, "student ready" if len(recipes) == 1 else f"kept {job.chosen}",
-               recipe=job.chosen, exam_agreement=chosen.grade.agreement)
-
-
-# 6. export ---------------------------------------------------------------------------------------------
-def _export(job: _Job) -> dict[str, Any]:
-    """Latency of teacher and student on the job's device, then the files and the manifest."""
-    spec, config, out, cfg = job.spec, job.config, job.out, job.config.compression
-    t0 = time.perf_counter()
-    job.report("export", 0.0, "measuring latency")
-    evaluation = None
-    if job.eval_set is not None:
-        job.report("export", 0.0, f"scoring on the {len(job.eval_set[1])} labelled samples given")
-        students = {name: c.student for name, c in job.candidates.items()} or {"decomposed": job.student}
-        evaluation = evaluate(job.teacher, students, job.chosen, *job.eval_set, job.spec.num_classes, job.device)
-    timing = {"repeats": cfg.latency_repeats, "budget_s": cfg.latency_budget_s}
-    latency = {"device": str(job.device),
-               "teacher": model_latency(job.teacher.eval(), spec.input_shape, job.device, **timing),
-               "student": model_latency(job.student.eval(), spec.input_shape, job.device, **timing),
-               "layers": job.layer_latency}
-    student = job.student.cpu().eval()
-    for t in job.teachers:
-        t.cpu()
-    export.save_weights(student, spec, job.plan, out / export.WEIGHTS)
-    program_skipped = None
-    converted = spec.arch == "onnx"  # an onnx2torch graph: torch.export cannot trace its Reshape modules
-    if config.export_portable and converted:
-        program_skipped = "torch.export cannot trace a graph converted from ONNX; use student.onnx"
-    elif config.export_portable:
-        try:
-            export.export_program(student, spec.input_shape, out / export.PROGRAM)
-        except Exception as exc:  # noqa: BLE001 - some converted graphs cannot be traced; the other files stand
-            program_skipped = f"torch.export could not trace this student ({type(exc).__name__})"
-            log.warning("no %s: %s", export.PROGRAM, program_skipped)
-    onnx_skipped = (export.export_onnx(student, spec.input_shape, out / export.ONNX, traced=converted)
-                    if config.export_onnx else None)
-    onnx_check = None if onnx_skipped or not config.export_onnx else export.check_onnx(out / export.ONNX, student,
-                                                                                        spec.input_shape, job.seed)
-    if onnx_skipped:
-        log.warning("no ONNX file: %s", onnx_skipped)
-    result = job.distill_result
-    export.plot_curves(job.generator_curve, result.curve if result else [], out / export.CURVES)
-    if isinstance(job.sampler, KegNetSampler) and len(spec.input_shape) == 3:
-        export.plot_samples(job.sampler, spec.num_classes, out / export.SAMPLES, seed=job.seed)
-
-    params_before, params_after = count_parameters(job.teacher), count_parameters(student)
-    manifest: dict[str, Any] = {
-        "spec": spec.model_dump(mode="json"),
-        "architecture": job.architecture,
-        "config": config.model_dump(mode="json"),
-        "seed": job.seed,
-        "device": str(job.device),
-        "plan": job.plan.to_dict(),
-        "parameters": {"teacher": params_before, "student": params_after},
-        "macs": {"teacher": count_macs(job.teacher, spec.input_shape),
-                 "student": count_macs(student, spec.input_shape)},
-        "compression_ratio": params_before / params_after,
-        "latency": latency,
-        "teachers": {
-            "count": len(job.teachers),
-            "weighting": job.ensemble.weighting if job.ensemble is not None else "mean",  # after any fallback
-            "student_from": job.ensemble.base if job.ensemble is not None else 0,
-            "agreement_with_ensemble": job.agreements,  # per teacher, on synthetic samples (several teachers)
-        },
-        "recipe": job.chosen,
-        "confidence": assess({name: c.grade for name, c in job.candidates.items()}, job.chosen, job.before,
-                             spec.num_classes, job.exam.sources),
-        "evaluation": evaluation,
-        "synthetic_agreement": None if result is None else {
-            "before_finetune": result.initial_agreement,
-            "best": result.best_agreement,
-            "best_step": result.best_step,
-        },
-        "generator_curve": job.generator_curve,
-        "distill_curve": result.curve if result else [],
-        "timings_s": job.timings,
-        "onnx_skipped": onnx_skipped,
-        "onnx_check": onnx_check,
-        "program_skipped": program_skipped,
-        "versions": {"kegnet": _version(), "torch": torch.__version__, "tensorly": tensorly.__version__,
-                     "safetensors": safetensors.__version__, "python": platform.python_version()},
-    }
-    job.timings["export"] = time.perf_counter() - t0  # the file's figure; the caller's timer adds the write
-    export.write_manifest(out, manifest)
-    job.report("export", 1.0, "artifacts written")
-    job.student = student
-    return manifest
-
-
-def _version() -> str:
+def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("kegnet")
+        kegnet = version("kegnet")
     except PackageNotFoundError:
-        return "0+unknown"
+        kegnet = "0+unknown"
+    return {"kegnet": kegnet, "torch": torch.__version__, "tensorly": tensorly.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
 __all__ = ["RunResult", "resolve_device", "run_pipeline"]

@@ -138,6 +138,32 @@ class ModelSpec(BaseModel):
     def is_sequence(self) -> bool:
         return self.task == "sequence"
 
+    # What the spec's task says about the model itself: the architecture's arguments, an input to probe it
+    # with, and the output that input must give. The task's fields are defined here, so their uses are too.
+    def model_arguments(self) -> dict[str, Any]:
+        """The spec arguments of the architecture's constructor (kegnet.models.registry.SPEC_ARGUMENTS)."""
+        if self.sequence is not None:
+            return {"vocab_size": self.sequence.vocab_size, "max_length": self.sequence.max_length}
+        return {"input_shape": self.input_shape, "num_classes": self.num_classes}
+
+    @property
+    def shape_fields(self) -> str:
+        """The fields that decide the weights' shapes, for messages."""
+        if self.sequence is not None:
+            return "sequence.vocab_size, sequence.max_length and arch_kwargs"
+        return "input_shape, arch_kwargs and num_classes"
+
+    def probe(self, batch: int = 2) -> tuple[Any, tuple[int, ...], str]:
+        """A batch of zeros the model must accept (tokens: BOS), the output shape it must give, and the input
+        described for messages."""
+        import torch
+
+        if self.sequence is not None:
+            tokens = torch.full((batch, 2), self.sequence.bos_id, dtype=torch.long)
+            return tokens, (batch, 2, self.sequence.vocab_size), f"tokens of shape ({batch}, 2)"
+        assert self.input_shape is not None and self.num_classes is not None
+        return torch.zeros(batch, *self.input_shape), (batch, self.num_classes), f"input shape {self.input_shape}"
+
     @property
     def is_image(self) -> bool:
         return self.input_shape is not None and len(self.input_shape) == 3

@@ -10,7 +10,7 @@ import redis
 import torch
 
 from bench.datasets import shared_dir
-from kegnet import ModelSpec, PipelineConfig, create_model
+from kegnet import ModelSpec, ClassifierConfig, create_model
 
 SHARED = shared_dir()
 MNIST_TEACHER = SHARED / "teachers" / "kegnet-mnist-lenet5.pth.tar"
@@ -44,7 +44,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def tiny_config(method: str = "kegnet", **sections: dict) -> PipelineConfig:
+def tiny_config(method: str = "kegnet", **sections: dict) -> ClassifierConfig:
     """A budget of a few steps per stage: exercises every code path in seconds."""
     base = {
         "generator": {"num_generators": 2, "steps": 4, "batch_size": 16},
@@ -55,7 +55,7 @@ def tiny_config(method: str = "kegnet", **sections: dict) -> PipelineConfig:
     }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
-    return PipelineConfig.from_preset("fast", method=method, **base)
+    return ClassifierConfig.from_preset("fast", method=method, **base)
 
 
 @pytest.fixture

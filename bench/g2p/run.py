@@ -43,7 +43,7 @@ from torch import nn
 from bench.g2p.data import BOS, EOS, PAD, G2PData, load_g2p
 from bench.g2p.metrics import after_prefix, score
 from bench.g2p.teacher import TEACHERS, g2p_teacher, sequence_spec
-from kegnet import ModelSpec, PipelineConfig, run_pipeline
+from kegnet import ModelSpec, SequenceJobConfig, run_pipeline
 from kegnet.metrics import count_parameters
 from kegnet.sequence.generate import beam_search, greedy_decode
 
@@ -72,15 +72,15 @@ def model_spec(teacher: nn.Module, max_length: int) -> ModelSpec:
     return ModelSpec(arch="transformer", arch_kwargs=kwargs, task="sequence", sequence=sequence_spec(max_length))
 
 
-def pipeline_config(row: str, s: dict[str, Any]) -> PipelineConfig:
+def pipeline_config(row: str, s: dict[str, Any]) -> SequenceJobConfig:
     """The pipeline config of a compressed row with settings ``s`` (``DEFAULTS`` and overrides)."""
-    return PipelineConfig.model_validate({
+    return SequenceJobConfig.model_validate({
         "compression": {"rank_method": "ratio", "target_ratio": s["target_ratio"], "layers": s["layers"]},
         "sequence": {"objective": OBJECTIVE[row], "samples": s["samples"], "beam_size": s["beam_size"],
                      "student_layers": s["student_layers"], "temperature": s["temperature"],
                      "steps": 0 if row == "svd" else s["steps"], "batch_size": s["batch_size"], "lr": s["lr"],
                      "holdout": s["holdout"], "eval_every": s["eval_every"]},
-        "export_portable": False, "export_onnx": False,
+        "export_portable": False,
     })
 
 

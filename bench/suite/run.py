@@ -22,7 +22,7 @@ import torch
 
 from bench.datasets import accuracy
 from bench.suite.teachers import ENTRIES, suite_teacher
-from kegnet import PipelineConfig, run_pipeline
+from kegnet import ClassifierConfig, run_pipeline
 from kegnet.config import Recipe
 from kegnet.distill.exam import CRITERION, Grade, choose
 
@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 RECIPES = [Recipe(codes=c, noise_share=s) for c in ("one_hot", "simplex", "pairs", "sparse") for s in (0.0, 0.5)]
 RECIPES += [Recipe(source="gaussian"), Recipe(source="uniform")]
 
-# Generator and student budgets per kind of teacher (PipelineConfig sections on top of the fast preset).
+# Generator and student budgets per kind of teacher (ClassifierConfig sections on top of the fast preset).
 BUDGETS: dict[str, dict[str, Any]] = {
     "mlp": {},  # the fast preset: 5 generators x 300 steps x 256, 1,500 student steps x 256
     "lenet5": {"generator": {"num_generators": 3, "steps": 200, "batch_size": 128},
@@ -54,13 +54,13 @@ def budget_of(entry: str) -> dict[str, Any]:
 
 
 def config_for(entry: str, method: str = "kegnet", recipes: list[Recipe] | None = None,
-               extra: dict[str, Any] | None = None) -> PipelineConfig:
+               extra: dict[str, Any] | None = None) -> ClassifierConfig:
     budget, extra = budget_of(entry), extra or {}
     sections = {k: {**budget.get(k, {}), **extra.get(k, {})} for k in ("generator", "distill")}
     if recipes is not None:
         sections["distill"]["recipes"] = [r.model_dump() for r in recipes]
     compression = {**ENTRIES[entry].compression, "keep_slower": True}
-    return PipelineConfig.from_preset("fast", method=method, compression=compression, export_portable=False,
+    return ClassifierConfig.from_preset("fast", method=method, compression=compression, export_portable=False,
                                       export_onnx=False, **sections)
 
 
@@ -137,7 +137,7 @@ def selection_table(entries: list[dict[str, Any]], candidate_sets: dict[str, lis
 
 def default_pick(entry: dict[str, Any], run: dict[str, Any]) -> str:
     """The student the product's default gives: its one recipe, or the exam's choice among its recipes."""
-    names = [r.name for r in PipelineConfig().candidate_recipes(entry["arch"] != "mlp", entry["classes"])]
+    names = [r.name for r in ClassifierConfig().candidate_recipes(entry["arch"] != "mlp", entry["classes"])]
     return names[0] if len(names) == 1 else chosen_among(run, names)
 
 

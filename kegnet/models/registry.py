@@ -1,16 +1,16 @@
-"""Architecture registry: ``register_model`` adds a constructor, ``create_model(name, **kwargs)`` builds one.
+"""The architecture registry: ``register_model`` adds a constructor, ``create_model(name, **arguments)`` builds one.
 
-Constructors take ``input_shape`` and ``num_classes`` plus their own keyword arguments; server-side code can
-add architectures with the decorator. ``torchvision:<name>`` and ``timm:<name>`` build those libraries'
-models (kegnet/models/libraries.py). Only listed names can be built: a client never names a Python path.
+One registry for every kind of model. A constructor is registered for a task, which says which arguments
+describe the data it models (its "spec arguments"):
 
-Sequence models (autoregressive, token in -> next-token logits out) have their own registry:
-``register_sequence_model`` adds a constructor ``fn(vocab_size, max_length, **kwargs)`` and
-``create_sequence_model(name, vocab_size=..., max_length=...)`` builds one; its names are apart from the
-classifiers' (``transformer`` is kegnet/models/transformer.py).
+- ``classify``: ``fn(input_shape, num_classes, **kwargs)``, a classifier (built-ins ``lenet5``, ``resnet``,
+  ``mlp``; ``torchvision:<name>`` and ``timm:<name>`` build those libraries' models, kegnet/models/libraries.py);
+- ``sequence``: ``fn(vocab_size, max_length, **kwargs)``, an autoregressive model, tokens ``(B, T)`` in,
+  next-token logits ``(B, T, vocab_size)`` out (``transformer``, kegnet/models/transformer.py).
 
-``create_model`` and ``create_sequence_model`` first build the model on the meta device (no memory) and refuse
-it when it has more than ``max_parameters`` parameters, so a spec cannot make the server allocate a huge model.
+Server-side code can add architectures with the decorator. Only listed names can be built: a client never
+names a Python path. ``create_model`` first builds the model on the meta device (no memory) and refuses it
+when it has more than ``max_parameters`` parameters, so a spec cannot make the server allocate a huge model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -29,55 +30,89 @@ from kegnet.models import libraries
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
 
-_REGISTRY: dict[str, ModelFactory] = {}
-_SEQUENCE_REGISTRY: dict[str, ModelFactory] = {}
+# The arguments each task's constructors take from the spec (kegnet.spec.ModelSpec.model_arguments).
+SPEC_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "classify": ("input_shape", "num_classes"),
+    "sequence": ("vocab_size", "max_length"),
+}
+# What to give instead, when the arguments of another task were given.
+_GIVE = {"classify": "input shape and classes", "sequence": "vocabulary size and maximum length"}
+_KIND = {"classify": "classifier", "sequence": "sequence model"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered constructor and the task its models serve."""
+
+    fn: ModelFactory
+    task: str
+
+
+_REGISTRY: dict[str, Entry] = {}
 _LIBRARIES: dict[str, ModelFactory] = {"torchvision": libraries.build_torchvision, "timm": libraries.build_timm}
 
 # Parameters of the largest model built by default (ViT-L is 304 M); callers pass their own cap.
 DEFAULT_MAX_PARAMETERS = 400_000_000
 
 
-def _registrar(registry: dict[str, ModelFactory], name: str, kind: str) -> Callable[[F], F]:
-    """The decorator that adds a constructor to ``registry`` under ``name`` (``kind`` names it in errors)."""
+def register_model(name: str, *, task: str = "classify") -> Callable[[F], F]:
+    """Decorator: register a constructor under ``name``; it takes the ``task``'s spec arguments
+    (``SPEC_ARGUMENTS``) and its own keyword arguments, and returns an ``nn.Module``."""
+    if task not in SPEC_ARGUMENTS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(SPEC_ARGUMENTS)}")
 
     def wrap(fn: F) -> F:
-        if name in registry:
-            raise ValueError(f"{kind} {name!r} is already registered")
-        registry[name] = fn
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _REGISTRY[name] = Entry(fn, task)
         return fn
 
     return wrap
 
 
-def register_model(name: str) -> Callable[[F], F]:
-    """Decorator: register ``fn(input_shape, num_classes, **kwargs) -> nn.Module`` under ``name``."""
-    return _registrar(_REGISTRY, name, "architecture")
+def list_models(task: str | None = None) -> list[str]:
+    """Registered names (of one ``task``'s models, or all); library models are named ``torchvision:<name>``
+    and ``timm:<name>``."""
+    return sorted(name for name, entry in _REGISTRY.items() if task is None or entry.task == task)
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def _task_of(arguments: dict[str, Any]) -> str:
+    """The task whose spec arguments were given (classify when none are)."""
+    return next((task for task, names in SPEC_ARGUMENTS.items() if names[0] in arguments), "classify")
 
 
-def _factory(name: str) -> tuple[ModelFactory, dict[str, Any]]:
-    """The constructor for ``name`` and the arguments it gets besides the spec's kwargs."""
+def _factory(name: str, task: str) -> tuple[ModelFactory, dict[str, Any]]:
+    """The constructor for ``name`` (asked for with ``task``'s arguments) and what it gets besides them."""
     source, short = libraries.split_arch(name)
     if source in _LIBRARIES:
+        if task != "classify":
+            raise SpecError(f"{name!r} is a {_KIND['classify']}: give {_GIVE['classify']}, not {_GIVE[task]}")
         return _LIBRARIES[source], {"name": short}
-    if source == "kegnet" and name not in _REGISTRY and name in _SEQUENCE_REGISTRY:
-        raise SpecError(f"{name!r} is a sequence model: give vocabulary size and maximum length, not input shape "
-                        "and classes")
-    if source != "kegnet" or name not in _REGISTRY:
-        raise SpecError(f"unknown architecture {name!r}; available: {', '.join(list_models())}, "
-                        "torchvision:<name>, timm:<name>, or onnx (upload an .onnx file)")
-    fn = _REGISTRY[name]
-    return fn, {}
+    entry = _REGISTRY.get(name) if source == "kegnet" else None
+    if entry is None:
+        available = list_models(task)
+        if task == "classify":
+            raise SpecError(f"unknown architecture {name!r}; available: {', '.join(available)}, "
+                            "torchvision:<name>, timm:<name>, or onnx (upload an .onnx file)")
+        raise SpecError(f"unknown {task} architecture {name!r}; available: {', '.join(available) or 'none'}")
+    if entry.task != task:
+        raise SpecError(f"{name!r} is a {_KIND[entry.task]}: give {_GIVE[entry.task]}, not {_GIVE[task]}")
+    return entry.fn, {}
 
 
-def _build(name: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    fn, fixed = _factory(name)
+def _build(name: str, arguments: dict[str, Any]) -> nn.Module:
+    """``arguments``: the task's spec arguments and the architecture's own keyword arguments."""
+    task = _task_of(arguments)
+    spec_names = SPEC_ARGUMENTS[task]
+    missing = [a for a in spec_names if a not in arguments]
+    if missing:
+        raise SpecError(f"architecture {name!r} needs {', '.join(spec_names)}; missing {', '.join(missing)}")
+    fn, fixed = _factory(name, task)
+    kwargs = {k: v for k, v in arguments.items() if k not in spec_names}
     if not fixed:  # a registered constructor: its signature says which arguments it takes
-        _check_kwargs(name, fn, kwargs, {"input_shape", "num_classes"})
-    return _construct(name, fn, input_shape=tuple(input_shape), num_classes=num_classes, **fixed, **kwargs)
+        _check_kwargs(name, fn, kwargs, set(spec_names))
+    spec_values = {k: tuple(arguments[k]) if k == "input_shape" else arguments[k] for k in spec_names}
+    return _construct(name, fn, **spec_values, **fixed, **kwargs)
 
 
 def _construct(arch: str, fn: ModelFactory, /, **arguments: Any) -> nn.Module:
@@ -119,9 +154,9 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def count_model_parameters(name: str, *, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> int:
+def count_model_parameters(name: str, **arguments: Any) -> int:
     """Parameters of the architecture, counted without allocating them (built on the meta device)."""
-    return _count_on_meta(lambda: _build(name, input_shape, num_classes, dict(kwargs)))
+    return _count_on_meta(lambda: _build(name, dict(arguments)))
 
 
 def _count_on_meta(build: Callable[[], nn.Module]) -> int:
@@ -137,57 +172,20 @@ def _count_on_meta(build: Callable[[], nn.Module]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _refuse_above(name: str, count: int, max_parameters: int) -> None:
+def refuse_above(name: str, count: int, max_parameters: int) -> None:
+    """Raise ``SpecError`` when ``name``'s ``count`` parameters are over ``max_parameters``."""
     if count > max_parameters:
         raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
                         f"of {max_parameters:,}; choose a smaller architecture or arguments")
 
 
-def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
-                 max_parameters: int | None = DEFAULT_MAX_PARAMETERS, **kwargs: Any) -> nn.Module:
-    """Build the architecture ``name``; raise ``SpecError`` with a fixable message otherwise.
+def create_model(name: str, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS, **arguments: Any) -> nn.Module:
+    """Build the architecture ``name`` from its task's spec arguments (``input_shape`` and ``num_classes``, or
+    ``vocab_size`` and ``max_length``) and its own keyword arguments; raise ``SpecError`` with a fixable message
+    otherwise.
 
     With ``max_parameters``, the model is counted on the meta device first and refused above the cap.
     """
     if max_parameters is not None:
-        _refuse_above(name, count_model_parameters(name, input_shape=input_shape, num_classes=num_classes, **kwargs),
-                      max_parameters)
-    return _build(name, input_shape, num_classes, dict(kwargs))
-
-
-def register_sequence_model(name: str) -> Callable[[F], F]:
-    """Decorator: register ``fn(vocab_size, max_length, **kwargs) -> nn.Module`` under ``name``; the model
-    maps tokens ``(B, T)`` to next-token logits ``(B, T, vocab_size)``."""
-    return _registrar(_SEQUENCE_REGISTRY, name, "sequence architecture")
-
-
-def list_sequence_models() -> list[str]:
-    return sorted(_SEQUENCE_REGISTRY)
-
-
-def _build_sequence(name: str, vocab_size: int, max_length: int, kwargs: dict[str, Any]) -> nn.Module:
-    if name not in _SEQUENCE_REGISTRY:
-        hint = " (a classifier: give input shape and classes)" if name in _REGISTRY else ""
-        raise SpecError(f"unknown sequence architecture {name!r}{hint}; available: "
-                        f"{', '.join(list_sequence_models()) or 'none'}")
-    fn = _SEQUENCE_REGISTRY[name]
-    _check_kwargs(name, fn, kwargs, {"vocab_size", "max_length"})
-    return _construct(name, fn, vocab_size=vocab_size, max_length=max_length, **kwargs)
-
-
-def count_sequence_model_parameters(name: str, *, vocab_size: int, max_length: int, **kwargs: Any) -> int:
-    """Parameters of the sequence architecture, counted without allocating them (built on the meta device)."""
-    return _count_on_meta(lambda: _build_sequence(name, vocab_size, max_length, dict(kwargs)))
-
-
-def create_sequence_model(name: str, *, vocab_size: int, max_length: int,
-                          max_parameters: int | None = DEFAULT_MAX_PARAMETERS, **kwargs: Any) -> nn.Module:
-    """Build the sequence architecture ``name`` (tokens ``(B, T)`` -> logits ``(B, T, vocab_size)``); raise
-    ``SpecError`` with a fixable message otherwise.
-
-    With ``max_parameters``, the model is counted on the meta device first and refused above the cap.
-    """
-    if max_parameters is not None:
-        _refuse_above(name, count_sequence_model_parameters(name, vocab_size=vocab_size, max_length=max_length,
-                                                            **kwargs), max_parameters)
-    return _build_sequence(name, vocab_size, max_length, dict(kwargs))
+        refuse_above(name, count_model_parameters(name, **arguments), max_parameters)
+    return _build(name, dict(arguments))

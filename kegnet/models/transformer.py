@@ -4,7 +4,7 @@ Shapes: ``tokens (B, T) -> logits (B, T, V)`` with ``1 <= T <= max_length``; pos
 ``0..t`` (causal self-attention through ``scaled_dot_product_attention(..., is_causal=True)``).
 
 State-dict keys (``V`` vocabulary, ``L`` max_length, ``d`` d_model, ``F`` d_ff; ``i`` in ``0..n_layers-1``); a
-user's checkpoint of this layout loads into ``create_sequence_model("transformer", ...)``:
+user's checkpoint of this layout loads into ``create_model("transformer", vocab_size=..., max_length=...)``:
 
 ==================================  ===========  ===============================================
 key                                 shape        role
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 from torch import nn
 
-from kegnet.models.registry import register_sequence_model
+from kegnet.models.registry import register_model
 
 MAX_VOCAB = 65_536
 MAX_LENGTH = 2_048
@@ -195,7 +195,7 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
-@register_sequence_model("transformer")
+@register_model("transformer", task="sequence")
 class DecoderTransformer(nn.Module):
     """GPT-style decoder: token + position embeddings, ``n_layers`` pre-LN blocks, final LayerNorm, head.
 

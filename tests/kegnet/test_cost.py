@@ -6,11 +6,11 @@ import pytest
 from torch import nn
 
 from kegnet import SpecError
-from kegnet.config import PRESETS, PipelineConfig
+from kegnet.config import PRESETS, ClassifierConfig
 from kegnet.cost import GIB, Profile, check_cost, estimate_cost, profile_model
 from kegnet.models import create_model
 
-ATTACK = PipelineConfig.model_validate({"generator": {"num_generators": 16, "batch_size": 2048, "steps": 200_000}})
+ATTACK = ClassifierConfig.model_validate({"generator": {"num_generators": 16, "batch_size": 2048, "steps": 200_000}})
 
 
 def test_profile_counts_macs_and_activations() -> None:
@@ -35,7 +35,7 @@ def test_the_reported_job_is_refused_naming_the_generator_batch() -> None:
 
 def test_distillation_memory_and_compute_name_their_knobs() -> None:
     teacher = Profile(parameters=1000, macs=10**6, activations=10**4)
-    noise = PipelineConfig.model_validate({"method": "gaussian", "distill": {"batch_size": 4096}})
+    noise = ClassifierConfig.model_validate({"method": "gaussian", "distill": {"batch_size": 4096}})
     cost = estimate_cost(teacher, (16, 512, 512), 10, noise)
     assert cost.generator_memory_bytes == 0 and cost.generator_macs == 0
     with pytest.raises(SpecError, match="in distillation, .* lower config.distill.batch_size"):
@@ -45,7 +45,7 @@ def test_distillation_memory_and_compute_name_their_knobs() -> None:
     with pytest.raises(SpecError, match="multiply-accumulates, mostly in generator training, .* lower "
                                         "config.generator.steps"):
         check_cost(paper, max_memory_bytes=64 * GIB, max_macs=10**12)
-    long_distill = PipelineConfig.model_validate({"method": "uniform", "distill": {"steps": 500_000}})
+    long_distill = ClassifierConfig.model_validate({"method": "uniform", "distill": {"steps": 500_000}})
     with pytest.raises(SpecError, match="mostly in distillation, .* lower config.distill.steps"):
         check_cost(estimate_cost(teacher, (8,), 3, long_distill), max_memory_bytes=GIB, max_macs=10**12)
 
@@ -53,15 +53,15 @@ def test_distillation_memory_and_compute_name_their_knobs() -> None:
 def test_cost_grows_with_each_knob() -> None:
     teacher = Profile(parameters=10**5, macs=10**7, activations=10**5)
     base = estimate_cost(teacher, (3, 32, 32), 10, PRESETS["fast"])
-    double_batch = PipelineConfig.from_preset("fast", generator={"batch_size": 512})
-    double_steps = PipelineConfig.from_preset("fast", generator={"steps": 600}, distill={"steps": 3000})
+    double_batch = ClassifierConfig.from_preset("fast", generator={"batch_size": 512})
+    double_steps = ClassifierConfig.from_preset("fast", generator={"steps": 600}, distill={"steps": 3000})
     assert estimate_cost(teacher, (3, 32, 32), 10, double_batch).generator_memory_bytes > (
         1.9 * base.generator_memory_bytes - 4 * 4 * 5 * (10**6 + 120 * 3 * 32 * 32))
     assert estimate_cost(teacher, (3, 32, 32), 10, double_steps).macs == 2 * base.macs
     assert estimate_cost(teacher, (3, 32, 32), 10, PRESETS["fast"], teachers=3).macs > 1.5 * base.macs
-    tucker = PipelineConfig.from_preset("fast", method="tucker-only")
+    tucker = ClassifierConfig.from_preset("fast", method="tucker-only")
     assert estimate_cost(teacher, (3, 32, 32), 10, tucker).macs == 0
-    three = PipelineConfig.from_preset("fast", distill={"recipes": [{"codes": c} for c in ("one_hot", "pairs",
+    three = ClassifierConfig.from_preset("fast", distill={"recipes": [{"codes": c} for c in ("one_hot", "pairs",
                                                                                          "sparse")]})
     with_three = estimate_cost(teacher, (3, 32, 32), 10, three)
     assert with_three.distill_macs == 3 * base.distill_macs

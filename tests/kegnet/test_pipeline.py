@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from kegnet import Cancelled, ModelSpec, load_student, run_pipeline
-from kegnet.export import sha256_file
+from kegnet.hashing import sha256_file
 from tests.conftest import tiny_config
 
 

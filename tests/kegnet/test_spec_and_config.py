@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from kegnet import ModelSpec, PipelineConfig
+from kegnet import ModelSpec, ClassifierConfig
 
 
 @pytest.mark.parametrize("shape", [(0,), (1, 2), (1, 2, 3, 4), (1, 2000, 2000), (64, 32, 32)])
@@ -21,11 +21,11 @@ def test_arch_name_is_a_plain_identifier() -> None:
 ])
 def test_config_rejects_out_of_bounds(override: dict) -> None:
     with pytest.raises(ValidationError):
-        PipelineConfig.from_preset("fast", **override)
+        ClassifierConfig.from_preset("fast", **override)
 
 
 def test_paper_preset_matches_the_paper() -> None:
-    cfg = PipelineConfig.from_preset("paper")
+    cfg = ClassifierConfig.from_preset("paper")
     g = cfg.generator
     assert (g.num_generators, g.steps, g.batch_size, g.lr, g.alpha, g.beta, g.noise_dim) == (5, 20_000, 256, 1e-3,
                                                                                              1.0, 0.0, 10)
@@ -36,14 +36,14 @@ def test_paper_preset_matches_the_paper() -> None:
 
 def test_recipes_must_fit_the_method() -> None:
     with pytest.raises(ValueError, match="need method 'kegnet'"):
-        PipelineConfig(method="gaussian", distill={"recipes": [{"codes": "pairs"}]})
+        ClassifierConfig(method="gaussian", distill={"recipes": [{"codes": "pairs"}]})
     with pytest.raises(ValueError, match="not tucker-only"):
-        PipelineConfig(method="tucker-only", distill={"recipes": [{"source": "gaussian"}]})
+        ClassifierConfig(method="tucker-only", distill={"recipes": [{"source": "gaussian"}]})
     with pytest.raises(ValueError, match="twice"):
-        PipelineConfig(distill={"recipes": [{"source": "gaussian"}, {"source": "gaussian"}]})
+        ClassifierConfig(distill={"recipes": [{"source": "gaussian"}, {"source": "gaussian"}]})
     with pytest.raises(ValueError):
-        PipelineConfig(distill={"recipes": [{"source": "gaussian"}] * 13})
-    assert [r.name for r in PipelineConfig(method="uniform").candidate_recipes(True, 10)] == ["uniform"]
-    assert PipelineConfig(method="tucker-only").candidate_recipes(False, 3) == []
-    one = PipelineConfig(distill={"label_codes": "pairs", "noise_share": 0.25}).candidate_recipes(True, 3)
+        ClassifierConfig(distill={"recipes": [{"source": "gaussian"}] * 13})
+    assert [r.name for r in ClassifierConfig(method="uniform").candidate_recipes(True, 10)] == ["uniform"]
+    assert ClassifierConfig(method="tucker-only").candidate_recipes(False, 3) == []
+    one = ClassifierConfig(distill={"label_codes": "pairs", "noise_share": 0.25}).candidate_recipes(True, 3)
     assert [r.name for r in one] == ["kegnet/pairs+noise0.25"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kegnet.config import DistillConfig, PipelineConfig
+from kegnet.config import DistillConfig, ClassifierConfig
 from kegnet.generation import KegNetSampler
 from kegnet.generation.codes import simplex_codes
 
@@ -45,13 +45,13 @@ def test_sampler_asks_for_the_chosen_codes_and_labels_the_top_class(codes: str) 
 
 def test_defaults_mix_classes_for_the_student_but_the_paper_preset_does_not() -> None:
     assert DistillConfig().label_codes == "auto"
-    names = {(image, classes): [r.name for r in PipelineConfig().candidate_recipes(image, classes)]
+    names = {(image, classes): [r.name for r in ClassifierConfig().candidate_recipes(image, classes)]
              for image in (True, False) for classes in (2, 10, 11, 26)}
     # Uniform mixes of all classes for images with few classes; mixes of two above ten classes, where a uniform
     # mix is far from every class; vectors: sparse mixes with half the batch Gaussian noise.
     assert names[(True, 10)] == ["kegnet/simplex"] and names[(True, 11)] == ["kegnet/pairs"]
     assert names[(False, 2)] == names[(False, 26)] == ["kegnet/sparse+noise0.5"]
-    paper = PipelineConfig.from_preset("paper")
+    paper = ClassifierConfig.from_preset("paper")
     assert [r.name for r in paper.candidate_recipes(True, 10)] == ["kegnet/one_hot"]
     with pytest.raises(ValueError):
         KegNetSampler([], 3, 2, torch.device("cpu"), "dirichlet")  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kegnet.config import PipelineConfig
+from kegnet.config import SequenceJobConfig
 from kegnet.cost import Profile, check_cost, estimate_sequence_cost
 from kegnet.errors import KegnetError, SpecError
 from kegnet.export import load_student
@@ -36,7 +36,7 @@ def tiny_teacher(seed: int = 0) -> torch.nn.Module:
 
 @pytest.mark.parametrize("objective", ["word", "sequence", "both"])
 def test_sequence_job_writes_a_loadable_student(tmp_path: Path, objective: str) -> None:
-    config = PipelineConfig.model_validate({**CONFIG, "sequence": {**CONFIG["sequence"], "objective": objective}})
+    config = SequenceJobConfig.model_validate({**CONFIG, "sequence": {**CONFIG["sequence"], "objective": objective}})
     stages: list[str] = []
     result = run_pipeline(tiny_teacher(), SPEC, config, tmp_path, device="cpu", seed=0,
                           progress=lambda e: stages.append(e.stage))
@@ -60,7 +60,7 @@ def test_sequence_job_writes_a_loadable_student(tmp_path: Path, objective: str) 
 
 
 def test_same_seed_same_student(tmp_path: Path) -> None:
-    config = PipelineConfig.model_validate(CONFIG)
+    config = SequenceJobConfig.model_validate(CONFIG)
     a = run_pipeline(tiny_teacher(), SPEC, config, tmp_path / "a", device="cpu", seed=3)
     b = run_pipeline(tiny_teacher(), SPEC, config, tmp_path / "b", device="cpu", seed=3)
     assert a.manifest["synthetic_agreement"] == b.manifest["synthetic_agreement"]
@@ -73,7 +73,7 @@ def test_a_shallower_student_is_saved_and_reloaded(tmp_path: Path) -> None:
     torch.manual_seed(0)
     teacher = create_sequence_model("transformer", vocab_size=16, max_length=10, **kwargs)
     spec = ModelSpec(arch="transformer", arch_kwargs=kwargs, task="sequence", sequence=TOKENS)
-    config = PipelineConfig.model_validate({**CONFIG, "sequence": {**CONFIG["sequence"], "student_layers": 1}})
+    config = SequenceJobConfig.model_validate({**CONFIG, "sequence": {**CONFIG["sequence"], "student_layers": 1}})
     result = run_pipeline(teacher, spec, config, tmp_path, device="cpu", seed=0)
     assert result.manifest["compression"]["blocks"] == {"kept": [0], "of": 3}
     assert result.manifest["compression_ratio"] >= 1.5 and len(result.student.blocks) == 1
@@ -81,7 +81,7 @@ def test_a_shallower_student_is_saved_and_reloaded(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.allclose(load_student(tmp_path)(tokens), result.student.cpu().eval()(tokens), atol=1e-5)
     with pytest.raises(ValueError, match="less than or equal to 48"):
-        PipelineConfig.model_validate({"sequence": {"student_layers": 49}})
+        SequenceJobConfig.model_validate({"sequence": {"student_layers": 49}})
 
 
 def test_prompts_end_at_the_separator_or_at_a_random_cut() -> None:
@@ -118,19 +118,19 @@ def test_weights_of_another_vocabulary_are_refused(tmp_path: Path) -> None:
     save_file(tiny_teacher().state_dict(), str(path))
     other = ModelSpec(arch="transformer", arch_kwargs=KWARGS, task="sequence", sequence={**TOKENS, "vocab_size": 20})
     with pytest.raises(SpecError, match=r"shape mismatch: tok_emb.weight .*check sequence.vocab_size"):
-        run_pipeline(path, other, PipelineConfig.model_validate(CONFIG), tmp_path / "o", device="cpu")
+        run_pipeline(path, other, SequenceJobConfig.model_validate(CONFIG), tmp_path / "o", device="cpu")
     with pytest.raises(KegnetError, match="eval_set is for classifiers"):
-        run_pipeline(path, SPEC, PipelineConfig.model_validate(CONFIG), tmp_path / "o", device="cpu",
+        run_pipeline(path, SPEC, SequenceJobConfig.model_validate(CONFIG), tmp_path / "o", device="cpu",
                      eval_set=(torch.zeros(2, 3), torch.zeros(2)))
 
 
 def test_sequence_cost_names_the_knob_to_lower() -> None:
     profile = Profile(parameters=100_000_000, macs=100_000_000 * 512, activations=10_000_000)
-    big = PipelineConfig.model_validate({"sequence": {"samples": 500_000, "beam_size": 16}})
+    big = SequenceJobConfig.model_validate({"sequence": {"samples": 500_000, "beam_size": 16}})
     cost = estimate_sequence_cost(profile, 512, 50_000, big)
     with pytest.raises(SpecError, match="config.sequence.samples, holdout or beam_size"):
         check_cost(cost, max_memory_bytes=1 << 40, max_macs=int(5e17))
-    small = estimate_sequence_cost(Profile(10_000, 10_000 * 10, 1000), 10, 16, PipelineConfig.model_validate(CONFIG))
+    small = estimate_sequence_cost(Profile(10_000, 10_000 * 10, 1000), 10, 16, SequenceJobConfig.model_validate(CONFIG))
     check_cost(small, max_memory_bytes=1 << 30, max_macs=int(1e12))
 
 

@@ -1,0 +1,21 @@
+"""Kinds of job, one module each: ``classify`` (kegnet/tasks/classify.py) and ``sequence``
+(kegnet/tasks/sequence.py). ``get_task(spec.task)`` is the only place a job's kind is looked up; the driver
+(kegnet/pipeline.py), the preflight (kegnet/preflight.py) and the student loader ask the task, never branch."""
+
+from __future__ import annotations
+
+import importlib
+
+from kegnet.tasks.base import Inputs, Run, Stage, Task, TaskOutcome
+
+_MODULES = {"classify": "kegnet.tasks.classify", "sequence": "kegnet.tasks.sequence"}
+
+
+def get_task(name: str) -> Task:
+    """The ``Task`` of ``name`` (a ``ModelSpec.task``); imported on first use (each pulls in its stages)."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(_MODULES)}")
+    return importlib.import_module(_MODULES[name]).TASK
+
+
+__all__ = ["Inputs", "Run", "Stage", "Task", "TaskOutcome", "get_task"]

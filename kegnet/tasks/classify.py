@@ -1,0 +1,364 @@
+"""The classifier task: load → plan → generators → decompose → finetune → export.
+
+The teacher (or a teacher ensemble) is the only input. The compression is planned (layers, ranks, measured
+latency) before the generators train, so a bad plan fails in seconds, not after the longest stage; KegNet
+generators then make the samples, the planned layers are factorized (Tucker-2 / SVD), one student per sample
+recipe is fine-tuned by distillation and graded on a common synthetic exam, and the best is exported.
+Each stage is one function below that reads and fills a ``_Job``; kegnet.pipeline runs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kegnet import export
+from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
+from kegnet.compression import CompressionPlan, apply_plan, plan_compression
+from kegnet.compression.latency import model_latency
+from kegnet.compression.plan import drop_slower_layers, replan_ratio
+from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe
+from kegnet.cost import JobCost, estimate_cost, profile_model
+from kegnet.distill import DistillResult, distill
+from kegnet.distill.confidence import assess
+from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
+from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
+from kegnet.errors import CompressionError, KegnetError
+from kegnet.evaluation import evaluate, read_eval_set
+from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
+from kegnet.metrics import count_macs, count_parameters
+from kegnet.report import Agreement, ClassifyReport, Sizes, Speed, Teachers
+from kegnet.spec import ModelSpec
+from kegnet.tasks.base import Run, Stage, Task, TaskOutcome, TeacherSource
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class _Candidate:
+    """A student fine-tuned from one sample recipe, and its exam grade."""
+
+    recipe: Recipe
+    student: nn.Module
+    result: DistillResult
+    grade: Grade
+
+
+@dataclass
+class _Job(Run):
+    """The classifier's job state: what each stage adds, in stage order."""
+
+    config: ClassifierConfig
+    # load
+    teachers: list[nn.Module] = field(default_factory=list)
+    teacher: nn.Module | None = None  # the one the student is compressed from
+    ensemble: TeacherEnsemble | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    eval_set: tuple[torch.Tensor, torch.Tensor] | None = None  # the user's labelled data: reported only
+    # plan
+    plan: CompressionPlan | None = None
+    layer_latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    # generators
+    sampler: Sampler | None = None
+    generators: list[nn.Module] | None = None
+    generator_curve: list[dict[str, float]] = field(default_factory=list)
+    # decompose
+    agreements: list[float] | None = None
+    # finetune
+    exam: Exam | None = None
+    before: Grade | None = None  # the decomposed student's exam grade
+    candidates: dict[str, _Candidate] = field(default_factory=dict)
+    chosen: str | None = None
+    distill_result: DistillResult | None = None
+    # export
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    exported: dict[str, Any] = field(default_factory=dict)  # onnx_skipped, onnx_check, program_skipped
+
+
+# 1. load ------------------------------------------------------------------------------------------------
+def _load(job: _Job) -> None:
+    """Build every teacher (all of one spec), then read the evaluation set if any; a bad file's error names
+    which one it is."""
+    sources, eval_set = job.inputs.sources, job.inputs.eval_set
+    job.report("load", 0.0, "loading the teacher")
+    loaded: list[LoadedTeacher] = []
+    for i, source in enumerate(sources):
+        if len(sources) > 1:
+            job.report("load", i / len(sources), f"loading teacher {i + 1} of {len(sources)}")
+        try:
+            loaded.append(_open(source, job.spec, job.inputs.max_parameters, job.inputs.max_bytes))
+        except KegnetError as exc:
+            if len(sources) == 1:
+                raise
+            raise type(exc)(f"checkpoint {i + 1} of {len(sources)} (index {i}): {exc}") from exc
+    job.spec = loaded[0].spec  # an ONNX graph fills in input shape and classes
+    if isinstance(eval_set, str | Path):
+        job.eval_set = read_eval_set(eval_set, job.spec, job.inputs.max_eval_samples)
+    elif eval_set is not None:
+        job.eval_set = (eval_set[0].float().cpu(), eval_set[1].long().cpu())
+    job.architecture = loaded[0].architecture
+    job.teachers = [t.model.to(job.device).eval() for t in loaded]
+    job.teacher = job.teachers[0]  # unless ensemble_student picks another, after the generators
+    dcfg = job.config.distill
+    if len(job.teachers) > 1:
+        job.ensemble = TeacherEnsemble(job.teachers, weighting=dcfg.ensemble_weighting, temperature=dcfg.temperature,
+                                       tau=dcfg.ensemble_temperature, mc_passes=dcfg.mc_dropout_passes)
+    job.report("load", 1.0, "teacher loaded" if len(job.teachers) == 1 else f"{len(job.teachers)} teachers loaded",
+               parameters=count_parameters(job.teacher))
+
+
+def _open(source: TeacherSource, spec: ModelSpec, max_parameters: int | None, max_bytes: int | None
+          ) -> LoadedTeacher:
+    if not isinstance(source, nn.Module):
+        return open_teacher(source, spec, max_parameters=max_parameters, max_bytes=max_bytes)
+    if not spec.resolved:
+        raise KegnetError("a teacher passed as a module needs input_shape and num_classes in its spec")
+    return LoadedTeacher(source, spec, architecture_of(spec))
+
+
+# 2. plan -----------------------------------------------------------------------------------------------
+def _plan(job: _Job) -> None:
+    """Layers and ranks on the teacher, then drop the factorizations that run slower on this device."""
+    job.report("plan", 0.0, "choosing layers and ranks")
+    cfg = job.config.compression
+    job.plan = plan_compression(job.teacher, cfg)
+    job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
+    job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg)
+    if not job.plan.layers:
+        raise CompressionError(
+            f"every factorization ran slower than its layer on {job.device.type} at batch {cfg.latency_batch}, so "
+            "none is worth making; set compression.keep_slower to compress anyway, or raise latency_batch")
+    job.plan = replan_ratio(job.teacher, job.plan, cfg)  # the target ratio, from the layers kept
+    job.report("plan", 1.0, f"{len(job.plan.layers)} layers to factorize",
+               ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers})
+
+
+# 3. generate -------------------------------------------------------------------------------------------
+def _generate(job: _Job) -> None:
+    """KegNet generators (trained here unless given), or the noise baselines' samplers."""
+    generators = job.inputs.generators
+    config, gcfg, dcfg, dev = job.config, job.config.generator, job.config.distill, job.device
+    if config.method == "kegnet":
+        if generators is None:  # none passed in (a rerun with other compression settings passes them)
+            def on_gen_step(step: int, metrics: dict[str, float]) -> None:
+                job.generator_curve.append({"step": step, **metrics})
+                job.report("generators", step / gcfg.steps, f"generator step {step}/{gcfg.steps}", step=step,
+                           total=gcfg.steps, **metrics)
+
+            # Generators learn against the plain mean of the teachers' probabilities: a sample then only has
+            # to be class y for some teacher, so teachers of different domains each contribute samples of
+            # their own domain. Uncertainty weights are for the student's targets only: through them a
+            # generator could lower its loss by choosing whom to convince.
+            target = job.teacher if job.ensemble is None else TeacherEnsemble(job.teachers, weighting="mean",
+                                                                               temperature=1.0)
+            generators = train_generators(
+                target, job.spec.input_shape, job.spec.num_classes, gcfg, device=dev, seed=job.seed,
+                on_step=on_gen_step, should_cancel=job.report.should_cancel,
+                report_every=max(1, min(50, gcfg.steps // 20 or 1)),
+            )
+        job.sampler = KegNetSampler([g.to(dev).eval() for g in generators], job.spec.num_classes, gcfg.noise_dim,
+                                    dev, "one_hot" if dcfg.label_codes == "auto" else dcfg.label_codes)
+        job.generators = job.sampler.generators
+    elif config.method != "tucker-only":
+        job.sampler = NoiseSampler(config.method, job.spec.input_shape, dev)
+    if job.sampler is None:
+        job.report("generators", 1.0, "no samples: this method fine-tunes nothing", skipped=True)
+    elif generators is not None and not job.generator_curve:
+        job.report("generators", 1.0, "generators given; not trained again")
+    else:
+        job.report("generators", 1.0, "samples ready")
+
+
+# 4. decompose ------------------------------------------------------------------------------------------
+def _decompose(job: _Job) -> None:
+    """Factorize the planned layers (with several teachers, first choose which one to compress)."""
+    dcfg = job.config.distill
+    if job.ensemble is not None and job.sampler is not None:
+        probe_x, _ = job.sampler.sample(dcfg.holdout_samples,
+                                        torch.Generator(device=job.device).manual_seed(job.seed + 104_729))
+        job.agreements = member_agreements(job.ensemble, probe_x)
+        if dcfg.ensemble_student == "best":
+            job.ensemble.base = max(range(len(job.teachers)), key=lambda i: job.agreements[i])  # first of equals
+            if job.teachers[job.ensemble.base] is not job.teacher:
+                job.teacher = job.teachers[job.ensemble.base]
+                # Same architecture, so the same layers; ranks are chosen again on this teacher's weights.
+                kept = {p.name for p in job.plan.layers}
+                job.plan = plan_compression(job.teacher, job.config.compression)
+                job.plan.layers = [p for p in job.plan.layers if p.name in kept]
+    elif job.ensemble is not None and dcfg.ensemble_student == "best":
+        log.info("ensemble_student=best needs synthetic samples; method %s has none: compressing teacher 0",
+                 job.config.method)
+    job.student = apply_plan(job.teacher, job.plan, n_iter_max=job.config.compression.n_iter_max,
+                             seed=job.seed).to(job.device)
+    ratio = count_parameters(job.teacher) / count_parameters(job.student)
+    job.report("decompose", 1.0, f"{len(job.plan.layers)} layers factorized",
+               ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers}, compression_ratio=ratio)
+
+
+# 5. distill --------------------------------------------------------------------------------------------
+def _distill(job: _Job) -> None:
+    """Fine-tune one student per sample recipe, grade each on the common synthetic exam, keep the best.
+
+    Each candidate starts from the same decomposed student with the same seeds, so a recipe's student is
+    the same whether it is trained alone or among others. Nothing to fine-tune for tucker-only or zero
+    steps: the decomposed student is graded and kept.
+    """
+    dcfg, dev = job.config.distill, job.device
+    teacher = job.ensemble or job.teacher
+    kegnet = job.sampler if isinstance(job.sampler, KegNetSampler) else None
+    job.report("finetune", 0.0, "drawing the synthetic exam")
+    job.exam = build_exam(teacher, exam_sources(kegnet, job.spec.input_shape, dev), dcfg.holdout_samples,
+                          job.seed + 7919, dev)
+    job.before = grade(job.student, job.exam)
+    image = len(job.spec.input_shape) == 3
+    recipes = job.config.candidate_recipes(image, job.spec.num_classes) if dcfg.steps > 0 else []
+    base = job.student
+    for i, recipe in enumerate(recipes):
+        student = base if len(recipes) == 1 else copy.deepcopy(base)
+        name = recipe.name
+
+        def on_eval(step: int, metrics: dict[str, float], i: int = i, name: str = name) -> None:
+            what = f"student step {step}/{dcfg.steps}" if len(recipes) == 1 else (
+                f"recipe {i + 1}/{len(recipes)} ({name}): student step {step}/{dcfg.steps}")
+            job.report("finetune", (i + step / dcfg.steps) / len(recipes), what, step=step, total=dcfg.steps,
+                       recipe=name, **metrics)
+
+        # Dropout in the student draws from the global generator: reseed, so that a candidate is the same
+        # student whether the generators were trained in this run or passed in, alone or among others.
+        torch.manual_seed(job.seed + 1)
+        sampler: Sampler = (kegnet.with_codes(recipe.codes) if recipe.source == "kegnet" and kegnet is not None
+                            else NoiseSampler(recipe.source, job.spec.input_shape, dev))
+        cfg = dcfg.model_copy(update={"noise_share": recipe.noise_share if recipe.source == "kegnet" else 0.0})
+        result = distill(
+            teacher, student, sampler, cfg, device=dev, seed=job.seed,
+            num_sources=len(job.generators) if job.generators else 1, on_eval=on_eval,
+            should_cancel=job.report.should_cancel, diversity_beta=job.config.generator.beta,
+            feature_layers=[p.name for p in job.plan.layers], exam=job.exam)
+        job.candidates[name] = _Candidate(recipe, student, result, grade(student, job.exam))
+    if not job.candidates:
+        job.report("finetune", 1.0, "no fine-tuning for this method", skipped=True,
+                   exam_agreement=job.before.agreement)
+        return
+    job.chosen = choose({name: c.grade for name, c in job.candidates.items()})
+    chosen = job.candidates[job.chosen]
+    job.student, job.distill_result = chosen.student, chosen.result
+    job.report("finetune", 1.0, "student ready" if len(recipes) == 1 else f"kept {job.chosen}",
+               recipe=job.chosen, exam_agreement=chosen.grade.agreement)
+
+
+# 6. export ---------------------------------------------------------------------------------------------
+def _export(job: _Job) -> None:
+    """Latency of teacher and student on the job's device, the evaluation if any, then the files."""
+    assert job.teacher is not None and job.student is not None and job.plan is not None
+    spec, config, out, cfg = job.spec, job.config, job.out, job.config.compression
+    job.report("export", 0.0, "measuring latency")
+    if job.eval_set is not None:
+        job.report("export", 0.0, f"scoring on the {len(job.eval_set[1])} labelled samples given")
+        students = {name: c.student for name, c in job.candidates.items()} or {"decomposed": job.student}
+        job.evaluation = evaluate(job.teacher, students, job.chosen, *job.eval_set, spec.num_classes, job.device)
+    timing = {"repeats": cfg.latency_repeats, "budget_s": cfg.latency_budget_s}
+    job.latency = {"teacher": model_latency(job.teacher.eval(), spec.input_shape, job.device, **timing),
+                   "student": model_latency(job.student.eval(), spec.input_shape, job.device, **timing)}
+    student = job.student = job.student.cpu().eval()
+    for t in job.teachers:
+        t.cpu()
+    export.save_weights(student, spec, job.plan, out / export.WEIGHTS)
+    job.exported = {"program_skipped": _export_program(student, spec, config, out),
+                    "onnx_skipped": None, "onnx_check": None}
+    if config.export_onnx:
+        converted = spec.arch == "onnx"  # an onnx2torch graph: only the traced exporter takes it
+        skipped = export.export_onnx(student, spec.input_shape, out / export.ONNX, traced=converted)
+        job.exported["onnx_skipped"] = skipped
+        if skipped:
+            log.warning("no ONNX file: %s", skipped)
+        else:
+            job.exported["onnx_check"] = export.check_onnx(out / export.ONNX, student, spec.input_shape, job.seed)
+    result = job.distill_result
+    export.plot_curves(job.generator_curve, result.curve if result else [], out / export.CURVES)
+    if isinstance(job.sampler, KegNetSampler) and len(spec.input_shape) == 3:
+        export.plot_samples(job.sampler, spec.num_classes, out / export.SAMPLES, seed=job.seed)
+    job.report("export", 1.0, "artifacts written")
+
+
+def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:
+    """``student.pt2``, or why there is none."""
+    if not config.export_portable:
+        return None
+    if spec.arch == "onnx":  # an onnx2torch graph: torch.export cannot trace its Reshape modules
+        return "torch.export cannot trace a graph converted from ONNX; use student.onnx"
+    try:
+        export.export_program(student, spec.input_shape, out / export.PROGRAM)
+    except Exception as exc:  # noqa: BLE001 - some converted graphs cannot be traced; the other files stand
+        skipped = f"torch.export could not trace this student ({type(exc).__name__})"
+        log.warning("no %s: %s", export.PROGRAM, skipped)
+        return skipped
+    return None
+
+
+# after the stages: the report --------------------------------------------------------------------------------
+EXAM_MEASURE = ("share of the synthetic exam (held-out generator and noise samples, never trained on) on which the "
+                "student's top class is the teacher's")
+
+
+def _finish(job: _Job) -> TaskOutcome:
+    assert job.teacher is not None and job.student is not None and job.plan is not None and job.before is not None
+    spec, result, student = job.spec, job.distill_result, job.student
+    params = Sizes(teacher=count_parameters(job.teacher), student=count_parameters(student))
+    teachers = Teachers(count=len(job.teachers),
+                        weighting=job.ensemble.weighting if job.ensemble is not None else "mean",  # after fallback
+                        student_from=job.ensemble.base if job.ensemble is not None else 0,
+                        agreement_with_ensemble=job.agreements)
+    section = ClassifyReport(
+        plan=job.plan.to_dict(), macs=Sizes(teacher=count_macs(job.teacher, spec.input_shape),
+                                            student=count_macs(student, spec.input_shape)),
+        layer_latency=job.layer_latency, teachers=teachers, recipe=job.chosen,
+        confidence=assess({name: c.grade for name, c in job.candidates.items()}, job.chosen, job.before,
+                          spec.num_classes, job.exam.sources if job.exam else {}),
+        evaluation=job.evaluation, generator_curve=job.generator_curve,
+        distill_curve=result.curve if result else [], **job.exported)
+    agreement = None if result is None else Agreement(
+        measure=EXAM_MEASURE, before_finetune=result.initial_agreement, final=result.best_agreement,
+        best_step=result.best_step)
+    core = {"architecture": job.architecture, "parameters": params,
+            "compression_ratio": params.teacher / params.student, "agreement": agreement,
+            "speed": Speed(device=str(job.device), unit="ms", **job.latency)}
+    candidates = {name: c.student for name, c in job.candidates.items()}
+    return TaskOutcome(section, core, student, job.generators, candidates)
+
+
+# the task's rules and costs ------------------------------------------------------------------------------
+def _check(spec: ModelSpec, config: ClassifierConfig, teachers: int, has_eval_set: bool) -> None:
+    """A classifier job takes 1 to ``MAX_TEACHERS`` teachers of one spec, and may take an evaluation set."""
+    if not 1 <= teachers <= MAX_TEACHERS:
+        raise KegnetError(f"give 1 to {MAX_TEACHERS} teachers, got {teachers}")
+
+
+def _check_model(model: nn.Module, spec: ModelSpec, config: ClassifierConfig) -> None:
+    """The compression plan names layers of this teacher (the latency filter runs later, in the job)."""
+    plan_compression(model, config.compression)
+
+
+def _cost(model: nn.Module, spec: ModelSpec, config: ClassifierConfig, teachers: int) -> JobCost:
+    assert spec.input_shape is not None and spec.num_classes is not None
+    return estimate_cost(profile_model(model, spec.input_shape), spec.input_shape, spec.num_classes, config, teachers)
+
+
+def _rebuild_student(model: nn.Module, metadata: dict[str, str]) -> nn.Module:
+    """The factorized layers of the saved plan (``student.safetensors``'s metadata), weights not fitted."""
+    return apply_plan(model, CompressionPlan.from_dict(json.loads(metadata[export.PLAN_METADATA])), initialize=False)
+
+
+TASK = Task(
+    name="classify",
+    job_type=_Job,
+    stages=(Stage("load", 0.02, _load), Stage("plan", 0.03, _plan), Stage("generators", 0.47, _generate),
+            Stage("decompose", 0.05, _decompose), Stage("finetune", 0.38, _distill), Stage("export", 0.05, _export)),
+    check=_check, check_model=_check_model, cost=_cost, finish=_finish, rebuild_student=_rebuild_student,
+)
