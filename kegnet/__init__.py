@@ -20,7 +20,7 @@ _EXPORTS = {
     "config_for": "kegnet.config", "Recipe": "kegnet.config", "RunReport": "kegnet.report",
     "ProgressEvent": "kegnet.events", "read_eval_set": "kegnet.evaluation",
     "RunResult": "kegnet.pipeline", "run_pipeline": "kegnet.pipeline",
-    "load_student": "kegnet.export",
+    "load_student": "kegnet.student",
     "create_model": "kegnet.models", "list_models": "kegnet.models", "register_model": "kegnet.models",
     "load_teacher": "kegnet.checkpoint", "open_teacher": "kegnet.checkpoint", "read_state_dict": "kegnet.checkpoint",
 }

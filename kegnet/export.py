@@ -1,4 +1,4 @@
-"""Writing a run's outputs, and loading a saved student back.
+"""Writing a run's outputs (loading a saved student back is ``kegnet.student``).
 
 Files: ``student.safetensors`` (weights; its metadata holds the spec and the compression plan, so the file
 alone rebuilds the model with this package), ``student.pt2`` (a ``torch.export`` program with a dynamic batch
@@ -14,12 +14,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from kegnet.compression import CompressionPlan, apply_plan
-from kegnet.models import create_model
+from kegnet.compression import CompressionPlan
 from kegnet.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -41,54 +39,11 @@ def save_weights(student: nn.Module, spec: ModelSpec, plan: CompressionPlan, pat
 
 
 def write_weights(student: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """``student``'s state dict as safetensors with ``metadata`` (what ``load_student`` rebuilds it from)."""
+    """``student``'s state dict as safetensors with ``metadata`` (what ``kegnet.student.load_student`` rebuilds
+    it from)."""
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
     path.chmod(0o644)  # safetensors writes 0600; the run's other files are 0644
-
-
-def load_student(path: str | Path, onnx_teacher: str | Path | None = None) -> nn.Module:
-    """Rebuild a student from ``student.safetensors`` (or a run directory holding it); eval mode, CPU.
-
-    A student of an ONNX teacher is rebuilt on the teacher's converted graph: pass the teacher's ``.onnx``
-    file as ``onnx_teacher`` (or use ``student.onnx``, which needs nothing else).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    spec = ModelSpec.model_validate_json(meta["kegnet_spec"])
-    if spec.is_sequence:
-        return _load_sequence_student(path, spec, json.loads(meta[SEQUENCE_REPORT]))
-    plan = CompressionPlan.from_dict(json.loads(meta["kegnet_plan"]))
-    if spec.arch == "onnx":
-        if onnx_teacher is None:
-            raise ValueError("this student's teacher was an ONNX graph: pass onnx_teacher=<the teacher's .onnx>, "
-                             f"or load {ONNX} with an ONNX runtime")
-        from kegnet.models import onnx_graph
-
-        model = onnx_graph.to_torch(onnx_graph.read_graph(onnx_teacher))
-    else:
-        model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=spec.num_classes,
-                             max_parameters=None, **spec.kwargs())
-    student = apply_plan(model, plan, initialize=False)
-    student.load_state_dict(load_file(str(path)), strict=True)
-    return student.eval()
-
-
-def _load_sequence_student(path: Path, spec: ModelSpec, report: dict) -> nn.Module:
-    """A sequence student: the architecture, the factorized structure its compression report describes
-    (kegnet/sequence/compress.py), then its weights."""
-    from kegnet.models import create_sequence_model
-    from kegnet.sequence.compress import compressed_structure
-
-    assert spec.sequence is not None
-    model = create_sequence_model(spec.arch, vocab_size=spec.sequence.vocab_size,
-                                  max_length=spec.sequence.max_length, max_parameters=None, **spec.kwargs())
-    student = compressed_structure(model, report)
-    student.load_state_dict(load_file(str(path)), strict=True)
-    return student.eval()
 
 
 def _export_args(student: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, tuple, tuple]:

@@ -3,15 +3,8 @@
 :func:`distill_sequence` is the training loop: word-level KD on a transfer set of sampled generations,
 sequence-level KD on the teacher's beam outputs, or both on the beam outputs (``kegnet.sequence.objectives``).
 Model selection stays data-free: every ``eval_every`` steps an injected ``score(student) -> float`` grades the
-student (the integrator's: agreement with the teacher's greedy outputs on held-out generations, e.g.
-:func:`agreement_score`) and the best state is kept.
-
-:func:`greedy_agreement` is that grade computed teacher-forced, without decoding: one student forward pass over
-the teacher's greedy sequences. Its ``sequence`` figure (every target position matches) equals the exact-match
-rate of the student's own free-running greedy decode in exact arithmetic: a greedy decoder that takes the same
-argmax at every prefix emits the same tokens. Its ``token`` figure is not the free-running one (a free-running
-decode diverges after its first mistake). Decoding for real (KV caches, batch-size effects on ties, edit
-distances) is the integrator's job, through the generation module.
+student (the integrator's: ``kegnet.sequence.pipeline.agreement``, the student's greedy completions of
+held-out prompts against the teacher's) and the best state is kept.
 
 Sequences are right-padded ``LongTensor (N, L)``; see ``objectives.target_mask`` for which positions count.
 """
@@ -23,7 +16,6 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
@@ -45,16 +37,6 @@ class SequenceDistillResult:
     initial_score: float
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since the last eval)
     score_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, score); step 0 = before training
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Teacher-forced agreement of a student with the teacher's greedy sequences."""
-
-    token: float  # fraction of target positions where the student's argmax is the teacher's token
-    sequence: float  # fraction of sequences whose every target position matches
-    positions: int  # target positions graded
-    sequences: int  # sequences graded (those with at least one target position)
 
 
 def cosine_lr(step: int, steps: int, lr: float, warmup: int = 0, min_lr: float = 0.0) -> float:
@@ -116,59 +98,6 @@ def _module_modes(model: nn.Module) -> dict[nn.Module, bool]:
 def _restore_modes(modes: dict[nn.Module, bool]) -> None:
     for m, training in modes.items():
         m.training = training
-
-
-@torch.no_grad()
-def greedy_agreement(student: nn.Module, teacher_greedy: torch.Tensor, *, prefix_len: int, pad_id: int | None,
-                     eos_id: int | None, device: torch.device, batch_size: int = 256) -> Agreement:
-    """Teacher-forced agreement with the teacher's greedy sequences: no decoding, one forward pass per chunk.
-
-    At each target position (``objectives.target_mask``) the student's argmax given the teacher's prefix is
-    compared with the teacher's greedy token. ``sequence`` equals the exact-match rate of the student's own
-    greedy decode (see the module docstring); ``token`` is a smoother proxy. The student's train/eval modes are
-    restored afterwards.
-
-    Shapes: ``teacher_greedy (N, L)`` -> :class:`Agreement`.
-    """
-    _check_sequences("teacher_greedy", teacher_greedy)
-    mask_all = target_mask(teacher_greedy, pad_id=pad_id, eos_id=eos_id, prefix_len=prefix_len)
-    if not mask_all.any():
-        raise ValueError("teacher_greedy has no target position after the prefix: nothing to grade")
-    modes = _module_modes(student)
-    student.eval()
-    hits = positions = seq_hits = seqs = 0
-    try:
-        for i in range(0, len(teacher_greedy), batch_size):
-            chunk = teacher_greedy[i:i + batch_size].to(device)
-            inputs, targets, mask = _trim(*shift(chunk), mask_all[i:i + batch_size].to(device))
-            match = student(inputs).argmax(-1) == targets  # (B, T')
-            graded = mask.any(1)
-            hits += int((match & mask).sum())
-            positions += int(mask.sum())
-            seq_hits += int(((match | ~mask).all(1) & graded).sum())  # unselected positions cannot fail
-            seqs += int(graded.sum())
-    finally:
-        _restore_modes(modes)
-    return Agreement(token=hits / positions, sequence=seq_hits / seqs, positions=positions, sequences=seqs)
-
-
-def agreement_score(teacher_greedy: torch.Tensor, *, prefix_len: int, pad_id: int | None, eos_id: int | None,
-                    device: torch.device, level: Literal["token", "sequence"] = "token",
-                    batch_size: int = 256) -> Callable[[nn.Module], float]:
-    """A ``score(student)`` for :func:`distill_sequence`: :func:`greedy_agreement` at ``level``.
-
-    ``"token"`` moves with every position learned (fewer ties between evaluations); ``"sequence"`` is the
-    exact-match rate of greedy decodes.
-    """
-    if level not in ("token", "sequence"):
-        raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
-
-    def score(student: nn.Module) -> float:
-        grade = greedy_agreement(student, teacher_greedy, prefix_len=prefix_len, pad_id=pad_id, eos_id=eos_id,
-                                 device=device, batch_size=batch_size)
-        return grade.token if level == "token" else grade.sequence
-
-    return score
 
 
 def _training_set(objective: Objective, samples: torch.Tensor | None,

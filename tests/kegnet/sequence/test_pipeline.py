@@ -15,12 +15,12 @@ from safetensors.torch import save_file
 from kegnet.config import SequenceJobConfig
 from kegnet.cost import Profile, check_cost, estimate_sequence_cost
 from kegnet.errors import KegnetError, SpecError
-from kegnet.export import load_student
 from kegnet.models import create_sequence_model
 from kegnet.pipeline import run_pipeline
 from kegnet.sequence.generate import Sequences
 from kegnet.sequence.pipeline import cut_prompts
 from kegnet.spec import ModelSpec, SequenceSpec
+from kegnet.student import load_student
 
 KWARGS = {"n_layers": 1, "d_model": 32, "n_heads": 2}
 TOKENS = {"vocab_size": 16, "max_length": 10, "bos_id": 1, "eos_id": 2, "pad_id": 0, "sep_id": 3}

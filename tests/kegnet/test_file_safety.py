@@ -1,4 +1,4 @@
-"""Uploads are inspected before any reader allocates what they declare (kegnet.checkpoint.check_checkpoint_file)."""
+"""Uploads are inspected before any reader allocates what they declare (kegnet.file_safety.check_checkpoint_file)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kegnet import CheckpointError, read_state_dict
-from kegnet import checkpoint as ckpt
+from kegnet import CheckpointError, file_safety, read_state_dict
+from kegnet.file_safety import check_checkpoint_file
 from tests.conftest import MNIST_TEACHER, needs_shared
 
 
@@ -26,7 +26,7 @@ def _no_torch_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("torch.load must not read this file")
 
-    monkeypatch.setattr(ckpt.torch, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
 
 
 def _rezip(src: Path, dst: Path, compress_type: int) -> Path:
@@ -35,6 +35,23 @@ def _rezip(src: Path, dst: Path, compress_type: int) -> Path:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info.filename))
     return dst
+
+
+def test_empty_truncated_and_foreign_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        check_checkpoint_file(empty)
+    good = tmp_path / "good.pt"
+    torch.save(_state(), good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        check_checkpoint_file(cut)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="neither safetensors nor"):
+        check_checkpoint_file(text)
 
 
 def test_deflated_archive_is_refused_before_torch_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,12 +78,12 @@ def test_archive_pickle_and_entry_count_are_bounded(tmp_path: Path, monkeypatch:
     path = tmp_path / "m.pt"
     torch.save(_state(), path)
     with zipfile.ZipFile(path) as zf:
-        assert ckpt._zip_entry_count(path, path.stat().st_size) == len(zf.infolist())
+        assert file_safety._zip_entry_count(path, path.stat().st_size) == len(zf.infolist())
     _no_torch_load(monkeypatch)
-    monkeypatch.setattr(ckpt, "MAX_PICKLE_BYTES", 64)
+    monkeypatch.setattr(file_safety, "MAX_PICKLE_BYTES", 64)
     with pytest.raises(CheckpointError, match=r"structure \(m/data.pkl\) is .* above the limit of 64"):
         read_state_dict(path)
-    monkeypatch.setattr(ckpt, "MAX_ARCHIVE_ENTRIES", 3)
+    monkeypatch.setattr(file_safety, "MAX_ARCHIVE_ENTRIES", 3)
     with pytest.raises(CheckpointError, match="entries, above the limit of 3"):
         read_state_dict(path)
 
@@ -138,16 +155,16 @@ def test_legacy_torch_save_files_still_load(tmp_path: Path) -> None:
     path = tmp_path / "old.pt"
     state = {"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.randn(4).half()}
     torch.save(state, path, _use_new_zipfile_serialization=False)
-    assert ckpt.check_checkpoint_file(path) == "legacy"
-    assert ckpt._legacy_storage_bytes(path) == 4 * 27 * 4 + 4 * 2
+    assert check_checkpoint_file(path) == "legacy"
+    assert file_safety._legacy_storage_bytes(path) == 4 * 27 * 4 + 4 * 2
     loaded = read_state_dict(path)
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
 @needs_shared(MNIST_TEACHER)
 def test_the_papers_legacy_teacher_fits_its_own_size() -> None:
-    assert ckpt._legacy_storage_bytes(MNIST_TEACHER) <= MNIST_TEACHER.stat().st_size
-    assert ckpt.check_checkpoint_file(MNIST_TEACHER, max_bytes=MNIST_TEACHER.stat().st_size) == "legacy"
+    assert file_safety._legacy_storage_bytes(MNIST_TEACHER) <= MNIST_TEACHER.stat().st_size
+    assert check_checkpoint_file(MNIST_TEACHER, max_bytes=MNIST_TEACHER.stat().st_size) == "legacy"
 
 
 def _programs(tmp_path: Path) -> dict[str, Path]:
