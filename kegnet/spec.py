@@ -132,11 +132,7 @@ class ModelSpec(BaseModel):
     @property
     def resolved(self) -> bool:
         """Whether input shape and class count are known (an onnx spec gets them from its graph)."""
-        return self.is_sequence or (self.input_shape is not None and self.num_classes is not None)
-
-    @property
-    def is_sequence(self) -> bool:
-        return self.task == "sequence"
+        return self.sequence is not None or (self.input_shape is not None and self.num_classes is not None)
 
     # What the spec's task says about the model itself: the architecture's arguments, an input to probe it
     # with, and the output that input must give. The task's fields are defined here, so their uses are too.
