@@ -155,8 +155,6 @@ def compress(
                     err=True)
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from kegnet.pipeline import run_pipeline  # torch import deferred until a command needs it
-
     if threads:
         import torch
 
@@ -171,24 +169,31 @@ def compress(
         typer.secho(f"invalid options: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
 
-    progress = StageProgress()
-    try:
-        source = checkpoints[0] if len(checkpoints) == 1 else checkpoints
-        created = not out.exists()
-        result = run_pipeline(source, spec, config, out, device=device, seed=seed, progress=progress,
-                              eval_set=eval_set)
-    except KegnetError as exc:
-        progress.close()
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failed run leaves no empty folder behind
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from exc
-    finally:
-        progress.close()
+    result = _run(checkpoints, spec, config, out, device=device, seed=seed, eval_set=eval_set)
     for line in result.report.lines():
         typer.echo(line)
     typer.echo(f"\nuse the student ({out}):")
     typer.echo(result.report.usage(out))
+
+
+def _run(checkpoints: list[Path], spec: ModelSpec, config: Any, out: Path, **options: Any) -> Any:
+    """``run_pipeline`` with progress on stderr; a library error is one red line and exit code 1, and a failed
+    run leaves no empty folder behind."""
+    from kegnet.pipeline import run_pipeline  # torch import deferred until a command needs it
+
+    progress = StageProgress()
+    created = not out.exists()
+    try:
+        return run_pipeline(checkpoints[0] if len(checkpoints) == 1 else checkpoints, spec, config, out,
+                            progress=progress, **options)
+    except KegnetError as exc:
+        progress.close()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        progress.close()
 
 
 def _overrides(method: str | None, layers: str | None, ranks: str | None, rank_method: str | None,

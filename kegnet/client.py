@@ -165,13 +165,25 @@ def register_client_commands(app: Any) -> None:
 
     url_opt = typer.Option(None, "--url", envvar="KEGNET_URL", help="service URL (default http://127.0.0.1:8000)")
     key_opt = typer.Option(None, "--api-key", envvar="KEGNET_API_KEY", help="API key (Bearer)")
+    _add_submit(app, url_opt, key_opt)
+    _add_job_commands(app, url_opt, key_opt)
 
-    def fail(exc: Exception) -> None:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
 
-    def show(job: dict[str, Any]) -> None:
-        typer.echo(json.dumps(job, indent=2))
+def _fail(exc: Exception) -> None:
+    import typer
+
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+def _show(job: dict[str, Any]) -> None:
+    import typer
+
+    typer.echo(json.dumps(job, indent=2))
+
+
+def _add_submit(app: Any, url_opt: Any, key_opt: Any) -> None:
+    import typer
 
     @app.command("submit")
     def submit_cmd(
@@ -209,7 +221,7 @@ def register_client_commands(app: Any) -> None:
             onnx = all(p.suffix.lower() == ".onnx" for p in checkpoints)
             arch = arch or ("onnx" if onnx else None)
             if not (arch and ((input_shape and num_classes) or arch == "onnx")):
-                fail(ValueError("give --spec-file, or --arch, --input-shape and --num-classes (an .onnx file needs "
+                _fail(ValueError("give --spec-file, or --arch, --input-shape and --num-classes (an .onnx file needs "
                                 "none of them: its graph says)"))
             model = {"arch": arch, "arch_kwargs": json.loads(arch_kwargs)}
             if input_shape:
@@ -227,19 +239,23 @@ def register_client_commands(app: Any) -> None:
                     if out and job["status"] == "succeeded":
                         client.download(job["id"], out)
             except (ClientError, httpx.HTTPError, TimeoutError) as exc:
-                fail(exc)
-        show(job)
+                _fail(exc)
+        _show(job)
         if job["status"] in ("failed", "cancelled"):
             raise typer.Exit(1)
+
+
+def _add_job_commands(app: Any, url_opt: Any, key_opt: Any) -> None:
+    import typer
 
     @app.command("status")
     def status_cmd(job_id: str, url: str = url_opt, api_key: str = key_opt) -> None:
         """Show a job."""
         with KegnetClient(url, api_key) as client:
             try:
-                show(client.status(job_id))
+                _show(client.status(job_id))
             except (ClientError, httpx.HTTPError) as exc:
-                fail(exc)
+                _fail(exc)
 
     @app.command("wait")
     def wait_cmd(job_id: str, timeout: float = typer.Option(None, help="seconds"),
@@ -249,8 +265,8 @@ def register_client_commands(app: Any) -> None:
             try:
                 job = client.wait(job_id, timeout=timeout)
             except (ClientError, httpx.HTTPError, TimeoutError) as exc:
-                fail(exc)
-        show(job)
+                _fail(exc)
+        _show(job)
         if job["status"] != "succeeded":
             raise typer.Exit(1)
 
@@ -264,4 +280,4 @@ def register_client_commands(app: Any) -> None:
                 for path in client.download(job_id, out, name or None):
                     typer.echo(str(path))
             except (ClientError, httpx.HTTPError) as exc:
-                fail(exc)
+                _fail(exc)

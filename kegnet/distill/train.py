@@ -124,19 +124,8 @@ def distill(
     best_state = copy.deepcopy(student.state_dict())
 
     rng = torch.Generator(device=device).manual_seed(seed)
-    adversary = None
-    if config.adversarial_weight > 0 and isinstance(sampler, KegNetSampler) and config.transfer == "fresh":
-        adversary = GeneratorAdversary(sampler, teacher, weight=config.adversarial_weight, beta=diversity_beta,
-                                       lr=config.adversarial_lr, batch_size=config.batch_size,
-                                       temperature=config.temperature, share=config.adversarial_share)
-        sampler = adversary
-    if config.noise_share > 0:
-        noise = NoiseSampler("gaussian", tuple(exam.x.shape[1:]), device)
-        sampler = MixedSampler(sampler, noise, config.noise_share)
-    if config.transfer == "fixed":
-        pool_x, pool_y = sampler.sample_many(config.samples_per_generator * num_sources, rng)
-        with torch.no_grad():
-            pool_t = torch.cat([teacher(c) for c in pool_x.split(4096)])
+    sampler, adversary, pool = _training_samples(teacher, sampler, config, tuple(exam.x.shape[1:]), num_sources,
+                                                 diversity_beta, rng, device)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.steps, 1))
                  if config.schedule == "cosine" else None)
@@ -148,7 +137,6 @@ def distill(
             taps = (hooks.enter_context(FeatureTap(teacher_features, feature_layers)),
                     hooks.enter_context(FeatureTap(student, feature_layers)))
         relational = config.rkd_distance_weight > 0 or config.rkd_angle_weight > 0
-        self_distilling = config.self_distill_weight > 0 or config.self_distill_mmd_weight > 0
         t_pen = (hooks.enter_context(PenultimateTap(teacher_features))
                  if relational and config.rkd_on == "features" else None)
         s_pen = (hooks.enter_context(PenultimateTap(student))
@@ -160,32 +148,11 @@ def distill(
             _hold_fixed_layers(student, dropout=config.student_dropout)
             if adversary is not None:
                 adversary.step(student, rng)
-            if config.transfer == "fresh":
-                x, y = sampler.sample(config.batch_size, rng)
-                if config.mixup > 0:
-                    x, y = mix_samples(x, config.mixup, rng), None  # mixed samples have no single label
+            x, y, t_logits = _batch(teacher, sampler, pool, config, rng, device)
+            if pool is not None and (taps or t_pen is not None):
                 with torch.no_grad():
-                    t_logits = teacher(x)
-            else:
-                idx = torch.randint(len(pool_x), (config.batch_size,), generator=rng, device=device)
-                x, t_logits = pool_x[idx], pool_t[idx]
-                y = None if pool_y is None else pool_y[idx]
-                if taps or t_pen is not None:
-                    with torch.no_grad():
-                        teacher_features(x)  # the features of this batch (the logits are in the pool)
-            s_logits = student(x)
-            s_feat = s_pen.value if s_pen is not None else None  # before the distorted views overwrite it
-            loss = kd_loss(s_logits, t_logits, config.temperature)
-            if taps:
-                t_feats = {k: v.detach() for k, v in taps[0].outputs.items()}
-                loss = loss + config.feature_weight * feature_loss(taps[1].outputs, t_feats)
-            if config.hard_label_weight > 0 and y is not None:
-                loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
-            if relational:
-                pair = (s_feat, t_pen.value) if t_pen is not None else (s_logits, t_logits)
-                loss = loss + relational_loss(config, *pair)
-            if self_distilling:
-                loss = loss + self_distill_loss(config, student, s_pen, x, rng)
+                    teacher_features(x)  # the features of this batch (the logits are in the pool)
+            loss = _loss(config, student, x, y, t_logits, taps, t_pen, s_pen, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -195,17 +162,84 @@ def distill(
 
             if step % config.eval_every == 0 or step == config.steps:
                 n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
-                student.eval()
-                agree = agreement_on(student, exam)
                 mean_loss = (loss_sum / n).item()
                 loss_sum.zero_()
-                result.curve.append({"step": step, "loss": mean_loss, "agreement": agree})
-                if agree >= result.best_agreement or not config.select_best:
-                    result.best_step, result.best_agreement = step, agree
+                if _evaluate(student, exam, step, mean_loss, result, config.select_best):
                     best_state = copy.deepcopy(student.state_dict())
                 if on_eval:
-                    on_eval(step, {"loss": mean_loss, "agreement": agree})
+                    on_eval(step, {"loss": mean_loss, "agreement": result.curve[-1]["agreement"]})
                 if should_cancel and should_cancel():
                     raise Cancelled("cancelled while fine-tuning the student")
     student.load_state_dict(best_state)
     return result
+
+
+def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+          t_logits: torch.Tensor, taps: tuple[FeatureTap, FeatureTap] | None, t_pen: PenultimateTap | None,
+          s_pen: PenultimateTap | None, rng: torch.Generator) -> torch.Tensor:
+    """The student's loss on one batch: KD, plus the hint, hard-label, relational and self-distillation terms
+    that are switched on."""
+    s_logits = student(x)
+    s_feat = s_pen.value if s_pen is not None else None  # before the distorted views overwrite it
+    loss = kd_loss(s_logits, t_logits, config.temperature)
+    if taps:
+        t_feats = {k: v.detach() for k, v in taps[0].outputs.items()}
+        loss = loss + config.feature_weight * feature_loss(taps[1].outputs, t_feats)
+    if config.hard_label_weight > 0 and y is not None:
+        loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
+    if config.rkd_distance_weight > 0 or config.rkd_angle_weight > 0:
+        pair = (s_feat, t_pen.value) if t_pen is not None else (s_logits, t_logits)
+        loss = loss + relational_loss(config, *pair)
+    if config.self_distill_weight > 0 or config.self_distill_mmd_weight > 0:
+        loss = loss + self_distill_loss(config, student, s_pen, x, rng)
+    return loss
+
+
+Pool = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # a fixed transfer set: x, labels, teacher logits
+
+
+def _training_samples(teacher: nn.Module, sampler: Sampler, config: DistillConfig, input_shape: tuple[int, ...],
+                      num_sources: int, diversity_beta: float, rng: torch.Generator, device: torch.device
+                      ) -> tuple[Sampler, GeneratorAdversary | None, Pool | None]:
+    """Where the student's batches come from: the sampler, through adversarially trained generator copies
+    and mixed with noise as configured; with ``transfer: fixed`` also the drawn pool and its teacher logits."""
+    adversary = None
+    if config.adversarial_weight > 0 and isinstance(sampler, KegNetSampler) and config.transfer == "fresh":
+        adversary = GeneratorAdversary(sampler, teacher, weight=config.adversarial_weight, beta=diversity_beta,
+                                       lr=config.adversarial_lr, batch_size=config.batch_size,
+                                       temperature=config.temperature, share=config.adversarial_share)
+        sampler = adversary
+    if config.noise_share > 0:
+        sampler = MixedSampler(sampler, NoiseSampler("gaussian", input_shape, device), config.noise_share)
+    if config.transfer != "fixed":
+        return sampler, adversary, None
+    pool_x, pool_y = sampler.sample_many(config.samples_per_generator * num_sources, rng)
+    with torch.no_grad():
+        pool_t = torch.cat([teacher(c) for c in pool_x.split(4096)])
+    return sampler, adversary, (pool_x, pool_y, pool_t)
+
+
+def _batch(teacher: nn.Module, sampler: Sampler, pool: Pool | None, config: DistillConfig, rng: torch.Generator,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One batch: samples ``x``, their labels (None for mixes), the teacher's logits."""
+    if pool is None:
+        x, y = sampler.sample(config.batch_size, rng)
+        if config.mixup > 0:
+            x, y = mix_samples(x, config.mixup, rng), None  # mixed samples have no single label
+        with torch.no_grad():
+            return x, y, teacher(x)
+    pool_x, pool_y, pool_t = pool
+    idx = torch.randint(len(pool_x), (config.batch_size,), generator=rng, device=device)
+    return pool_x[idx], None if pool_y is None else pool_y[idx], pool_t[idx]
+
+
+def _evaluate(student: nn.Module, exam: Exam, step: int, mean_loss: float, result: DistillResult,
+              select_best: bool) -> bool:
+    """Grade the student on the exam and add the point to the curve; True when this step is the new best."""
+    student.eval()
+    agree = agreement_on(student, exam)
+    result.curve.append({"step": step, "loss": mean_loss, "agreement": agree})
+    if agree >= result.best_agreement or not select_best:
+        result.best_step, result.best_agreement = step, agree
+        return True
+    return False

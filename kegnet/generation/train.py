@@ -89,18 +89,7 @@ def train_generators(
     accuracy on the generators' labels since the last report.
     """
     frozen = freeze(teacher, config.teacher_mode).to(device)
-    activation = config.activation if config.activation is not None else (0.1 if len(input_shape) == 3 else 0.0)
-    # One tap per teacher: with an ensemble, every member's features are rewarded (their mean).
-    features = None
-    if activation > 0:
-        try:
-            features = [PenultimateTap(m) for m in ensemble_members(frozen)]
-        except ValueError:  # no nn.Linear head (an ONNX graph ending in MatMul): nothing to reward
-            log.info("the teacher has no nn.Linear head: the activation reward is off")
-    statistics = (BatchNormStatistics(frozen, config.num_generators)
-                  if config.batchnorm_prior > 0 and config.teacher_mode == "eval" else None)
-    if statistics is not None and not statistics.layers:
-        statistics = None  # nothing to match: the teacher has no BatchNorm
+    activation, features, statistics = _priors(frozen, config, input_shape)
     k = config.num_generators
     gens, decs = [], []
     for i in range(k):
@@ -166,3 +155,22 @@ def train_generators(
             if should_cancel and should_cancel():
                 raise Cancelled("cancelled while training generators")
     return [g.eval() for g in gens]
+
+
+def _priors(frozen: nn.Module, config: GeneratorConfig, input_shape: tuple[int, ...]
+            ) -> tuple[float, list[PenultimateTap] | None, BatchNormStatistics | None]:
+    """What the generators are rewarded for besides the class: the weight of DAFL's activation reward and the
+    taps it reads (one per teacher: with an ensemble, every member's features), and the teacher's BatchNorm
+    statistics to match (None where off or where the teacher has none)."""
+    activation = config.activation if config.activation is not None else (0.1 if len(input_shape) == 3 else 0.0)
+    features = None
+    if activation > 0:
+        try:
+            features = [PenultimateTap(m) for m in ensemble_members(frozen)]
+        except ValueError:  # no nn.Linear head (an ONNX graph ending in MatMul): nothing to reward
+            log.info("the teacher has no nn.Linear head: the activation reward is off")
+    statistics = (BatchNormStatistics(frozen, config.num_generators)
+                  if config.batchnorm_prior > 0 and config.teacher_mode == "eval" else None)
+    if statistics is not None and not statistics.layers:
+        statistics = None  # nothing to match: the teacher has no BatchNorm
+    return activation, features, statistics
