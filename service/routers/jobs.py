@@ -128,7 +128,8 @@ async def submit_job(
 
 
 async def _known_key(store: JobStore, owner: str, idempotency_key: str | None) -> bool:
-    """Whether the caller's Idempotency-Key (if any, and well formed) already names a request."""
+    """Whether the caller's Idempotency-Key already names a request (False without one); a malformed key is
+    a 422."""
     if idempotency_key is None:
         return False
     if not _IDEM_KEY.match(idempotency_key):
