@@ -36,6 +36,7 @@ FROM ${BASE_IMAGE} AS project
 COPY --from=deps /opt/build-wheels /tmp/build-wheels
 COPY pyproject.toml README.md /src/
 COPY kegnet /src/kegnet
+COPY jobs /src/jobs
 COPY service /src/service
 COPY worker /src/worker
 RUN python3 -m venv /tmp/build \

@@ -33,9 +33,9 @@ from typing import Any
 import httpx
 import torch
 
+from jobs.reaper import LOST
 from kegnet.client import KegnetClient
 from kegnet.demo import CONFIG, MODEL, accuracy, load_digits_split, train_teacher
-from service.reaper import LOST
 
 # A job that is still in its generator stage minutes after it starts: the one the worker dies under.
 LONG_CONFIG = {**CONFIG, "generator": {**CONFIG["generator"], "steps": 20000}}

@@ -12,18 +12,16 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from jobs.queue import QUEUE, TASK_NAME
+from jobs.reaper import reap_once
+from jobs.settings import Settings, get_settings
+from jobs.storage import LocalStorage
+from jobs.store import JobStore
 from service.keys import KeyStore
 from service.limits import BodySizeLimitMiddleware
-from service.reaper import reap_once, reaper_loop
 from service.routers import artifacts, health, jobs
-from service.settings import Settings, get_settings
-from service.storage import LocalStorage
-from service.store import JobStore
 
 log = logging.getLogger(__name__)
-
-TASK_NAME = "worker.tasks.compress_job"
-QUEUE = "gpu"
 
 
 def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
@@ -38,6 +36,16 @@ def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
         sender.send_task(TASK_NAME, args=[job_id], queue=QUEUE, ignore_result=True)
 
     return enqueue
+
+
+async def reaper_loop(store: JobStore, settings: Settings) -> None:
+    """``jobs.reaper.reap_once`` every ``reaper_interval_s``, off the event loop, for as long as the app runs."""
+    while True:
+        try:
+            await asyncio.to_thread(reap_once, store, settings)
+        except Exception:  # a Redis hiccup must not kill the loop
+            log.exception("reaper pass failed")
+        await asyncio.sleep(settings.reaper_interval_s)
 
 
 def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] | None = None,

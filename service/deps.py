@@ -6,10 +6,10 @@ import hmac
 
 from fastapi import Depends, HTTPException, Request
 
+from jobs.settings import Settings
+from jobs.storage import LocalStorage
+from jobs.store import JobStore
 from service.keys import KeyStore
-from service.settings import Settings
-from service.storage import LocalStorage
-from service.store import JobStore
 
 DEV_OWNER = "dev"
 

@@ -14,7 +14,7 @@ import time
 import redis
 import typer
 
-from service.settings import get_settings
+from jobs.settings import get_settings
 
 KEY_PREFIX = "kgn_"
 

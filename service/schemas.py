@@ -1,26 +1,10 @@
-"""Request and response bodies of the HTTP API."""
+"""Response bodies of the HTTP API (the request, ``jobs.schemas.JobRequest``, is the job domain's)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from kegnet.config import PipelineConfig
-from kegnet.spec import ModelSpec
-
-ARTIFACT_NAMES = ("student.safetensors", "student.pt2", "student.onnx", "manifest.json", "curves.png", "samples.png")
-
-
-class JobRequest(BaseModel):
-    """The ``spec`` form field of ``POST /v1/jobs``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: ModelSpec
-    config: PipelineConfig = Field(default_factory=PipelineConfig)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+from pydantic import BaseModel, Field
 
 
 class CheckpointInfo(BaseModel):

@@ -24,14 +24,15 @@ def needs_shared(path: Path) -> pytest.MarkDecorator:
 
 @pytest.fixture
 def redis_db() -> Iterator[redis.Redis]:
-    """The test Redis database (DB 15), flushed before and after: never anyone else's data."""
+    """The test Redis database (``KEGNET_TEST_REDIS_URL``, default DB 15), flushed before and after: never
+    anyone else's data."""
     from tests.service.svc_helpers import REDIS_TEST_URL
 
     client = redis.Redis.from_url(REDIS_TEST_URL, decode_responses=True)
     try:
         client.ping()
     except redis.ConnectionError:
-        pytest.skip("redis is not running at 127.0.0.1:6379")
+        pytest.skip(f"redis is not running at {REDIS_TEST_URL}")
     client.flushdb()
     yield client
     client.flushdb()

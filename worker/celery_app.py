@@ -16,8 +16,9 @@ import threading
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from service.settings import get_settings
-from service.store import JobStore
+from jobs.queue import QUEUE, TASK_NAME
+from jobs.settings import get_settings
+from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ app.conf.update(
     accept_content=["json"],
     result_serializer="json",
     task_ignore_result=True,  # job state lives in our own Redis keys
-    task_default_queue="gpu",
-    task_routes={"worker.tasks.compress_job": {"queue": "gpu"}},
+    task_default_queue=QUEUE,
+    task_routes={TASK_NAME: {"queue": QUEUE}},
     task_acks_late=False,
     task_reject_on_worker_lost=False,
     worker_prefetch_multiplier=1,

@@ -15,12 +15,14 @@ from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 
+from jobs.queue import ARTIFACT_NAMES, TASK_NAME
+from jobs.schemas import JobRequest
+from jobs.settings import Settings, get_settings
+from jobs.storage import LocalStorage
+from jobs.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from kegnet.errors import Cancelled, KegnetError
+from kegnet.hashing import sha256_file
 from kegnet.pipeline import resolve_device
-from service.schemas import ARTIFACT_NAMES, JobRequest
-from service.settings import Settings, get_settings
-from service.storage import LocalStorage, file_sha256
-from service.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class _Reporter:
 
 
 def list_artifacts(out_dir: Path) -> dict[str, dict[str, Any]]:
-    return {name: {"size": (out_dir / name).stat().st_size, "sha256": file_sha256(out_dir / name)}
+    return {name: {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
             for name in ARTIFACT_NAMES if (out_dir / name).is_file()}
 
 
@@ -202,7 +204,7 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-@app.task(name="worker.tasks.compress_job", bind=True)
+@app.task(name=TASK_NAME, bind=True)
 def compress_job(self: Any, job_id: str) -> str:
     settings = get_settings()
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.max_events_per_job)

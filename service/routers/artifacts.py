@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
 
+from jobs.queue import ARTIFACT_NAMES
+from jobs.storage import LocalStorage
 from service.deps import get_storage
 from service.routers.jobs import owned_job
-from service.schemas import ARTIFACT_NAMES, ArtifactInfo, JobOut
-from service.storage import LocalStorage
+from service.schemas import ArtifactInfo, JobOut
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
 

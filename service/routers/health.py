@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from jobs.settings import Settings
+from jobs.store import JobStore
 from service.deps import get_settings_dep, get_store
-from service.settings import Settings
-from service.store import JobStore
 
 router = APIRouter(tags=["health"])
 

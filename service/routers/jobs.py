@@ -9,6 +9,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.schemas import JobRequest
+from jobs.settings import Settings
+from jobs.storage import LocalStorage, UploadTooLarge
+from jobs.store import FAILED, KEY_FULL, QUEUED, TERMINAL, JobStore
 from kegnet.checkpoint import open_teacher
 from kegnet.compression import plan_compression
-from kegnet.cost import check_cost, estimate_cost, estimate_sequence_cost, profile_model
+from kegnet.cost import JobCost, check_cost, estimate_cost, estimate_sequence_cost, profile_model
 from kegnet.errors import KegnetError
 from kegnet.evaluation import read_eval_set
 from kegnet.sequence.compress import check_student_layers
 from kegnet.spec import ModelSpec
 from service.deps import current_owner, get_settings_dep, get_storage, get_store
-from service.schemas import EventPage, JobOut, JobPage, JobRequest
-from service.settings import Settings
-from service.storage import LocalStorage, UploadTooLarge
-from service.store import FAILED, KEY_FULL, QUEUED, TERMINAL, JobStore
+from service.schemas import EventPage, JobOut, JobPage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -46,6 +48,113 @@ def owned_job(job_id: str, owner: str = Depends(current_owner), store: JobStore 
     if job is None:
         raise HTTPException(404, "no such job")
     return job
+
+
+@dataclass
+class _Held:
+    """What a submission in flight holds: a slot under the caps, a claim of its Idempotency-Key naming the job
+    it is about to create, and its uploads in temp files. Whatever it still holds when it ends (refused, or the
+    job was not created) is given back by ``_let_go``."""
+
+    owner: str
+    idempotency_key: str | None
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    reservation: str | None = None
+    claimed_job: str | None = None  # set while the key's claim names a job not yet created
+    tmps: list[Path] = field(default_factory=list)  # whatever is not committed to a job is removed at the end
+
+
+@dataclass
+class _Upload:
+    """A submission's form, read: the parsed spec and the files saved to temp storage, with their digests."""
+
+    job_request: JobRequest
+    checkpoint_tmps: list[Path]
+    checkpoints: list[dict[str, Any]]  # {"sha256", "size"} per checkpoint file, in upload order
+    eval_tmp: Path | None = None
+    eval_set: dict[str, Any] | None = None  # {"sha256", "size"} of the evaluation set, if one was sent
+
+    def request_hash(self) -> str:
+        """The spec and every file's digest, in order: another file or order is another request. The
+        evaluation set's comes last and only when there is one, so requests without it hash as before."""
+        canonical = json.dumps(self.job_request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        digests = "\n".join(f["sha256"] for f in self.checkpoints)
+        if self.eval_set:
+            digests += f"\neval_set:{self.eval_set['sha256']}"
+        return hashlib.sha256(f"{digests}\n{canonical}".encode()).hexdigest()
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={413: {}, 422: {}, 429: {}})
+async def submit_job(
+    request: Request,
+    owner: str = Depends(current_owner),
+    store: JobStore = Depends(get_store),
+    storage: LocalStorage = Depends(get_storage),
+    settings: Settings = Depends(get_settings_dep),
+    idempotency_key: str | None = Header(None),
+) -> JSONResponse:
+    """Multipart form: ``checkpoint`` (safetensors or torch.save state dict) and ``spec`` (JSON).
+
+    ``checkpoint`` may be repeated, up to ``max_teachers`` times, for a teacher ensemble (all of the spec's
+    architecture, in the order sent); ``max_upload_bytes`` caps the files together. An optional ``eval_set``
+    file (safetensors with ``x`` (N, *input_shape) float and ``y`` (N,) int; at most ``max_eval_bytes`` and
+    ``max_eval_samples``) is labelled data the job reports real accuracy on; it is never trained on.
+    """
+    held = _Held(owner, idempotency_key)
+    known = await _known_key(store, owner, idempotency_key)
+    # Refuse before the upload is read when the caller cannot get a job anyway, and hold the slot until the
+    # job exists, so concurrent submissions cannot all pass the caps (replaying a known key needs no slot).
+    held.reservation = None if known else await run_in_threadpool(_reserve, store, settings, owner)
+    try:
+        upload = await _receive(request, storage, settings, held.tmps)
+        request_hash = upload.request_hash()
+        if idempotency_key:
+            replay = await _claim_key(store, settings, held, request_hash)
+            if replay is not None:  # the same request already made its job
+                return _accepted(replay, replayed=True)
+        await _check_upload(request, upload.checkpoint_tmps, upload.eval_tmp, upload.job_request, settings)
+        job = await _create_job(store, storage, held, upload, request_hash)
+    finally:
+        await _let_go(store, storage, held)
+    await _enqueue(request, store, settings, job["id"])
+    files = upload.checkpoints
+    log.info("job %s queued for owner %s (%d checkpoint(s), %d bytes, sha256 %s; evaluation set: %s)", job["id"],
+             owner, len(files), sum(f["size"] for f in files), files[0]["sha256"][:12],
+             f"{upload.eval_set['size']} bytes" if upload.eval_set else "none")
+    return _accepted(job)
+
+
+# ---- Idempotency-Key and caps
+
+
+async def _known_key(store: JobStore, owner: str, idempotency_key: str | None) -> bool:
+    """Whether the caller's Idempotency-Key already names a request (False without one); a malformed key is
+    a 422."""
+    if idempotency_key is None:
+        return False
+    if not _IDEM_KEY.match(idempotency_key):
+        raise HTTPException(422, "Idempotency-Key must be 1-200 characters of A-Z a-z 0-9 _ . : -")
+    return bool(await run_in_threadpool(store.idempotency_get, owner, idempotency_key))
+
+
+async def _claim_key(store: JobStore, settings: Settings, held: _Held, request_hash: str) -> dict[str, Any] | None:
+    """Claim the Idempotency-Key for ``held.job_id``. Returns the existing job to replay when the same request
+    already has one; refuses (422) the key used with another request, and (409) a same request still in flight."""
+    assert held.idempotency_key
+    claim = await run_in_threadpool(store.idempotency_claim, held.owner, held.idempotency_key, request_hash,
+                                    held.job_id, pending_s=settings.reservation_ttl_s)
+    if claim["job_id"] != held.job_id:
+        if claim["request_hash"] != request_hash:
+            raise HTTPException(422, "this Idempotency-Key was already used with a different request")
+        existing = await run_in_threadpool(store.get, claim["job_id"])
+        if existing is None:  # another request with this key is between its claim and its job
+            raise HTTPException(409, "a request with this Idempotency-Key is still being processed; "
+                                     "retry shortly", headers={"Retry-After": str(settings.retry_after_s)})
+        return existing
+    held.claimed_job = held.job_id
+    if held.reservation is None:  # the key was known but named no job any more
+        held.reservation = await run_in_threadpool(_reserve, store, settings, held.owner)
+    return None
 
 
 def _too_many(settings: Settings, what: str) -> HTTPException:
@@ -76,202 +185,73 @@ def _give_back(store: JobStore, owner: str, reservation: str | None, idempotency
         log.warning("could not free the slot/key of a refused submission by %s", owner, exc_info=True)
 
 
+async def _let_go(store: JobStore, storage: LocalStorage, held: _Held) -> None:
+    """Remove the uploads not committed to a job, and free the slot and key claim a refused submission holds."""
+    for tmp in held.tmps:
+        storage.discard(tmp)  # no-op once committed
+    if held.reservation or held.claimed_job:
+        await run_in_threadpool(_give_back, store, held.owner, held.reservation, held.idempotency_key,
+                                held.claimed_job)
+
+
+# ---- the multipart form and the uploads
+
+
+async def _receive(request: Request, storage: LocalStorage, settings: Settings, tmps: list[Path]) -> _Upload:
+    """Read the form and save its files to temp storage, each appended to ``tmps`` as soon as it exists."""
+    # The body is capped by BodySizeLimitMiddleware while it streams, so this spool is bounded.
+    form = await _read_form(request, settings)
+    try:
+        uploads, job_request, eval_upload = _form_fields(form, settings)
+        checkpoint_tmps: list[Path] = []
+        checkpoints: list[dict[str, Any]] = []
+        for upload in uploads:
+            budget = settings.max_upload_bytes - sum(f["size"] for f in checkpoints)  # one cap for all files
+            try:
+                tmp, sha256, size = await run_in_threadpool(storage.save_stream, upload.file, budget)
+            except UploadTooLarge:
+                what = "the checkpoint is" if len(uploads) == 1 else "the checkpoint files together are"
+                raise HTTPException(413, f"{what} larger than {settings.max_upload_bytes} bytes") from None
+            tmps.append(tmp)
+            checkpoint_tmps.append(tmp)
+            checkpoints.append({"sha256": sha256, "size": size})
+        received = _Upload(job_request, checkpoint_tmps, checkpoints)
+        if eval_upload is not None:
+            try:  # its own budget: an evaluation set never takes room from the checkpoints
+                eval_tmp, sha256, size = await run_in_threadpool(storage.save_stream, eval_upload.file,
+                                                                 settings.max_eval_bytes)
+            except UploadTooLarge:
+                raise HTTPException(413, f"eval_set: the evaluation set is larger than "
+                                         f"{settings.max_eval_bytes} bytes; send fewer samples") from None
+            tmps.append(eval_tmp)
+            received.eval_tmp, received.eval_set = eval_tmp, {"sha256": sha256, "size": size}
+        return received
+    finally:
+        await form.close()
+
+
+def _form_fields(form: FormData, settings: Settings) -> tuple[list[UploadFile], JobRequest, UploadFile | None]:
+    """The form's checkpoint files, its parsed ``spec`` and its optional ``eval_set`` file, or a 422."""
+    uploads, spec_text = form.getlist("checkpoint"), form.get("spec")
+    if not uploads:
+        raise HTTPException(422, "missing file field 'checkpoint'")
+    if not all(isinstance(u, UploadFile) for u in uploads):
+        raise HTTPException(422, "every 'checkpoint' field must be a file")
+    if len(uploads) > settings.max_teachers:
+        raise _too_many_files(settings)
+    if not isinstance(spec_text, str):
+        raise HTTPException(422, "missing form field 'spec' (JSON: {\"model\": {...}, \"config\": {...}})")
+    try:
+        job_request = JobRequest.model_validate_json(spec_text)
+    except ValidationError as exc:
+        raise _spec_error(exc) from None
+    return uploads, job_request, _eval_upload(form)  # type: ignore[return-value]
+
+
 def _spec_error(exc: ValidationError) -> HTTPException:
     errors = [{"loc": ["spec", *e["loc"]], "msg": e["msg"], "type": e["type"]}
               for e in exc.errors(include_url=False, include_input=False, include_context=False)]
     return HTTPException(422, errors)
-
-
-def _accepted(job: dict[str, Any], replayed: bool = False) -> JSONResponse:
-    headers = {"Location": f"/v1/jobs/{job['id']}"}
-    if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(JobOut.from_job(job).model_dump(mode="json"), status_code=202, headers=headers)
-
-
-@router.post("", status_code=202, response_model=JobOut, responses={413: {}, 422: {}, 429: {}})
-async def submit_job(
-    request: Request,
-    owner: str = Depends(current_owner),
-    store: JobStore = Depends(get_store),
-    storage: LocalStorage = Depends(get_storage),
-    settings: Settings = Depends(get_settings_dep),
-    idempotency_key: str | None = Header(None),
-) -> JSONResponse:
-    """Multipart form: ``checkpoint`` (safetensors or torch.save state dict) and ``spec`` (JSON).
-
-    ``checkpoint`` may be repeated, up to ``max_teachers`` times, for a teacher ensemble (all of the spec's
-    architecture, in the order sent); ``max_upload_bytes`` caps the files together. An optional ``eval_set``
-    file (safetensors with ``x`` (N, *input_shape) float and ``y`` (N,) int; at most ``max_eval_bytes`` and
-    ``max_eval_samples``) is labelled data the job reports real accuracy on; it is never trained on.
-    """
-    if idempotency_key is not None and not _IDEM_KEY.match(idempotency_key):
-        raise HTTPException(422, "Idempotency-Key must be 1-200 characters of A-Z a-z 0-9 _ . : -")
-    known = idempotency_key and await run_in_threadpool(store.idempotency_get, owner, idempotency_key)
-    # Refuse before the upload is read when the caller cannot get a job anyway, and hold the slot until the
-    # job exists, so concurrent submissions cannot all pass the caps (replaying a known key needs no slot).
-    reservation = None if known else await run_in_threadpool(_reserve, store, settings, owner)
-    job_id = uuid.uuid4().hex
-    claimed_job: str | None = None  # set while this request's Idempotency-Key claim names a job not yet created
-    tmps: list[Path] = []  # uploads in flight; whatever is not committed to a job is removed at the end
-    eval_tmp: Path | None = None
-    eval_file: dict[str, Any] | None = None
-    try:
-        # The body is capped by BodySizeLimitMiddleware while it streams, so this spool is bounded.
-        form = await _read_form(request, settings)
-        try:
-            uploads, spec_text = form.getlist("checkpoint"), form.get("spec")
-            if not uploads:
-                raise HTTPException(422, "missing file field 'checkpoint'")
-            if not all(isinstance(u, UploadFile) for u in uploads):
-                raise HTTPException(422, "every 'checkpoint' field must be a file")
-            if len(uploads) > settings.max_teachers:
-                raise _too_many_files(settings)
-            if not isinstance(spec_text, str):
-                raise HTTPException(422, "missing form field 'spec' (JSON: {\"model\": {...}, \"config\": {...}})")
-            try:
-                job_request = JobRequest.model_validate_json(spec_text)
-            except ValidationError as exc:
-                raise _spec_error(exc) from None
-            eval_upload = _eval_upload(form)
-            files: list[dict[str, Any]] = []
-            for upload in uploads:
-                budget = settings.max_upload_bytes - sum(f["size"] for f in files)  # one cap for all files
-                try:
-                    tmp, sha256, size = await run_in_threadpool(storage.save_stream, upload.file, budget)
-                except UploadTooLarge:
-                    what = "the checkpoint is" if len(uploads) == 1 else "the checkpoint files together are"
-                    raise HTTPException(413, f"{what} larger than {settings.max_upload_bytes} bytes") from None
-                tmps.append(tmp)
-                files.append({"sha256": sha256, "size": size})
-            if eval_upload is not None:
-                try:  # its own budget: an evaluation set never takes room from the checkpoints
-                    eval_tmp, sha256, size = await run_in_threadpool(storage.save_stream, eval_upload.file,
-                                                                     settings.max_eval_bytes)
-                except UploadTooLarge:
-                    raise HTTPException(413, f"eval_set: the evaluation set is larger than "
-                                             f"{settings.max_eval_bytes} bytes; send fewer samples") from None
-                tmps.append(eval_tmp)
-                eval_file = {"sha256": sha256, "size": size}
-        finally:
-            await form.close()
-
-        canonical = json.dumps(job_request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        # Every file's digest, in order, is part of the request: another file or order is another request.
-        # The evaluation set's comes last and only when there is one, so requests without it hash as before.
-        digests = "\n".join(f["sha256"] for f in files) + (f"\neval_set:{eval_file['sha256']}" if eval_file else "")
-        request_hash = hashlib.sha256(f"{digests}\n{canonical}".encode()).hexdigest()
-        if idempotency_key:
-            claim = await run_in_threadpool(store.idempotency_claim, owner, idempotency_key, request_hash, job_id,
-                                            pending_s=settings.reservation_ttl_s)
-            if claim["job_id"] != job_id:
-                if claim["request_hash"] != request_hash:
-                    raise HTTPException(422, "this Idempotency-Key was already used with a different request")
-                existing = await run_in_threadpool(store.get, claim["job_id"])
-                if existing is None:  # another request with this key is between its claim and its job
-                    raise HTTPException(409, "a request with this Idempotency-Key is still being processed; "
-                                             "retry shortly", headers={"Retry-After": str(settings.retry_after_s)})
-                return _accepted(existing, replayed=True)
-            claimed_job = job_id
-            if reservation is None:  # the key was known but named no job any more
-                reservation = await run_in_threadpool(_reserve, store, settings, owner)
-
-        # Fail fast on bad uploads: the same safe loader the worker uses (weights_only / safetensors / ONNX),
-        # so pickled code, truncated files, wrong keys/shapes, NaNs, unknown or oversized architectures and
-        # compression plans that name no layer get a 422 now, not a failed job after the generators.
-        checkpoint_tmps = tmps[:len(files)]
-        spec: ModelSpec | None = None  # the first teacher's, resolved (an ONNX graph fills in shape and classes)
-        for i, tmp in enumerate(checkpoint_tmps):
-            n = len(checkpoint_tmps)
-            try:
-                async with request.app.state.validation_slots:
-                    resolved = await run_in_threadpool(_validate, tmp, job_request, settings, n if i == 0 else 0)
-            except KegnetError as exc:
-                where = "" if n == 1 else f"checkpoint {i + 1} of {n} (index {i}): "
-                raise HTTPException(422, f"{where}{exc}") from None
-            if i == 0:
-                spec = resolved
-        if eval_tmp is not None:
-            assert spec is not None
-            if spec.is_sequence:
-                raise HTTPException(422, "eval_set: an evaluation set (x, y) is for classifiers; a sequence job "
-                                         "reports agreement with the teacher on its own generations")
-            try:  # the worker reads it again with the same function: a bad file is a 422 now, not a failed job
-                async with request.app.state.validation_slots:
-                    await run_in_threadpool(read_eval_set, eval_tmp, spec, settings.max_eval_samples)
-            except KegnetError as exc:
-                raise HTTPException(422, f"eval_set: {exc}") from None
-
-        for i, tmp in enumerate(checkpoint_tmps):
-            storage.commit_checkpoint(tmp, job_id, i)
-        if eval_tmp is not None:
-            storage.commit_eval_set(eval_tmp, job_id)
-        job = await run_in_threadpool(
-            lambda: store.create(owner, job_request.model_dump(mode="json"), sha256=files[0]["sha256"],
-                                 size=files[0]["size"], request_hash=request_hash, job_id=job_id,
-                                 checkpoints=files, reservation=reservation, idempotency_key=idempotency_key,
-                                 eval_set=eval_file))
-        reservation = claimed_job = None  # the job holds the slot and the key now
-    finally:
-        for tmp in tmps:
-            storage.discard(tmp)  # no-op once committed
-        if reservation or claimed_job:
-            await run_in_threadpool(_give_back, store, owner, reservation, idempotency_key, claimed_job)
-
-    try:
-        await run_in_threadpool(request.app.state.enqueue, job_id)
-    except Exception:
-        log.exception("could not queue job %s", job_id)
-        store.transition(job_id, FAILED, {QUEUED}, error="the job could not be queued; retry later")
-        raise HTTPException(503, "the job queue is unavailable; retry later",
-                            headers={"Retry-After": str(settings.retry_after_s)}) from None
-    log.info("job %s queued for owner %s (%d checkpoint(s), %d bytes, sha256 %s; evaluation set: %s)", job_id,
-             owner, len(files), sum(f["size"] for f in files), files[0]["sha256"][:12],
-             f"{eval_file['size']} bytes" if eval_file else "none")
-    return _accepted(job)
-
-
-def _validate(path: Path, job_request: JobRequest, settings: Settings, teachers: int) -> ModelSpec:
-    """Build the teacher as the worker will; for the first one (``teachers``: the job's count, else 0),
-    refuse a job whose whole cost is over the limits (kegnet/cost.py), then plan its compression. Returns the
-    teacher's resolved spec (an ONNX graph fills in the input shape and classes)."""
-    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters,
-                           max_bytes=settings.max_upload_bytes)
-    if not teachers:
-        return teacher.spec
-    if teacher.spec.is_sequence:
-        _check_sequence_job(teacher.model, teacher.spec, job_request, settings, teachers)
-        return teacher.spec
-    shape, classes = teacher.spec.input_shape, teacher.spec.num_classes
-    assert shape is not None and classes is not None  # open_teacher resolves them
-    cost = estimate_cost(profile_model(teacher.model, shape), shape, classes, job_request.config, teachers)
-    try:
-        check_cost(cost, max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs))
-    except KegnetError as exc:
-        raise HTTPException(422, str(exc)) from None
-    log.info("job cost estimate: %s", cost.describe())
-    plan_compression(teacher.model, job_request.config.compression)
-    return teacher.spec
-
-
-def _check_sequence_job(model: torch.nn.Module, spec: ModelSpec, job_request: JobRequest, settings: Settings,
-                        teachers: int) -> None:
-    """A sequence job: one teacher, its cost within the limits (kegnet.cost.estimate_sequence_cost)."""
-    if teachers > 1:
-        raise HTTPException(422, f"a sequence job takes one 'checkpoint' file, got {teachers}")
-    assert spec.sequence is not None
-    try:
-        check_student_layers(model, job_request.config.sequence.student_layers)
-    except KegnetError as exc:
-        raise HTTPException(422, f"config.sequence: {exc}") from None
-    length = spec.sequence.max_length
-    cost = estimate_sequence_cost(profile_model(model, (length,), torch.long), length, spec.sequence.vocab_size,
-                                  job_request.config)
-    try:
-        check_cost(cost, max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs))
-    except KegnetError as exc:
-        raise HTTPException(422, str(exc)) from None
-    log.info("sequence job cost estimate: %s", cost.describe())
 
 
 def _too_many_files(settings: Settings) -> HTTPException:
@@ -299,6 +279,124 @@ async def _read_form(request: Request, settings: Settings) -> FormData:
         if exc.status_code == 400 and "too many files" in str(exc.detail).lower():
             raise _too_many_files(settings) from None
         raise
+
+
+# ---- validation: the checks a job must pass before it is queued
+
+
+async def _check_upload(request: Request, checkpoint_tmps: list[Path], eval_tmp: Path | None,
+                        job_request: JobRequest, settings: Settings) -> ModelSpec:
+    """Fail fast on bad uploads (a 422 now, not a failed job after the generators): every checkpoint is opened
+    with the same safe loader the worker uses (weights_only / safetensors / ONNX), so pickled code, truncated
+    files, wrong keys/shapes, NaNs, unknown or oversized architectures are refused; the job's whole cost must
+    be within the limits and its compression plan must name layers; the evaluation set must fit the model.
+    Returns the first teacher's resolved spec (an ONNX graph fills in the input shape and classes)."""
+    slots = request.app.state.validation_slots  # each check loads weights in this process: bound them
+    n = len(checkpoint_tmps)
+    spec: ModelSpec | None = None
+    for i, tmp in enumerate(checkpoint_tmps):
+        try:
+            async with slots:
+                resolved = await run_in_threadpool(_check_teacher, tmp, job_request, settings, n if i == 0 else 0)
+        except KegnetError as exc:
+            where = "" if n == 1 else f"checkpoint {i + 1} of {n} (index {i}): "
+            raise HTTPException(422, f"{where}{exc}") from None
+        if i == 0:
+            spec = resolved
+    assert spec is not None
+    if eval_tmp is not None:
+        if spec.is_sequence:
+            raise HTTPException(422, "eval_set: an evaluation set (x, y) is for classifiers; a sequence job "
+                                     "reports agreement with the teacher on its own generations")
+        try:  # the worker reads it again with the same function: a bad file is a 422 now, not a failed job
+            async with slots:
+                await run_in_threadpool(read_eval_set, eval_tmp, spec, settings.max_eval_samples)
+        except KegnetError as exc:
+            raise HTTPException(422, f"eval_set: {exc}") from None
+    return spec
+
+
+def _check_teacher(path: Path, job_request: JobRequest, settings: Settings, teachers: int) -> ModelSpec:
+    """Build the teacher as the worker will; for the first one (``teachers``: the job's count, else 0),
+    refuse a job whose whole cost is over the limits (kegnet/cost.py), then plan its compression (a
+    sequence job: check its student layers instead). Returns the teacher's resolved spec."""
+    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters,
+                           max_bytes=settings.max_upload_bytes)
+    if not teachers:
+        return teacher.spec
+    if teacher.spec.is_sequence:
+        _check_within_limits(_sequence_cost(teacher.model, teacher.spec, job_request, teachers), settings,
+                             "sequence job")
+        return teacher.spec
+    shape, classes = teacher.spec.input_shape, teacher.spec.num_classes
+    assert shape is not None and classes is not None  # open_teacher resolves them
+    cost = estimate_cost(profile_model(teacher.model, shape), shape, classes, job_request.config, teachers)
+    _check_within_limits(cost, settings, "job")
+    plan_compression(teacher.model, job_request.config.compression)
+    return teacher.spec
+
+
+def _sequence_cost(model: torch.nn.Module, spec: ModelSpec, job_request: JobRequest, teachers: int) -> JobCost:
+    """A sequence job: one teacher and student layers it has; its estimated cost
+    (kegnet.cost.estimate_sequence_cost)."""
+    if teachers > 1:
+        raise HTTPException(422, f"a sequence job takes one 'checkpoint' file, got {teachers}")
+    assert spec.sequence is not None
+    try:
+        check_student_layers(model, job_request.config.sequence.student_layers)
+    except KegnetError as exc:
+        raise HTTPException(422, f"config.sequence: {exc}") from None
+    length = spec.sequence.max_length
+    return estimate_sequence_cost(profile_model(model, (length,), torch.long), length, spec.sequence.vocab_size,
+                                  job_request.config)
+
+
+def _check_within_limits(cost: JobCost, settings: Settings, what: str) -> None:
+    """Refuse (422) a job whose estimated memory or compute is over the configured limits."""
+    try:
+        check_cost(cost, max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs))
+    except KegnetError as exc:
+        raise HTTPException(422, str(exc)) from None
+    log.info("%s cost estimate: %s", what, cost.describe())
+
+
+# ---- the job: created, then queued
+
+
+async def _create_job(store: JobStore, storage: LocalStorage, held: _Held, upload: _Upload,
+                      request_hash: str) -> dict[str, Any]:
+    """Move the uploads into the job's directory and create the queued job, which takes over the submission's
+    slot and Idempotency-Key claim."""
+    job_id, files = held.job_id, upload.checkpoints
+    for i, tmp in enumerate(upload.checkpoint_tmps):
+        storage.commit_checkpoint(tmp, job_id, i)
+    if upload.eval_tmp is not None:
+        storage.commit_eval_set(upload.eval_tmp, job_id)
+    job = await run_in_threadpool(
+        lambda: store.create(held.owner, upload.job_request.model_dump(mode="json"), sha256=files[0]["sha256"],
+                             size=files[0]["size"], request_hash=request_hash, job_id=job_id, checkpoints=files,
+                             reservation=held.reservation, idempotency_key=held.idempotency_key,
+                             eval_set=upload.eval_set))
+    held.reservation = held.claimed_job = None  # the job holds the slot and the key now
+    return job
+
+
+async def _enqueue(request: Request, store: JobStore, settings: Settings, job_id: str) -> None:
+    """Hand the job to the worker; if the queue is unreachable, fail the job and answer 503."""
+    try:
+        await run_in_threadpool(request.app.state.enqueue, job_id)
+    except Exception:
+        log.exception("could not queue job %s", job_id)
+        store.transition(job_id, FAILED, {QUEUED}, error="the job could not be queued; retry later")
+        raise HTTPException(503, "the job queue is unavailable; retry later",
+                            headers={"Retry-After": str(settings.retry_after_s)}) from None
+
+
+def _accepted(job: dict[str, Any], replayed: bool = False) -> JSONResponse:
+    headers = {"Location": f"/v1/jobs/{job['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(JobOut.from_job(job).model_dump(mode="json"), status_code=202, headers=headers)
 
 
 @router.get("", response_model=JobPage)

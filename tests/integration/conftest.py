@@ -114,7 +114,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         client.ping()
     except redis.ConnectionError:
-        pytest.skip("redis is not running at 127.0.0.1:6379")
+        pytest.skip(f"redis is not running at {REDIS_TEST_URL}")
     client.flushdb()
     s = Stack(tmp_path_factory.mktemp("stack"))
     try:

@@ -9,9 +9,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from jobs.settings import Settings
 from service.app import create_app
 from service.keys import KeyStore
-from service.settings import Settings
 from tests.service.svc_helpers import REDIS_TEST_URL
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from safetensors.torch import save_file
 
 from kegnet.models import create_model
 
-REDIS_TEST_URL = "redis://127.0.0.1:6379/15"
+# Its database is flushed by the tests: never point it at one that holds anyone's data.
+REDIS_TEST_URL = os.environ.get("KEGNET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 MLP_MODEL = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}, "input_shape": [8], "num_classes": 3}
 TINY_CONFIG = {

@@ -10,9 +10,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
+from jobs.settings import Settings
 from kegnet import create_model
 from service.app import create_app
-from service.settings import Settings
 from tests.service.svc_helpers import MLP_MODEL, REDIS_TEST_URL, TINY_CONFIG, auth, spec_json, write_mlp_safetensors
 
 TIMM_MODEL = {"arch": "timm:mobilenetv3_small_050", "input_shape": [1, 32, 32], "num_classes": 10}

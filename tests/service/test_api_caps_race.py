@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import service.store as store_module
+import jobs.store as store_module
+from jobs.store import JobStore
 from service.keys import KeyStore
 from service.routers import jobs as jobs_router
-from service.store import KEY_FULL, QUEUE_FULL, JobStore
 from tests.service.svc_helpers import auth, spec_json, write_mlp_safetensors
 
 
@@ -31,13 +31,13 @@ def store(settings) -> JobStore:
 def slow_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation takes 0.3 s, as a real teacher does: every concurrent request is past its cap check before
     the first job exists (the window the race went through)."""
-    original = jobs_router._validate
+    original = jobs_router._check_teacher
 
     def slow(*args, **kwargs):
         time.sleep(0.3)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(jobs_router, "_validate", slow)
+    monkeypatch.setattr(jobs_router, "_check_teacher", slow)
 
 
 def _post(client, key: str, body: bytes, headers: dict | None = None):
@@ -83,22 +83,6 @@ def test_refused_submissions_give_their_slot_back(client, keys, ckpt, store):
     assert _post(client, keys["alice"], ckpt.read_bytes()).status_code == 202
 
 
-def test_reservations_count_expire_and_are_consumed(store):
-    a, _ = store.reserve_slot("alice", 2, 10, ttl_s=0.5)
-    b, _ = store.reserve_slot("alice", 2, 10, ttl_s=0.5)
-    assert a and b and store.reserve_slot("alice", 2, 10, ttl_s=0.5) == (None, KEY_FULL)
-    assert store.reserve_slot("bob", 5, 2, ttl_s=0.5) == (None, QUEUE_FULL)
-    store.release_slot("alice", b)
-    assert store.reserved_count("alice") == 1
-    job = store.create("alice", {}, sha256="0" * 64, size=1, request_hash="h", reservation=a)
-    assert store.reserved_count() == 0 and store.active_count("alice") == 1
-    c, _ = store.reserve_slot("alice", 2, 10, ttl_s=0.3)  # a request that then dies without releasing it
-    assert c and store.reserve_slot("alice", 2, 10, ttl_s=0.3) == (None, KEY_FULL)
-    time.sleep(0.4)
-    assert store.reserve_slot("alice", 2, 10, ttl_s=0.3)[0] is not None
-    assert store.get(job["id"])["status"] == "queued"
-
-
 def test_idempotency_key_is_free_after_its_job_is_deleted(client, keys, ckpt, enqueued):
     h = {"Idempotency-Key": "nightly-1"}
     first = _post(client, keys["alice"], ckpt.read_bytes(), h).json()
@@ -126,9 +110,3 @@ def test_stale_claim_naming_no_job_is_replaced(client, keys, ckpt, store, monkey
     assert fresh.json()["id"] not in (probe["id"], "f" * 32)
 
 
-def test_a_recent_claim_is_kept_and_only_its_request_releases_it(store):
-    claim = store.idempotency_claim("alice", "k", "hash", "a" * 32)
-    assert store.idempotency_claim("alice", "k", "hash", "b" * 32) == claim  # not replaced: recent
-    assert store.idempotency_release("alice", "k", "b" * 32) is False  # only its own claim is released
-    assert store.idempotency_release("alice", "k", "a" * 32) is True
-    assert store.idempotency_get("alice", "k") is None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store import JobStore
+from jobs.store import JobStore
 from tests.service.svc_helpers import (
     auth,
     spec_json,
@@ -156,8 +156,3 @@ def test_a_different_eval_set_is_a_different_request(client, keys, ckpt, good, t
     assert len(enqueued) == 1
 
 
-def test_the_sample_cap_defaults_to_the_library_bound() -> None:
-    from kegnet.evaluation import DEFAULT_MAX_SAMPLES
-    from service.settings import Settings
-
-    assert Settings.model_fields["max_eval_samples"].default == DEFAULT_MAX_SAMPLES

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
-from tests.service.svc_helpers import auth, spec_json, write_mlp_safetensors
+from jobs.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from tests.service.svc_helpers import REDIS_TEST_URL, auth, spec_json, write_mlp_safetensors
 
 
 @pytest.fixture
@@ -127,26 +126,6 @@ def test_events_json_page_and_sse(client, keys, job, store, settings):
     assert [d["seq"] for d in data] == [1, 2, 3, 4] and data[-1]["status"] == "failed"
 
 
-def test_reaper_fails_running_job_with_stale_heartbeat(job, store, settings):
-    from service.reaper import LOST, reap_once
-
-    store.transition(job["id"], RUNNING, {QUEUED}, started_at="1", heartbeat="1")
-    assert reap_once(store, settings) == [job["id"]]
-    got = store.get(job["id"])
-    assert got["status"] == "failed" and got["error"] == LOST
-    assert store.active_count() == 0
-
-
-def test_reaper_leaves_live_jobs(job, store, settings):
-    import time
-
-    from service.reaper import reap_once
-
-    store.transition(job["id"], RUNNING, {QUEUED}, started_at=repr(time.time()), heartbeat=repr(time.time()))
-    assert reap_once(store, settings) == []
-    assert store.get(job["id"])["status"] == "running"
-
-
 def test_health_and_readiness(client, store):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
@@ -180,10 +159,10 @@ def test_key_cli_create_and_revoke(redis_db, settings):
 def test_key_cli_entrypoint(redis_db, monkeypatch):
     from typer.testing import CliRunner
 
+    from jobs.settings import get_settings
     from service import keys as keys_mod
-    from service.settings import get_settings
 
-    monkeypatch.setenv("KEGNET_REDIS_URL", "redis://127.0.0.1:6379/15")
+    monkeypatch.setenv("KEGNET_REDIS_URL", REDIS_TEST_URL)
     get_settings.cache_clear()
     try:
         result = CliRunner().invoke(keys_mod.cli, ["create", "--name", "dave"])
@@ -196,10 +175,3 @@ def test_key_cli_entrypoint(redis_db, monkeypatch):
         get_settings.cache_clear()
 
 
-def test_storage_rejects_bad_job_ids(settings):
-    from service.storage import LocalStorage
-
-    storage = LocalStorage(Path(settings.data_dir))
-    for bad in ["..", "../x", "a" * 31, "A" * 32]:
-        with pytest.raises(ValueError):
-            storage.job_dir(bad)

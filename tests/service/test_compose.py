@@ -57,7 +57,7 @@ def test_healthchecks_and_shared_volume(compose):
 
 
 def test_env_example_names_real_settings():
-    from service.settings import Settings
+    from jobs.settings import Settings
 
     names = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
              if line and not line.startswith("#")}

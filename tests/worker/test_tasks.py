@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.settings import Settings
-from service.storage import LocalStorage
-from service.store import QUEUED, JobStore
+from jobs.settings import Settings
+from jobs.storage import LocalStorage
+from jobs.store import QUEUED, JobStore
 from tests.service.svc_helpers import (
     MLP_MODEL,
     REDIS_TEST_URL,

@@ -3,17 +3,17 @@
 Delivery semantics: the worker acknowledges a task as soon as it receives it (early ack), so Redis never
 re-delivers a long job (no double runs after the visibility timeout). The price: if the worker process
 dies mid-job, the message is gone. The running task writes a heartbeat into the job every few seconds;
-this reaper (run by the API in the background, and once at start-up) fails any running job whose heartbeat
-is older than ``heartbeat_stale_s`` with "worker lost; resubmit". Finished results live on disk + Redis.
+``reap_once`` fails any running job whose heartbeat is older than ``heartbeat_stale_s`` with "worker lost;
+resubmit", and any job queued for longer than ``queued_stale_s`` (its message was lost). The API runs it once
+at start-up and then every ``reaper_interval_s`` (service/app.py). Finished results live on disk + Redis.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from service.settings import Settings
-from service.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, JobStore, now
+from jobs.settings import Settings
+from jobs.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, JobStore, now
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,3 @@ def reap_once(store: JobStore, settings: Settings) -> list[str]:
                 ended.append(job_id)
     return ended
 
-
-async def reaper_loop(store: JobStore, settings: Settings) -> None:
-    while True:
-        try:
-            await asyncio.to_thread(reap_once, store, settings)
-        except Exception:  # a Redis hiccup must not kill the loop
-            log.exception("reaper pass failed")
-        await asyncio.sleep(settings.reaper_interval_s)
