@@ -6,7 +6,9 @@ The API sends the task by name (it never imports the worker); the worker registe
 
 from __future__ import annotations
 
+from kegnet.artifacts import ARTIFACT_NAMES
+
 TASK_NAME = "worker.tasks.compress_job"
 QUEUE = "gpu"
 
-ARTIFACT_NAMES = ("student.safetensors", "student.pt2", "student.onnx", "manifest.json", "curves.png", "samples.png")
+__all__ = ["ARTIFACT_NAMES", "QUEUE", "TASK_NAME"]

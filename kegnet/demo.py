@@ -9,7 +9,6 @@ data, only the weights. The held-out split is the user's own evaluation set, use
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 from kegnet.client import KegnetClient
 from kegnet.models import create_model
+from kegnet.report import RunReport
 
 MODEL = {"arch": "mlp", "arch_kwargs": {"hidden": [64, 64]}, "input_shape": [64], "num_classes": 10}
 CONFIG = {
@@ -108,19 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         client.download(job["id"], args.out / "results")
 
     results = args.out / "results"
-    manifest = json.loads((results / "manifest.json").read_text())
+    report = RunReport.read(results)  # manifest.json, typed
     student = torch.export.load(results / "student.pt2").module()  # our own output file
     acc_t, acc_s = accuracy(teacher, x_te, y_te), accuracy(student, x_te, y_te)
-    params = manifest["parameters"]
+    params, speed = report.parameters, report.speed  # speed: ms per forward pass (a classifier job)
     with torch.no_grad():
         agree = (student(x_te).argmax(1) == teacher(x_te).argmax(1)).float().mean().item()
-    latency = manifest["latency"]
-    rows = [("parameters", f"{params['teacher']:,}", f"{params['student']:,}"),
-            (f"latency batch 1, ms ({latency['device']})", f"{latency['teacher']['batch1_ms']:.3f}",
-             f"{latency['student']['batch1_ms']:.3f}"),
-            ("latency batch 64, ms", f"{latency['teacher']['batch64_ms']:.3f}",
-             f"{latency['student']['batch64_ms']:.3f}"),
-            ("compression", "1.00x", f"{manifest['compression_ratio']:.2f}x"),
+    rows = [("parameters", f"{params.teacher:,}", f"{params.student:,}"),
+            (f"latency batch 1, {speed.unit} ({speed.device})", f"{speed.teacher['batch1_ms']:.3f}",
+             f"{speed.student['batch1_ms']:.3f}"),
+            (f"latency batch 64, {speed.unit}", f"{speed.teacher['batch64_ms']:.3f}",
+             f"{speed.student['batch64_ms']:.3f}"),
+            ("compression", "1.00x", f"{report.compression_ratio:.2f}x"),
             (f"test accuracy ({len(x_te)} digits)", f"{acc_t:.2%}", f"{acc_s:.2%}"),
             ("agreement with teacher", "", f"{agree:.2%}")]
     width = max(len(r[0]) for r in rows)

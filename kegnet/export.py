@@ -22,11 +22,6 @@ from kegnet.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "student.safetensors"
-PROGRAM = "student.pt2"
-ONNX = "student.onnx"
-CURVES = "curves.png"
-SAMPLES = "samples.png"
 # student.safetensors metadata: the spec (every student), and what rebuilds the student's structure from the
 # teacher's: a classifier's compression plan, a sequence student's compression report (kegnet/sequence/compress.py).
 SPEC_METADATA = "kegnet_spec"

@@ -20,11 +20,12 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from kegnet.artifacts import MANIFEST
 from kegnet.errors import KegnetError
 from kegnet.evaluation import DEFAULT_MAX_SAMPLES
 from kegnet.events import CancelCheck, ProgressCallback, Reporter
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
-from kegnet.report import MANIFEST, RunReport
+from kegnet.report import RunReport
 from kegnet.spec import ModelSpec
 from kegnet.tasks import Inputs, get_task
 from kegnet.tasks.base import EvalSet, TeacherSource

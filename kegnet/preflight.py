@@ -82,10 +82,11 @@ def check_model(paths: Sequence[Path], spec: ModelSpec, config: BaseModel, limit
     for i, path in enumerate(paths):
         with naming(file_label(i, len(paths))):
             teacher = open_teacher(path, spec, max_parameters=limits.max_parameters, max_bytes=limits.max_bytes)
-        if i == 0:  # every teacher has this spec: the first one prices the job and is planned
-            resolved, cost = teacher.spec, estimate(teacher.model, teacher.spec, config, len(paths), limits)
+        if i == 0:  # every teacher has this spec: the first one is checked against the config, and prices the job
+            resolved = teacher.spec
             with naming(file_label(i, len(paths))):
                 task.check_model(teacher.model, resolved, config)
+            cost = estimate(teacher.model, resolved, config, len(paths), limits)
         del teacher
     if eval_set is not None:
         with naming("eval_set: "):

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kegnet.artifacts import MANIFEST
 from kegnet.hashing import sha256_file
 
-MANIFEST = "manifest.json"
 REPORT_FORMAT = "kegnet.run-report"
 REPORT_VERSION = 2
 
@@ -199,7 +199,7 @@ class RunReport(BaseModel):
     @property
     def section(self) -> ClassifyReport | SequenceReport:
         """The task's own section."""
-        section = self.classify if self.task == "classify" else self.sequence
+        section = getattr(self, self.task)
         assert section is not None, f"a {self.task} report without its section"
         return section
 

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from kegnet.export import ONNX, SPEC_METADATA, WEIGHTS
+from kegnet.artifacts import ONNX, WEIGHTS
+from kegnet.export import SPEC_METADATA
 from kegnet.models import create_model
 from kegnet.spec import ModelSpec
 from kegnet.tasks import get_task

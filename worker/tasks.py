@@ -149,7 +149,7 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
                 max_eval_samples=settings.max_eval_samples,
             )
             artifacts = list_artifacts(Path(result.out_dir))
-            metrics = {**reporter.metrics, **_summary(result.manifest), "device": device}
+            metrics = {**reporter.metrics, **result.report.summary(), "device": device}
         done = _until_redis_answers(store.transition, job_id, SUCCEEDED, {RUNNING, CANCELLING}, stage="done",
                                     progress="1", artifacts=artifacts, metrics=metrics)
         return SUCCEEDED if done else (store.get(job_id) or {}).get("status", "missing")
@@ -172,36 +172,6 @@ def _fail(store: JobStore, job_id: str, message: str) -> str:
     _until_redis_answers(store.transition, job_id, FAILED, {RUNNING, CANCELLING}, error=message,
                          event={"message": message})
     return FAILED
-
-
-def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of the manifest for the job's ``metrics`` (the whole manifest is an artifact)."""
-    params = manifest.get("parameters") or {}
-    agreement = manifest.get("synthetic_agreement") or {}
-    confidence = manifest.get("confidence") or {}
-    evaluation = manifest.get("evaluation") or {}
-    out = {
-        "compression_ratio": manifest.get("compression_ratio"),
-        "teacher_parameters": params.get("teacher"),
-        "student_parameters": params.get("student"),
-        "synthetic_agreement": agreement.get("best"),
-        "synthetic_agreement_before_finetune": agreement.get("before_finetune"),
-        "seconds": sum((manifest.get("timings_s") or {}).values()),
-        "teacher_latency_ms": (manifest.get("latency") or {}).get("teacher"),
-        "student_latency_ms": (manifest.get("latency") or {}).get("student"),
-        "architecture_source": (manifest.get("architecture") or {}).get("source"),
-        "teachers": (manifest.get("teachers") or {}).get("count"),
-        "recipe": manifest.get("recipe"),
-        # Agreement with the teacher on a synthetic exam (no data): an estimate, not an accuracy.
-        "confidence_estimate": confidence.get("estimate"),
-        "confidence_level": confidence.get("level"),
-        "confidence_warnings": confidence.get("warnings") if confidence else None,
-        # Only with a user-supplied labelled set: measured on it, reported only.
-        "eval_samples": evaluation.get("samples"),
-        "eval_teacher_accuracy": evaluation.get("teacher_accuracy"),
-        "eval_student_accuracy": evaluation.get("student_accuracy"),
-    }
-    return {k: v for k, v in out.items() if v is not None}
 
 
 @app.task(name=TASK_NAME, bind=True)

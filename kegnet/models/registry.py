@@ -38,6 +38,8 @@ SPEC_ARGUMENTS: dict[str, tuple[str, ...]] = {
 # What to give instead, when the arguments of another task were given.
 _GIVE = {"classify": "input shape and classes", "sequence": "vocabulary size and maximum length"}
 _KIND = {"classify": "classifier", "sequence": "sequence model"}
+_UNKNOWN = {"classify": "architecture", "sequence": "sequence architecture"}
+_ALSO = {"classify": ", torchvision:<name>, timm:<name>, or onnx (upload an .onnx file)"}
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,8 @@ def _factory(name: str, task: str) -> tuple[ModelFactory, dict[str, Any]]:
         return _LIBRARIES[source], {"name": short}
     entry = _REGISTRY.get(name) if source == "kegnet" else None
     if entry is None:
-        available = list_models(task)
-        if task == "classify":
-            raise SpecError(f"unknown architecture {name!r}; available: {', '.join(available)}, "
-                            "torchvision:<name>, timm:<name>, or onnx (upload an .onnx file)")
-        raise SpecError(f"unknown {task} architecture {name!r}; available: {', '.join(available) or 'none'}")
+        available = ", ".join(list_models(task)) or "none"
+        raise SpecError(f"unknown {_UNKNOWN[task]} {name!r}; available: {available}{_ALSO.get(task, '')}")
     if entry.task != task:
         raise SpecError(f"{name!r} is a {_KIND[entry.task]}: give {_GIVE[entry.task]}, not {_GIVE[task]}")
     return entry.fn, {}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kegnet import export
+from kegnet import artifacts, export
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.compression import CompressionPlan, apply_plan, plan_compression
 from kegnet.compression.latency import model_latency
@@ -269,21 +269,21 @@ def _export(job: _Job) -> None:
     student = job.student = job.student.cpu().eval()
     for t in job.teachers:
         t.cpu()
-    export.save_weights(student, spec, job.plan, out / export.WEIGHTS)
+    export.save_weights(student, spec, job.plan, out / artifacts.WEIGHTS)
     job.exported = {"program_skipped": _export_program(student, spec, config, out),
                     "onnx_skipped": None, "onnx_check": None}
     if config.export_onnx:
         converted = spec.arch == "onnx"  # an onnx2torch graph: only the traced exporter takes it
-        skipped = export.export_onnx(student, spec.input_shape, out / export.ONNX, traced=converted)
+        skipped = export.export_onnx(student, spec.input_shape, out / artifacts.ONNX, traced=converted)
         job.exported["onnx_skipped"] = skipped
         if skipped:
             log.warning("no ONNX file: %s", skipped)
         else:
-            job.exported["onnx_check"] = export.check_onnx(out / export.ONNX, student, spec.input_shape, job.seed)
+            job.exported["onnx_check"] = export.check_onnx(out / artifacts.ONNX, student, spec.input_shape, job.seed)
     result = job.distill_result
-    export.plot_curves(job.generator_curve, result.curve if result else [], out / export.CURVES)
+    export.plot_curves(job.generator_curve, result.curve if result else [], out / artifacts.CURVES)
     if isinstance(job.sampler, KegNetSampler) and len(spec.input_shape) == 3:
-        export.plot_samples(job.sampler, spec.num_classes, out / export.SAMPLES, seed=job.seed)
+        export.plot_samples(job.sampler, spec.num_classes, out / artifacts.SAMPLES, seed=job.seed)
     job.report("export", 1.0, "artifacts written")
 
 
@@ -294,10 +294,10 @@ def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfi
     if spec.arch == "onnx":  # an onnx2torch graph: torch.export cannot trace its Reshape modules
         return "torch.export cannot trace a graph converted from ONNX; use student.onnx"
     try:
-        export.export_program(student, spec.input_shape, out / export.PROGRAM)
+        export.export_program(student, spec.input_shape, out / artifacts.PROGRAM)
     except Exception as exc:  # noqa: BLE001 - some converted graphs cannot be traced; the other files stand
         skipped = f"torch.export could not trace this student ({type(exc).__name__})"
-        log.warning("no %s: %s", export.PROGRAM, skipped)
+        log.warning("no %s: %s", artifacts.PROGRAM, skipped)
         return skipped
     return None
 

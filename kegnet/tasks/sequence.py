@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kegnet import export
+from kegnet import artifacts, export
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.config import SequenceJobConfig
 from kegnet.cost import JobCost, estimate_sequence_cost, profile_model
@@ -184,10 +184,10 @@ def _export(job: _Job) -> None:
     assert job.student is not None and job.teacher is not None
     student = job.student.eval()
     job.report("export", 0.0, "writing the student")
-    export.write_weights(student, job.out / export.WEIGHTS, {
+    export.write_weights(student, job.out / artifacts.WEIGHTS, {
         export.SPEC_METADATA: job.spec.model_dump_json(), export.SEQUENCE_REPORT: json.dumps(job.compression)})
     if job.config.export_portable:
-        export_program(student, job.tokens, job.out / export.PROGRAM)
+        export_program(student, job.tokens, job.out / artifacts.PROGRAM)
     job.after = agreement(job, student)
     job.speed = {"teacher": decode_speed(job.teacher, job.tokens, job.device),
                  "student": decode_speed(student, job.tokens, job.device)}

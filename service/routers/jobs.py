@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -25,12 +24,10 @@ from jobs.schemas import JobRequest
 from jobs.settings import Settings
 from jobs.storage import LocalStorage, UploadTooLarge
 from jobs.store import FAILED, KEY_FULL, QUEUED, TERMINAL, JobStore
-from kegnet.checkpoint import open_teacher
-from kegnet.compression import plan_compression
-from kegnet.cost import JobCost, check_cost, estimate_cost, estimate_sequence_cost, profile_model
+from kegnet import preflight
+from kegnet.config import TASK_CONFIGS
 from kegnet.errors import KegnetError
-from kegnet.evaluation import read_eval_set
-from kegnet.sequence.compress import check_student_layers
+from kegnet.preflight import Limits
 from kegnet.spec import ModelSpec
 from service.deps import current_owner, get_settings_dep, get_storage, get_store
 from service.schemas import EventPage, JobOut, JobPage
@@ -249,9 +246,17 @@ def _form_fields(form: FormData, settings: Settings) -> tuple[list[UploadFile], 
 
 
 def _spec_error(exc: ValidationError) -> HTTPException:
-    errors = [{"loc": ["spec", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+    errors = [{"loc": ["spec", *_without_task_tag(e["loc"])], "msg": e["msg"], "type": e["type"]}
               for e in exc.errors(include_url=False, include_input=False, include_context=False)]
     return HTTPException(422, errors)
+
+
+def _without_task_tag(loc: tuple[int | str, ...]) -> list[int | str]:
+    """``config.<task>.field`` -> ``config.field``: the config is one model per task, and pydantic names the
+    one it tried; the client wrote ``config.field``."""
+    if len(loc) > 1 and loc[0] == "config" and loc[1] in TASK_CONFIGS:
+        return [loc[0], *loc[2:]]
+    return list(loc)
 
 
 def _too_many_files(settings: Settings) -> HTTPException:
@@ -286,78 +291,25 @@ async def _read_form(request: Request, settings: Settings) -> FormData:
 
 async def _check_upload(request: Request, checkpoint_tmps: list[Path], eval_tmp: Path | None,
                         job_request: JobRequest, settings: Settings) -> ModelSpec:
-    """Fail fast on bad uploads (a 422 now, not a failed job after the generators): every checkpoint is opened
-    with the same safe loader the worker uses (weights_only / safetensors / ONNX), so pickled code, truncated
-    files, wrong keys/shapes, NaNs, unknown or oversized architectures are refused; the job's whole cost must
-    be within the limits and its compression plan must name layers; the evaluation set must fit the model.
+    """Fail fast on bad uploads (a 422 now, not a failed job after the generators), through the library's
+    preflight (kegnet/preflight.py), the same checks the pipeline applies: the task's rules, each file's
+    structure and the architecture's size without running anything; then each teacher opened with the safe
+    loader the worker uses, the job's cost within the limits, its plan, and the evaluation set.
     Returns the first teacher's resolved spec (an ONNX graph fills in the input shape and classes)."""
-    slots = request.app.state.validation_slots  # each check loads weights in this process: bound them
-    n = len(checkpoint_tmps)
-    spec: ModelSpec | None = None
-    for i, tmp in enumerate(checkpoint_tmps):
-        try:
-            async with slots:
-                resolved = await run_in_threadpool(_check_teacher, tmp, job_request, settings, n if i == 0 else 0)
-        except KegnetError as exc:
-            where = "" if n == 1 else f"checkpoint {i + 1} of {n} (index {i}): "
-            raise HTTPException(422, f"{where}{exc}") from None
-        if i == 0:
-            spec = resolved
-    assert spec is not None
-    if eval_tmp is not None:
-        if spec.is_sequence:
-            raise HTTPException(422, "eval_set: an evaluation set (x, y) is for classifiers; a sequence job "
-                                     "reports agreement with the teacher on its own generations")
-        try:  # the worker reads it again with the same function: a bad file is a 422 now, not a failed job
-            async with slots:
-                await run_in_threadpool(read_eval_set, eval_tmp, spec, settings.max_eval_samples)
-        except KegnetError as exc:
-            raise HTTPException(422, f"eval_set: {exc}") from None
-    return spec
-
-
-def _check_teacher(path: Path, job_request: JobRequest, settings: Settings, teachers: int) -> ModelSpec:
-    """Build the teacher as the worker will; for the first one (``teachers``: the job's count, else 0),
-    refuse a job whose whole cost is over the limits (kegnet/cost.py), then plan its compression (a
-    sequence job: check its student layers instead). Returns the teacher's resolved spec."""
-    teacher = open_teacher(path, job_request.model, max_parameters=settings.max_parameters,
-                           max_bytes=settings.max_upload_bytes)
-    if not teachers:
-        return teacher.spec
-    if teacher.spec.is_sequence:
-        _check_within_limits(_sequence_cost(teacher.model, teacher.spec, job_request, teachers), settings,
-                             "sequence job")
-        return teacher.spec
-    shape, classes = teacher.spec.input_shape, teacher.spec.num_classes
-    assert shape is not None and classes is not None  # open_teacher resolves them
-    cost = estimate_cost(profile_model(teacher.model, shape), shape, classes, job_request.config, teachers)
-    _check_within_limits(cost, settings, "job")
-    plan_compression(teacher.model, job_request.config.compression)
-    return teacher.spec
-
-
-def _sequence_cost(model: torch.nn.Module, spec: ModelSpec, job_request: JobRequest, teachers: int) -> JobCost:
-    """A sequence job: one teacher and student layers it has; its estimated cost
-    (kegnet.cost.estimate_sequence_cost)."""
-    if teachers > 1:
-        raise HTTPException(422, f"a sequence job takes one 'checkpoint' file, got {teachers}")
-    assert spec.sequence is not None
+    limits = Limits(max_parameters=settings.max_parameters, max_bytes=settings.max_upload_bytes,
+                    max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs),
+                    max_eval_samples=settings.max_eval_samples)
+    model, config = job_request.model, job_request.config
     try:
-        check_student_layers(model, job_request.config.sequence.student_layers)
-    except KegnetError as exc:
-        raise HTTPException(422, f"config.sequence: {exc}") from None
-    length = spec.sequence.max_length
-    return estimate_sequence_cost(profile_model(model, (length,), torch.long), length, spec.sequence.vocab_size,
-                                  job_request.config)
-
-
-def _check_within_limits(cost: JobCost, settings: Settings, what: str) -> None:
-    """Refuse (422) a job whose estimated memory or compute is over the configured limits."""
-    try:
-        check_cost(cost, max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs))
+        await run_in_threadpool(preflight.check_static, checkpoint_tmps, model, config, limits,
+                                has_eval_set=eval_tmp is not None)
+        async with request.app.state.validation_slots:  # the model checks load weights in this process
+            spec, cost = await run_in_threadpool(preflight.check_model, checkpoint_tmps, model, config, limits,
+                                                 eval_set=eval_tmp)
     except KegnetError as exc:
         raise HTTPException(422, str(exc)) from None
-    log.info("%s cost estimate: %s", what, cost.describe())
+    log.info("job cost estimate: %s", cost.describe())
+    return spec
 
 
 # ---- the job: created, then queued

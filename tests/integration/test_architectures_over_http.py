@@ -40,7 +40,7 @@ def test_timm_mobilenet_job_reports_latency(client, stack, tmp_path: Path) -> No
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["architecture"] == {"source": "timm", "name": "mobilenetv3_small_050", "kwargs": {},
                                         "library_version": manifest["architecture"]["library_version"]}
-    assert any("depthwise" in why for why in manifest["plan"]["skipped"].values())
+    assert any("depthwise" in why for why in manifest["classify"]["plan"]["skipped"].values())
     assert manifest["parameters"]["student"] < manifest["parameters"]["teacher"]
 
 

@@ -67,7 +67,7 @@ def test_teacher_ensemble_job_over_http(client, stack, tmp_path):
     assert job["metrics"]["teachers"] == 2
     client.download(job["id"], tmp_path / "out", ["manifest.json"])
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["teachers"]["count"] == 2 and manifest["teachers"]["weighting"] == "entropy"
+    assert manifest["classify"]["teachers"]["count"] == 2 and manifest["classify"]["teachers"]["weighting"] == "entropy"
 
 
 SEQ_KWARGS = {"n_layers": 1, "d_model": 32, "n_heads": 2}
@@ -80,17 +80,17 @@ SEQ_CONFIG = {"compression": {"rank_method": "ratio", "target_ratio": 1.5},
 def test_sequence_job_over_http(client, stack, tmp_path):
     from safetensors.torch import save_file
 
-    from kegnet.models import create_sequence_model
+    from kegnet.models import create_model
 
     torch.manual_seed(0)
     path = tmp_path / "lm.safetensors"
-    save_file(create_sequence_model("transformer", vocab_size=16, max_length=10, **SEQ_KWARGS).state_dict(), str(path))
+    save_file(create_model("transformer", vocab_size=16, max_length=10, **SEQ_KWARGS).state_dict(), str(path))
     job = client.submit(path, SEQ_MODEL, SEQ_CONFIG, device="auto")
     job = client.wait(job["id"], timeout=120, poll=0.3, progress=False)
     assert job["status"] == "succeeded", (job, stack.logs())
     assert job["metrics"]["compression_ratio"] > 1.4 and 0 <= job["metrics"]["synthetic_agreement"] <= 1
     stages = {e.get("stage") for e in client.events(job["id"])["events"] if e["type"] == "progress"}
-    assert {"generators", "decompose", "finetune", "export"} <= stages
+    assert {"compress", "sample", "finetune", "export"} <= stages
     client.download(job["id"], tmp_path / "out")
     logits = torch.export.load(tmp_path / "out" / "student.pt2").module()(torch.ones(2, 5, dtype=torch.long))
     assert logits.shape == (2, 5, 16)

@@ -40,14 +40,14 @@ def test_sequence_job_over_the_limit_is_refused_with_its_knobs(settings, keys, t
     from fastapi.testclient import TestClient
     from safetensors.torch import save_file
 
-    from kegnet.models import create_sequence_model
+    from kegnet.models import create_model
     from service.app import create_app
 
     kwargs = {"n_layers": 1, "d_model": 32, "n_heads": 2}
     model = {"arch": "transformer", "arch_kwargs": kwargs, "task": "sequence",
              "sequence": {"vocab_size": 16, "max_length": 10, "bos_id": 1, "eos_id": 2, "pad_id": 0}}
     path = tmp_path / "lm.safetensors"
-    save_file(create_sequence_model("transformer", vocab_size=16, max_length=10, **kwargs).state_dict(), str(path))
+    save_file(create_model("transformer", vocab_size=16, max_length=10, **kwargs).state_dict(), str(path))
     tight = settings.model_copy(update={"max_job_macs": 1e11})
     with TestClient(create_app(tight, enqueue=enqueued.append, run_reaper=False)) as client:
         def submit(config: dict) -> object:
@@ -57,7 +57,8 @@ def test_sequence_job_over_the_limit_is_refused_with_its_knobs(settings, keys, t
 
         r = submit({"sequence": {"samples": 500_000, "beam_size": 16}})
         assert r.status_code == 422, r.text
-        assert "mostly in the teacher's generations; lower config.sequence.samples" in r.json()["detail"]
+        assert "mostly in the teacher's generations, above this service's limit" in r.json()["detail"]
+        assert "; lower config.sequence.samples" in r.json()["detail"]
         r = submit({"sequence": {"samples": 256, "holdout": 16, "student_layers": 2}})
         assert r.status_code == 422, r.text
         assert "config.sequence: student_layers must be an integer in 1..1 (the teacher's blocks)" in r.json()["detail"]

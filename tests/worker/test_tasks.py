@@ -144,7 +144,7 @@ def test_several_checkpoints_run_as_a_teacher_ensemble(env, tmp_path):
         storage.commit_checkpoint(tmp_path / f"t{i}.safetensors", job["id"], i)
     assert run_job(job["id"], store, storage, settings) == "succeeded", store.get(job["id"])["error"]
     manifest = json.loads((storage.out_dir(job["id"]) / "manifest.json").read_text())
-    assert manifest["teachers"]["count"] == 2 and manifest["teachers"]["weighting"] == "entropy"
+    assert manifest["classify"]["teachers"]["count"] == 2 and manifest["classify"]["teachers"]["weighting"] == "entropy"
     assert store.get(job["id"])["metrics"]["teachers"] == 2
 
 
@@ -168,20 +168,20 @@ def test_eval_set_and_confidence_reach_the_job_metrics(env, tmp_path):
     assert run_job(job["id"], store, storage, settings) == "succeeded", store.get(job["id"])["error"]
     metrics = store.get(job["id"])["metrics"]
     manifest = json.loads((storage.out_dir(job["id"]) / "manifest.json").read_text())
-    assert metrics["recipe"] == manifest["recipe"] and metrics["recipe"]
-    assert metrics["confidence_estimate"] == manifest["confidence"]["estimate"]
+    assert metrics["recipe"] == manifest["classify"]["recipe"] and metrics["recipe"]
+    assert metrics["confidence_estimate"] == manifest["classify"]["confidence"]["estimate"]
     assert 0 <= metrics["confidence_estimate"] <= 1
     assert metrics["confidence_level"] in ("high", "medium", "low")
-    assert metrics["confidence_warnings"] == manifest["confidence"]["warnings"]
+    assert metrics["confidence_warnings"] == manifest["classify"]["confidence"]["warnings"]
     assert metrics["eval_samples"] == 60 and metrics["eval_teacher_accuracy"] == 1.0
-    assert metrics["eval_student_accuracy"] == manifest["evaluation"]["student_accuracy"]
+    assert metrics["eval_student_accuracy"] == manifest["classify"]["evaluation"]["student_accuracy"]
     assert 0 <= metrics["eval_student_accuracy"] <= 1
 
 
 def test_a_job_without_eval_set_passes_none_and_reports_no_eval_metrics(env, tmp_path, monkeypatch):
     import kegnet.pipeline
     from kegnet.errors import KegnetError
-    from worker.tasks import _summary
+    from kegnet.report import ClassifyReport, RunReport, Sizes, Speed
 
     seen = {}
 
@@ -193,7 +193,12 @@ def test_a_job_without_eval_set_passes_none_and_reports_no_eval_metrics(env, tmp
     settings, store, storage = env
     assert run_job(make_job(env, tmp_path), store, storage, settings) == "failed"
     assert seen["eval_set"] is None and seen["max_eval_samples"] == settings.max_eval_samples
-    summary = _summary({"recipe": None, "evaluation": None,
-                        "confidence": {"estimate": 0.5, "level": "low", "warnings": ["low estimate: ..."]}})
-    assert summary == {"confidence_estimate": 0.5, "confidence_level": "low",
-                       "confidence_warnings": ["low estimate: ..."], "seconds": 0}
+    section = ClassifyReport(plan={"layers": [], "skipped": {}}, macs=Sizes(teacher=2, student=1),
+                             confidence={"estimate": 0.5, "level": "low", "warnings": ["low estimate: ..."]})
+    report = RunReport(task="classify", spec={}, architecture={}, config={}, seed=0, device="cpu",
+                       parameters=Sizes(teacher=2, student=1), compression_ratio=2.0,
+                       speed=Speed(device="cpu", unit="ms", teacher={}, student={}), classify=section)
+    summary = report.summary()
+    assert not {"eval_samples", "eval_teacher_accuracy", "eval_student_accuracy", "recipe"} & set(summary)
+    assert {k: summary[k] for k in ("confidence_estimate", "confidence_level", "confidence_warnings")} == {
+        "confidence_estimate": 0.5, "confidence_level": "low", "confidence_warnings": ["low estimate: ..."]}
