@@ -161,8 +161,17 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
         return _plan_compression(model, config)
 
 
-def _plan_compression(model: nn.Module, config: CompressionConfig) -> CompressionPlan:
-    plan = CompressionPlan()
+def check_layers(model: nn.Module, config: CompressionConfig) -> None:
+    """What a plan checks without reading any weight (``model`` may be on the meta device): the layers named
+    exist and some can be factorized; with ranks that need no weights (all but ``evbmf``), the whole plan."""
+    if config.rank_method == "evbmf":
+        _compressible(model, config, CompressionPlan())
+    else:
+        plan_compression(model, config)
+
+
+def _compressible(model: nn.Module, config: CompressionConfig, plan: CompressionPlan) -> dict[str, nn.Module]:
+    """The selected layers that can be factorized; the others go to ``plan.skipped`` with the reason."""
     layers: dict[str, nn.Module] = {}
     if config.layers is None:
         plan.skipped.update(_fused_attention_projections(model))
@@ -175,7 +184,12 @@ def _plan_compression(model: nn.Module, config: CompressionConfig) -> Compressio
             layers[name] = m
     if not layers:
         raise CompressionError("no layer can be compressed; name Conv2d or Linear layers in 'layers'")
+    return layers
 
+
+def _plan_compression(model: nn.Module, config: CompressionConfig) -> CompressionPlan:
+    plan = CompressionPlan()
+    layers = _compressible(model, config, plan)
     if config.rank_method == "ratio":
         fraction = _fraction_for_ratio(model, layers, config.target_ratio)
     for name, m in layers.items():

@@ -88,7 +88,9 @@ class Task:
 
     - ``check(spec, config, teachers, has_eval_set)``: the task's rules that never run a model (the API and
       the pipeline both call it); raises ``KegnetError`` with what to fix.
-    - ``check_model(model, spec, config)``: the checks that need the built teacher (the plan fits it).
+    - ``check_model(model, spec, config)``: the checks that need the teacher's weights (the plan fits them).
+    - ``check_structure(model, spec, config)``: the config against the architecture alone (``model`` built on
+      the meta device, no weights): the layers it names exist, the student fits.
     - ``cost(model, spec, config, teachers)``: the job's estimated cost (kegnet.cost.JobCost).
     - ``finish(job)``: after the last stage, the task's report section and core figures.
     - ``rebuild_student(model, metadata)``: a saved student's structure on a freshly built teacher.
@@ -99,6 +101,7 @@ class Task:
     stages: tuple[Stage, ...]
     check: Callable[[ModelSpec, Any, int, bool], None]
     check_model: Callable[[nn.Module, ModelSpec, Any], None]
+    check_structure: Callable[[nn.Module, ModelSpec, Any], None]
     cost: Callable[[nn.Module, ModelSpec, Any, int], JobCost]
     finish: Callable[[Any], TaskOutcome]
     rebuild_student: Callable[[nn.Module, dict[str, str]], nn.Module]

@@ -23,7 +23,7 @@ from kegnet import artifacts, export
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.compression import CompressionPlan, apply_plan, plan_compression
 from kegnet.compression.latency import model_latency
-from kegnet.compression.plan import drop_slower_layers, replan_ratio
+from kegnet.compression.plan import check_layers, drop_slower_layers, replan_ratio
 from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe
 from kegnet.cost import JobCost, estimate_cost, profile_model
 from kegnet.distill import DistillResult, distill
@@ -345,6 +345,11 @@ def _check_model(model: nn.Module, spec: ModelSpec, config: ClassifierConfig) ->
     plan_compression(model, config.compression)
 
 
+def _check_structure(model: nn.Module, spec: ModelSpec, config: ClassifierConfig) -> None:
+    """The layers the plan names exist and some can be factorized (the whole plan when no rank needs weights)."""
+    check_layers(model, config.compression)
+
+
 def _cost(model: nn.Module, spec: ModelSpec, config: ClassifierConfig, teachers: int) -> JobCost:
     assert spec.input_shape is not None and spec.num_classes is not None
     return estimate_cost(profile_model(model, spec.input_shape), spec.input_shape, spec.num_classes, config, teachers)
@@ -360,5 +365,6 @@ TASK = Task(
     job_type=_Job,
     stages=(Stage("load", 0.02, _load), Stage("plan", 0.03, _plan), Stage("generators", 0.47, _generate),
             Stage("decompose", 0.05, _decompose), Stage("finetune", 0.38, _distill), Stage("export", 0.05, _export)),
-    check=_check, check_model=_check_model, cost=_cost, finish=_finish, rebuild_student=_rebuild_student,
+    check=_check, check_model=_check_model, check_structure=_check_structure, cost=_cost, finish=_finish,
+    rebuild_student=_rebuild_student,
 )

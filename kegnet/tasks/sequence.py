@@ -226,7 +226,7 @@ def _check(spec: ModelSpec, config: SequenceJobConfig, teachers: int, has_eval_s
 
 
 def _check_model(model: nn.Module, spec: ModelSpec, config: SequenceJobConfig) -> None:
-    """The student keeps no more blocks than the teacher has."""
+    """The student keeps no more blocks than the teacher has (the architecture alone says: meta is fine)."""
     try:
         check_student_layers(model, config.sequence.student_layers)
     except KegnetError as exc:
@@ -250,5 +250,6 @@ TASK = Task(
     job_type=_Job,
     stages=(Stage("load", 0.02, _load), Stage("compress", 0.03, _compress), Stage("sample", 0.35, _sample),
             Stage("finetune", 0.55, _finetune), Stage("export", 0.05, _export)),
-    check=_check, check_model=_check_model, cost=_cost, finish=_finish, rebuild_student=_rebuild_student,
+    check=_check, check_model=_check_model, check_structure=_check_model, cost=_cost, finish=_finish,
+    rebuild_student=_rebuild_student,
 )
