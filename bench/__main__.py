@@ -5,7 +5,7 @@ data, which the pipeline itself never sees. ``--scale`` multiplies every step bu
 ``python -m bench scale`` measures time and memory of generator training as the input and batch grow
 (``--teacher torchvision:resnet18 --sides 224`` for ImageNet-sized inputs). ``bench/gpu.sh OUTDIR`` runs the
 GPU rows. Rows report parameters, ratio, real test accuracy, the latency of student and teacher at batch 1
-and 64 from the manifest, and the seconds of every pipeline stage. ``python -m bench g2p --help``: the
+and 64 from the run report, and the seconds of every pipeline stage. ``python -m bench g2p --help``: the
 sequence-model benchmark (grapheme-to-phoneme on CMUdict, bench/g2p/run.py), with options of its own.
 
 Within one seed, the KegNet generators are trained once and shared by the scenario's compression settings
@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from bench.datasets import accuracy
 from bench.scenarios import SCENARIOS, Scenario
-from kegnet import KegnetError, ModelSpec, ClassifierConfig, run_pipeline
+from kegnet import ClassifierConfig, KegnetError, ModelSpec, run_pipeline
 from kegnet.compression.latency import model_latency
 from kegnet.generation import make_generator
 from kegnet.metrics import count_parameters
@@ -86,17 +86,18 @@ def _save_generators(path: Path, gens: list[torch.nn.Module], seconds: float) ->
 
 class _SharedDecomposition:
     """Within one bench run, rows that factorize the same teacher weights with the same plan, HOOI budget and
-    seed get the same initial student: it is computed once and copied (``kegnet.pipeline.apply_plan`` is
-    wrapped while the bench runs). Each row still reports the time the decomposition took."""
+    seed get the same initial student: it is computed once and copied (``kegnet.tasks.classify.apply_plan``,
+    which the classifier's decompose stage calls, is wrapped while the bench runs). Each row still reports the
+    time the decomposition took."""
 
     def __init__(self) -> None:
         self.done: dict[str, tuple[torch.nn.Module, float]] = {}
         self.last_seconds = 0.0
 
     def __enter__(self) -> _SharedDecomposition:
-        import kegnet.pipeline as pipeline
+        import kegnet.tasks.classify as classify
 
-        self._pipeline, self._original = pipeline, pipeline.apply_plan
+        self._module, self._original = classify, classify.apply_plan
 
         def apply_plan(model: torch.nn.Module, plan: Any, **kwargs: Any) -> torch.nn.Module:
             key = json.dumps([teacher_digest(model), plan.to_dict(), sorted(kwargs.items())])
@@ -109,11 +110,11 @@ class _SharedDecomposition:
             student, self.last_seconds = self.done[key]
             return copy.deepcopy(student)
 
-        pipeline.apply_plan = apply_plan
+        classify.apply_plan = apply_plan
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pipeline.apply_plan = self._original
+        self._module.apply_plan = self._original
 
 
 def make_config(scenario: Scenario, setting: str, method: str, scale: float,
@@ -215,7 +216,9 @@ def _run_rows(sc: Scenario, rows: list[dict[str, Any]], teachers: list[torch.nn.
                         row["error"] = str(exc)
                         break
                     seconds = time.perf_counter() - t0
-                timings = dict(result.manifest["timings_s"])
+                report = result.report
+                plan = report.classify.plan
+                timings = dict(report.timings_s)
                 timings["decompose_computed"] = timings["decompose"]  # near 0 where it was shared
                 timings["decompose"] = decompositions.last_seconds
                 seconds += timings["decompose"] - timings["decompose_computed"]
@@ -226,18 +229,15 @@ def _run_rows(sc: Scenario, rows: list[dict[str, Any]], teachers: list[torch.nn.
                 elif gens is not None:
                     timings["generators"], seconds = gen_s, seconds + gen_s
                 row["accuracy"].append(accuracy(result.student, x, y))
-                agreement = result.manifest["synthetic_agreement"]
-                row["agreement"].append(agreement["best"] if agreement else None)
+                row["agreement"].append(report.agreement.final if report.agreement else None)
                 row["seconds"].append(seconds)
                 row["timings_s"].append(timings)
                 row["peak_gpu_mb"].append(torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None)
-                lat = result.manifest["latency"]
-                row["latency_ms"].append({"device": lat["device"], "teacher": lat["teacher"],
-                                          "student": lat["student"]})
-                row["layers"].append({"factorized": len(result.manifest["plan"]["layers"]),
-                                      "skipped": result.manifest["plan"].get("skipped", {})})
-                row["ratio"] = result.manifest["compression_ratio"]
-                row["parameters"] = result.manifest["parameters"]["student"]
+                speed = report.speed  # unit "ms": milliseconds per forward pass
+                row["latency_ms"].append({"device": speed.device, "teacher": speed.teacher, "student": speed.student})
+                row["layers"].append({"factorized": len(plan["layers"]), "skipped": plan.get("skipped", {})})
+                row["ratio"] = report.compression_ratio
+                row["parameters"] = report.parameters.student
             rows.append(row)
             print(_fmt(row), flush=True)
 

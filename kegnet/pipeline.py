@@ -27,7 +27,7 @@ from kegnet.events import CancelCheck, ProgressCallback, Reporter
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
 from kegnet.report import RunReport
 from kegnet.spec import ModelSpec
-from kegnet.tasks import Inputs, get_task
+from kegnet.tasks import Inputs, task_for
 from kegnet.tasks.base import EvalSet, TeacherSource
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,7 @@ def run_pipeline(
     ``(x, y)``; ``kegnet.evaluation``), used only to report real accuracy. Raises ``KegnetError`` subclasses
     for bad input (user-facing messages) and ``Cancelled`` on request.
     """
-    task = get_task(spec.task)
-    if getattr(config, "task", None) != spec.task:
-        raise KegnetError(f"a {spec.task} job needs the {spec.task} config (kegnet.config.config_for), got "
-                          f"{type(config).__name__}")
+    task = task_for(spec, config)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
     task.check(spec, config, len(sources), eval_set is not None)  # the same rules the API checks
     out = Path(out_dir)

@@ -16,7 +16,7 @@ from BOS and its beam completions of them. The dictionary is read only here, to 
 pronunciation after ``BOS letters SEP``: word accuracy and phoneme error rate (PER) with greedy decoding and
 with beam 5. Decode speed is words per second on the CPU, greedy, the pronunciation after the given prefix,
 at batch 1 (the first ``--speed-words`` of those words one at a time) and batched (the whole subset in batches of
-``--speed-batch``), the fastest of ``--repeats`` timings. Stage seconds come from the manifest's ``timings_s``.
+``--speed-batch``), the fastest of ``--repeats`` timings. Stage seconds come from the run report's ``timings_s``.
 
 ``--report`` prints the table of an existing ``--out`` file without running anything.
 """
@@ -207,21 +207,22 @@ def run_g2p(seeds: int = 1, rows: Sequence[str] = ROWS, settings: dict[str, Any]
                 t0 = time.perf_counter()
                 run = run_pipeline(teacher, spec, cfg, base / f"{row}-seed{seed}", device="cpu", seed=seed)
                 wall = time.perf_counter() - t0
-                m = run.manifest
+                r = run.report
+                seq = r.sequence
                 scores = score_model(run.student, data, s, teacher=teacher)
                 entry = {
                     "row": row, "seed": seed, "objective": None if row == "svd" else OBJECTIVE[row],
-                    "ratio": m["compression_ratio"], **scores,
-                    "teacher_parameters": m["parameters"]["teacher"],
-                    # the manifest is written inside the export stage, so its timings_s lack "export":
-                    # the pipeline's wall time less the stages it lists is reported as "export"
-                    "timings_s": m["timings_s"] | {"export": wall - sum(m["timings_s"].values())},
+                    "ratio": r.compression_ratio, **scores,
+                    "teacher_parameters": r.parameters.teacher,
+                    "timings_s": dict(r.timings_s),  # every stage, export included
                     "pipeline_seconds": wall,
-                    "synthetic_agreement": m["synthetic_agreement"], "generation": m["generation"],
-                    "distill": None if m["distill"] is None else {k: m["distill"][k] for k in
-                                                                    ("best_step", "best_score", "score_curve")},
-                    "ranks": sorted({v["rank"] for v in m["compression"]["layers"].values()}),
-                    "blocks": m["compression"].get("blocks"),
+                    # on the teacher's held-out generations: tokens matched, and completions identical
+                    "agreement": r.agreement.model_dump() if r.agreement else None,
+                    "exact_agreement": seq.exact_agreement.model_dump(), "generation": seq.generation,
+                    "distill": None if seq.distill is None else {k: seq.distill[k] for k in
+                                                                  ("best_step", "best_score", "score_curve")},
+                    "ranks": sorted({v["rank"] for v in seq.compression["layers"].values()}),
+                    "blocks": seq.compression.get("blocks"),
                 }
                 result["rows"].append(entry)
                 log.info("%s seed %d: %s", row, seed, line(entry))

@@ -34,7 +34,7 @@ from torch import nn
 
 from bench.g2p.data import BOS, EOS, PAD, SEP, VOCAB_SIZE, G2PData, load_g2p
 from bench.g2p.metrics import G2PScore, after_prefix, score
-from kegnet.models import create_sequence_model
+from kegnet.models import create_model
 from kegnet.sequence.generate import beam_search, greedy_decode
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def sequence_spec(max_length: int = MAX_LENGTH) -> dict[str, int]:
 
 def build_model(arch: dict[str, Any] | None = None, max_length: int = MAX_LENGTH) -> nn.Module:
     """A fresh ``DecoderTransformer`` of ``arch`` (default ``ARCH``) over the G2P vocabulary."""
-    return create_sequence_model("transformer", vocab_size=VOCAB_SIZE, max_length=max_length, **(arch or ARCH))
+    return create_model("transformer", vocab_size=VOCAB_SIZE, max_length=max_length, **(arch or ARCH))
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

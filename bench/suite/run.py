@@ -75,17 +75,17 @@ def run_entry(entry: str, seeds: int, device: str, recipes: list[Recipe],
         t0 = time.perf_counter()
         tucker = run_pipeline(path, spec, config_for(entry, "tucker-only", extra=extra), tmp, device=device, seed=0)
         out["tucker_only"] = {"accuracy": accuracy(tucker.student, x_test, y_test),
-                              "exam": tucker.manifest["confidence"]["estimate"],
-                              "ratio": tucker.manifest["compression_ratio"], "seconds": time.perf_counter() - t0}
+                              "exam": tucker.report.classify.confidence.estimate,
+                              "ratio": tucker.report.compression_ratio, "seconds": time.perf_counter() - t0}
     for seed in range(min(seeds, MAX_SEEDS.get(kind_of(entry), seeds))):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             result = run_pipeline(path, spec, config_for(entry, recipes=recipes, extra=extra), tmp, device=device,
                                   seed=seed)
             seconds = time.perf_counter() - t0
-        conf = result.manifest["confidence"]
+        conf = result.report.classify.confidence.model_dump()  # with kegnet.distill.confidence's detail
         out["runs"].append({
-            "seed": seed, "seconds": seconds, "timings_s": result.manifest["timings_s"],
+            "seed": seed, "seconds": seconds, "timings_s": result.report.timings_s,
             "chosen": conf["chosen"], "estimate": conf["estimate"], "warnings": conf["warnings"],
             "candidates": {name: {"accuracy": accuracy(model, x_test, y_test), **conf["candidates"][name]}
                            for name, model in result.candidates.items()},

@@ -118,7 +118,7 @@ def distill(
         exam = build_exam(teacher, {"samples": sampler}, config.holdout_samples, seed + 7919, device)
     first = agreement_on(student, exam)
     result = DistillResult(best_step=0, best_agreement=first, initial_agreement=first,
-                           curve=[{"step": 0, "loss": float("nan"), "agreement": first}])
+                           curve=[{"step": 0, "loss": None, "agreement": first}])
     if on_eval:
         on_eval(0, {"agreement": first})
     best_state = copy.deepcopy(student.state_dict())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 
+from kegnet.errors import KegnetError
+from kegnet.spec import ModelSpec
 from kegnet.tasks.base import Inputs, Run, Stage, Task, TaskOutcome
 
 _MODULES = {"classify": "kegnet.tasks.classify", "sequence": "kegnet.tasks.sequence"}
@@ -18,4 +20,13 @@ def get_task(name: str) -> Task:
     return importlib.import_module(_MODULES[name]).TASK
 
 
-__all__ = ["Inputs", "Run", "Stage", "Task", "TaskOutcome", "get_task"]
+def task_for(spec: ModelSpec, config: object) -> Task:
+    """The spec's task, once ``config`` is that task's config (kegnet.config.TASK_CONFIGS)."""
+    task = get_task(spec.task)
+    if getattr(config, "task", None) != spec.task:
+        raise KegnetError(f"a {spec.task} job needs the {spec.task} config (kegnet.config.config_for), got "
+                          f"{type(config).__name__}")
+    return task
+
+
+__all__ = ["Inputs", "Run", "Stage", "Task", "TaskOutcome", "get_task", "task_for"]

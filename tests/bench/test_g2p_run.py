@@ -15,8 +15,8 @@ from bench.g2p.teacher import build_model, cache_path, g2p_teacher, lm_loss
 
 ROW_KEYS = {"row", "seed", "parameters", "ratio", "greedy_word_accuracy", "greedy_per", "beam5_word_accuracy",
             "beam5_per", "speed", "score_seconds"}
-PIPELINE_KEYS = {"timings_s", "pipeline_seconds", "speedup_batch1", "speedup_batched", "synthetic_agreement",
-                 "objective", "ranks"}
+PIPELINE_KEYS = {"timings_s", "pipeline_seconds", "speedup_batch1", "speedup_batched", "agreement",
+                 "exact_agreement", "objective", "ranks"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def test_rows_and_json_keys(result):
         assert {"batch1_words_per_s", "batched_words_per_s"} <= set(row["speed"])
         if row["row"] != "teacher":
             assert set(row) >= PIPELINE_KEYS, row["row"]
-            assert {"load", "plan", "generators", "decompose", "finetune"} <= set(row["timings_s"])
+            assert list(row["timings_s"]) == ["load", "compress", "sample", "finetune", "export"]
+            assert 0.0 <= row["agreement"]["final"] <= 1.0 and 0.0 <= row["exact_agreement"]["final"] <= 1.0
             assert row["ratio"] > 1.5 and row["parameters"] < result["rows"][0]["parameters"]
     svd = next(r for r in result["rows"] if r["row"] == "svd")
     assert svd["distill"] is None  # steps 0: no fine-tuning

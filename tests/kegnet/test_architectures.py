@@ -90,14 +90,15 @@ def test_pipeline_end_to_end(tmp_path: Path, case: Case) -> None:
 
     result = run_pipeline(ckpt, spec, config, out, device="cpu", seed=0)
 
-    m = result.manifest
-    planned = {p["name"] for p in m["plan"]["layers"]}
-    assert planned, m["plan"]
-    assert m["parameters"]["student"] < m["parameters"]["teacher"]
-    assert count_parameters(result.student) == m["parameters"]["student"] < count_parameters(teacher)
-    assert m["architecture"]["source"] == spec.source and m["architecture"]["name"] == spec.arch.split(":")[1]
+    r = result.report
+    c = r.classify
+    planned = {p["name"] for p in c.plan["layers"]}
+    assert planned, c.plan
+    assert r.parameters.student < r.parameters.teacher
+    assert count_parameters(result.student) == r.parameters.student < count_parameters(teacher)
+    assert r.architecture["source"] == spec.source and r.architecture["name"] == spec.arch.split(":")[1]
     for name in case.depthwise:
-        assert "depthwise" in m["plan"]["skipped"][name] and name not in planned
+        assert "depthwise" in c.plan["skipped"][name] and name not in planned
     for name in case.grouped:
         original = teacher.get_submodule(name)
         assert original.groups > 1 and original.in_channels // original.groups > 1
@@ -112,18 +113,19 @@ def test_pipeline_end_to_end(tmp_path: Path, case: Case) -> None:
         expected = LowRankConv1x1 if pointwise else Tucker2Conv2d | LowRankLinear
         assert isinstance(result.student.get_submodule(name), expected), name
 
-    latency = m["latency"]
-    for who in ("teacher", "student"):
-        assert latency[who]["batch1_ms"] > 0 and latency[who]["batch64_ms"] > 0
-    assert set(latency["layers"]) == planned
-    for row in latency["layers"].values():
+    speed = r.speed
+    assert speed.unit == "ms"
+    for who in (speed.teacher, speed.student):
+        assert who["batch1_ms"] > 0 and who["batch64_ms"] > 0
+    assert set(c.layer_latency) == planned
+    for row in c.layer_latency.values():
         assert all(row[f"{w}_batch{b}_ms"] > 0 for w in ("original", "factorized") for b in (1, 64))
 
     if case.onnx:
-        assert (out / "student.onnx").exists() and m["onnx_skipped"] is None
-        assert m["onnx_check"]["max_abs_diff"] < 1e-3, m["onnx_check"]
+        assert (out / "student.onnx").exists() and c.onnx_skipped is None
+        assert c.onnx_check["max_abs_diff"] < 1e-3, c.onnx_check
     else:
-        assert "student.onnx" not in m["files"]
+        assert "student.onnx" not in r.files
 
     x = torch.randn(4, *IMG, generator=torch.Generator().manual_seed(1))
     reloaded = load_student(out)

@@ -15,9 +15,9 @@ def test_cli_compresses_the_shared_mnist_teacher(tmp_path: Path) -> None:
            "--keep-slower"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "(4.10x)" in proc.stdout
+    assert "(4.10x)" in proc.stdout and "agreement with the teacher: " in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["plan"]["layers"][1]["in_rank"] == 7
+    assert manifest["classify"]["plan"]["layers"][1]["in_rank"] == 7
     # Every file readable alike (safetensors writes 0600 by itself), samples drawn, and how to use the student.
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
         ["student.safetensors", "student.pt2", "student.onnx", "curves.png", "samples.png", "manifest.json"], 0o644)
@@ -51,7 +51,7 @@ def test_cli_takes_several_checkpoints_as_a_teacher_ensemble(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 teachers, entropy weighting" in proc.stdout
-    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["teachers"]["count"] == 2
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["classify"]["teachers"]["count"] == 2
     proc = subprocess.run([sys.executable, "-m", "kegnet", "compress", *files * 5, "--out", str(tmp_path / "p"),
                            *base], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "at most 8 checkpoints, got 10" in proc.stderr
@@ -73,10 +73,10 @@ def test_cli_takes_an_onnx_file_without_arch_or_shapes(tmp_path: Path) -> None:
                            "--rank-method", "fraction", "--rank-fraction", "0.25", "--config", json.dumps(config)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "latency on cpu" in proc.stdout
+    assert "speed on cpu (ms, " in proc.stdout
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["spec"]["input_shape"] == [6] and manifest["spec"]["num_classes"] == 4
-    assert manifest["onnx_check"]["max_abs_diff"] < 1e-4
+    assert manifest["classify"]["onnx_check"]["max_abs_diff"] < 1e-4
     # Without an .onnx file the architecture must be named.
     other = tmp_path / "x.safetensors"
     other.write_bytes(b"0")
@@ -151,11 +151,11 @@ def test_cli_eval_set_reports_accuracy_and_confidence(tmp_path: Path) -> None:
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    ev, conf = manifest["evaluation"], manifest["confidence"]
+    ev, conf = manifest["classify"]["evaluation"], manifest["classify"]["confidence"]
     assert (f"evaluation accuracy on your 60 labelled samples: teacher 1.0000, student "
             f"{ev['student_accuracy']:.4f}") in proc.stdout
     assert f"confidence estimate: {conf['estimate']:.4f} ({conf['level']};" in proc.stdout
-    assert f"sample recipe kept: {manifest['recipe']}" in proc.stdout
+    assert f"sample recipe kept: {manifest['classify']['recipe']}" in proc.stdout
     assert all(f"warning: {w}" in proc.stdout.splitlines() for w in conf["warnings"])
     # A file that does not fit the teacher is refused in the load stage, saying what to fix.
     bad = write_eval_set(tmp_path / "bad.safetensors", shape=(9,))

@@ -17,14 +17,20 @@ def test_every_method_produces_a_loadable_student(tmp_path: Path, small_cnn, sma
                           progress=events.append)
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["compression_ratio"] > 1 and m["parameters"]["student"] < m["parameters"]["teacher"]
-    assert m["macs"]["student"] > 0 and set(m["timings_s"]) == {"load", "plan", "generators", "decompose",
-                                                                 "finetune", "export"}
+    assert (m["format"], m["version"], m["task"]) == ("kegnet.run-report", 2, "classify") and m["sequence"] is None
+    assert m["classify"]["macs"]["student"] > 0
+    assert list(m["timings_s"]) == ["load", "plan", "generators", "decompose", "finetune", "export"]
+    assert list(dict.fromkeys(e.stage for e in events)) == [*m["timings_s"], "done"]  # every stage, in order
     samples = {"samples.png"} if method == "kegnet" else set()  # what the generators make, for image inputs
     assert set(m["files"]) == {"student.safetensors", "student.pt2", "student.onnx", "curves.png", *samples}
     for name, info in m["files"].items():
         assert sha256_file(tmp_path / name) == info["sha256"]
-    assert (m["synthetic_agreement"] is None) == (method == "tucker-only")
-    assert "layers1.0.conv1" not in m["plan"]["layers"]  # default: every conv but the first
+    assert (m["agreement"] is None) == (method == "tucker-only")
+    if m["agreement"] is not None:
+        assert 0.0 <= m["agreement"]["final"] <= 1.0 and "synthetic exam" in m["agreement"]["measure"]
+    assert m["speed"]["unit"] == "ms" and set(m["speed"]["student"]) == set(m["speed"]["teacher"]) != set()
+    planned = [p["name"] for p in m["classify"]["plan"]["layers"]]
+    assert planned and "conv1" not in planned  # default: every conv but the first
     progress = [e.progress for e in events]
     assert progress == sorted(progress) and events[-1].stage == "done"
 
@@ -52,7 +58,7 @@ def test_onnx_model_matches_the_student(tmp_path: Path, small_cnn, small_cnn_spe
 def test_onnx_is_optional(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
     cfg = tiny_config("tucker-only").model_copy(update={"export_onnx": False})
     result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0)
-    assert "student.onnx" not in result.manifest["files"] and result.manifest["onnx_skipped"] is None
+    assert "student.onnx" not in result.report.files and result.report.classify.onnx_skipped is None
 
 
 def test_vector_teacher_and_fixed_transfer_set(tmp_path: Path) -> None:
@@ -65,8 +71,8 @@ def test_vector_teacher_and_fixed_transfer_set(tmp_path: Path) -> None:
     cfg = tiny_config(distill={"transfer": "fixed"}, compression={"rank_method": "explicit",
                                                                  "ranks": {"*": [5, 5]}})
     result = run_pipeline(tmp_path / "t.safetensors", spec, cfg, tmp_path / "out", device="cpu", seed=0)
-    assert [(p["name"], p["in_rank"]) for p in result.manifest["plan"]["layers"]] == [("layers.0", 5),
-                                                                                     ("layers.3", 5)]
+    assert [(p["name"], p["in_rank"]) for p in result.report.classify.plan["layers"]] == [("layers.0", 5),
+                                                                                         ("layers.3", 5)]
 
 
 def test_cancel_stops_between_steps(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
@@ -101,31 +107,31 @@ def test_passing_trained_generators_gives_the_same_student(tmp_path: Path) -> No
 @pytest.mark.parametrize("codes", ["one_hot", "simplex", "pairs", "sparse"])
 def test_the_student_learns_from_the_configured_class_codes(tmp_path: Path, small_cnn, small_cnn_spec,
                                                             monkeypatch: pytest.MonkeyPatch, codes: str) -> None:
-    from kegnet import pipeline
+    from kegnet.tasks import classify
 
     trained_on: list[object] = []
-    original = pipeline.distill
+    original = classify.distill
 
     def spy(teacher, student, sampler, config, **kwargs):  # type: ignore[no-untyped-def]
         trained_on.append(sampler)
         return original(teacher, student, sampler, config, **kwargs)
 
-    monkeypatch.setattr(pipeline, "distill", spy)
+    monkeypatch.setattr(classify, "distill", spy)
     result = run_pipeline(small_cnn, small_cnn_spec, tiny_config(distill={"label_codes": codes}), tmp_path,
                           device="cpu", seed=0)
     assert [getattr(s, "codes", None) for s in trained_on] == [codes]
-    assert result.manifest["recipe"] == f"kegnet/{codes}"
+    assert result.report.classify.recipe == f"kegnet/{codes}"
 
 
 def test_recipes_give_one_student_each_and_the_exam_picks_one(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
     recipes = [{"codes": "pairs", "noise_share": 0.5}, {"codes": "one_hot"}, {"source": "gaussian"}]
     cfg = tiny_config(distill={"recipes": recipes})
     result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "all", device="cpu", seed=2)
-    conf = result.manifest["confidence"]
+    conf = result.report.classify.confidence.model_dump()
     names = ["kegnet/pairs+noise0.5", "kegnet/one_hot", "gaussian"]
     assert list(result.candidates) == names == list(conf["candidates"])
     best = max(c["agreement"] for c in conf["candidates"].values())
-    assert conf["chosen"] == result.manifest["recipe"] and conf["estimate"] >= best - 0.005  # ties go by KL
+    assert conf["chosen"] == result.report.classify.recipe and conf["estimate"] >= best - 0.005  # ties go by KL
     assert result.student is result.candidates[conf["chosen"]]
     assert conf["exam"]["samples"] >= 64 and set(conf["exam"]["sources"]) >= {"kegnet/one_hot", "gaussian"}
 
@@ -146,13 +152,14 @@ def test_an_eval_set_is_reported_but_never_chooses(tmp_path: Path, small_cnn, sm
     cfg = tiny_config(distill={"recipes": [{"codes": "one_hot"}, {"source": "uniform"}]})
     with_set = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "a", device="cpu", seed=0,
                             eval_set=tmp_path / "eval.safetensors")
-    ev = with_set.manifest["evaluation"]
+    ev = with_set.report.classify.evaluation.model_dump()
     assert ev["samples"] == 40 and ev["teacher_accuracy"] == pytest.approx(0.75)
     assert set(ev["candidates"]) == {"kegnet/one_hot", "uniform"}
-    assert ev["student_accuracy"] == ev["candidates"][with_set.manifest["recipe"]]
+    assert ev["student_accuracy"] == ev["candidates"][with_set.report.classify.recipe]
     assert sum(c["samples"] for c in ev["student_per_class"].values()) == 40
     without = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "b", device="cpu", seed=0)
-    assert without.manifest["evaluation"] is None and without.manifest["recipe"] == with_set.manifest["recipe"]
+    assert without.report.classify.evaluation is None
+    assert without.report.classify.recipe == with_set.report.classify.recipe
 
 
 def test_a_bad_eval_set_fails_in_the_load_stage(tmp_path: Path, small_cnn, small_cnn_spec) -> None:

@@ -39,17 +39,18 @@ def baseline(tmp_path_factory: pytest.TempPathFactory):
 ])
 def test_each_objective_runs_and_enters_the_loss(tmp_path: Path, baseline, objective: dict) -> None:
     result = run_pipeline(cnn(0), SPEC, config(**objective), tmp_path, device="cpu", seed=1)
-    losses = [r["loss"] for r in result.manifest["distill_curve"][1:]]
+    losses = [r["loss"] for r in result.report.classify.distill_curve[1:]]
     assert all(loss == loss for loss in losses)  # no NaN
-    assert losses != [r["loss"] for r in baseline.manifest["distill_curve"][1:]]
-    assert result.manifest["config"]["distill"] | objective == result.manifest["config"]["distill"]
+    assert losses != [r["loss"] for r in baseline.report.classify.distill_curve[1:]]
+    assert result.report.config["distill"] | objective == result.report.config["distill"]
 
 
 def test_one_teacher_in_a_list_is_the_same_job(tmp_path: Path, baseline) -> None:
     result = run_pipeline([cnn(0)], SPEC, config(ensemble_weighting="entropy"), tmp_path, device="cpu", seed=1)
-    assert result.manifest["teachers"] == {"count": 1, "weighting": "mean", "student_from": 0,
-                                           "agreement_with_ensemble": None}
-    assert result.manifest["distill_curve"][1:] == baseline.manifest["distill_curve"][1:]  # [0] has a NaN loss
+    assert result.report.classify.teachers.model_dump() == {"count": 1, "weighting": "mean", "student_from": 0,
+                                                            "agreement_with_ensemble": None}
+    # [0] has a NaN loss
+    assert result.report.classify.distill_curve[1:] == baseline.report.classify.distill_curve[1:]
     for a, b in zip(result.student.state_dict().values(), baseline.student.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -59,10 +60,10 @@ def test_two_teachers_entropy_weighting_and_best_base(tmp_path: Path) -> None:
     before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
     cfg = config(ensemble_weighting="entropy", ensemble_student="best", feature_weight=1.0, rkd_distance_weight=1.0)
     result = run_pipeline(teachers, SPEC, cfg, tmp_path, device="cpu", seed=0)
-    t = result.manifest["teachers"]
+    t = result.report.classify.teachers.model_dump()
     assert t["count"] == 2 and t["weighting"] == "entropy" and len(t["agreement_with_ensemble"]) == 2
     assert t["student_from"] == max(range(2), key=lambda i: t["agreement_with_ensemble"][i])
-    assert result.manifest["synthetic_agreement"]["best"] >= 0
+    assert result.report.agreement.final >= 0
     for teacher, state in zip(teachers, before, strict=True):  # the callers' teachers are left as they were
         assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in state.items())
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())
@@ -78,8 +79,9 @@ def test_teacher_files_with_mc_dropout(tmp_path: Path) -> None:
     files = [_mlp_file(tmp_path / f"t{i}.safetensors", i) for i in range(2)]
     cfg = config(ensemble_weighting="mc_dropout", mc_dropout_passes=2)
     result = run_pipeline(files, MLP_SPEC, cfg, tmp_path / "out", device="cpu", seed=0)
-    assert result.manifest["teachers"]["count"] == 2 and result.manifest["teachers"]["weighting"] == "mc_dropout"
-    assert result.manifest["teachers"]["student_from"] == 0  # ensemble_student "first" by default
+    t = result.report.classify.teachers
+    assert t.count == 2 and t.weighting == "mc_dropout"
+    assert t.student_from == 0  # ensemble_student "first" by default
 
 
 def test_bad_teacher_is_named_and_the_count_is_bounded(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from kegnet import ModelSpec, ClassifierConfig
+from kegnet import ClassifierConfig, ModelSpec
 
 
 @pytest.mark.parametrize("shape", [(0,), (1, 2), (1, 2, 3, 4), (1, 2000, 2000), (64, 32, 32)])

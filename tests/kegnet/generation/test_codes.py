@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kegnet.config import DistillConfig, ClassifierConfig
+from kegnet.config import ClassifierConfig, DistillConfig
 from kegnet.generation import KegNetSampler
 from kegnet.generation.codes import simplex_codes
 

@@ -97,9 +97,9 @@ def test_pipeline_on_an_onnx_resnet18(tmp_path: Path) -> None:
     m = json.loads((out / "manifest.json").read_text())
     assert m["spec"]["input_shape"] == list(IMG) and m["spec"]["num_classes"] == 10
     assert m["architecture"]["source"] == "onnx" and m["architecture"]["opset"] == 17
-    assert {p["name"] for p in m["plan"]["layers"]} == set(layers)
+    assert {p["name"] for p in m["classify"]["plan"]["layers"]} == set(layers)
     assert m["parameters"]["student"] < m["parameters"]["teacher"]
-    assert m["onnx_check"]["max_abs_diff"] < 1e-3
+    assert m["classify"]["onnx_check"]["max_abs_diff"] < 1e-3
     x = torch.randn(5, *IMG, generator=torch.Generator().manual_seed(3))
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})

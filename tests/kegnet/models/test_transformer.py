@@ -12,14 +12,7 @@ import torch
 from torch import nn
 
 from kegnet.errors import SpecError
-from kegnet.models import (
-    create_model,
-    create_sequence_model,
-    list_sequence_models,
-    register_sequence_model,
-    registry,
-    transformer,
-)
+from kegnet.models import create_model, list_models, register_model, registry, transformer
 from kegnet.models.transformer import DecoderTransformer
 
 SMALL = {"vocab_size": 23, "max_length": 12, "n_layers": 2, "n_heads": 4, "d_model": 32}
@@ -35,9 +28,13 @@ def _tokens(b: int, t: int, vocab: int = SMALL["vocab_size"], seed: int = 1) -> 
 
 
 def test_registered_as_transformer() -> None:
-    assert "transformer" in list_sequence_models()
+    assert "transformer" in list_models(task="sequence")
+    assert "transformer" not in list_models(task="classify") and "mlp" not in list_models(task="sequence")
+    assert registry._REGISTRY["transformer"].task == "sequence"
     with pytest.raises(ValueError, match="already registered"):
-        register_sequence_model("transformer")(DecoderTransformer)
+        register_model("transformer", task="sequence")(DecoderTransformer)
+    with pytest.raises(ValueError, match="unknown task 'vision'"):
+        register_model("other", task="vision")
 
 
 @pytest.mark.parametrize("t", [1, 5, SMALL["max_length"]])
@@ -105,8 +102,8 @@ def test_a_saved_state_dict_loads_into_the_registry_model(tie: bool) -> None:
     saved = _model(seed=3, tie_embeddings=tie)
     state = {k: v.clone() for k, v in saved.state_dict().items()}
     torch.manual_seed(4)  # a different initialisation, overwritten by the load
-    loaded = create_sequence_model("transformer", vocab_size=SMALL["vocab_size"], max_length=SMALL["max_length"],
-                                   tie_embeddings=tie, **kwargs).eval()
+    loaded = create_model("transformer", vocab_size=SMALL["vocab_size"], max_length=SMALL["max_length"],
+                          tie_embeddings=tie, **kwargs).eval()
     loaded.load_state_dict(state, strict=True)
     tokens = _tokens(2, SMALL["max_length"])
     with torch.no_grad():
@@ -133,28 +130,30 @@ def test_bad_arguments_are_refused_with_the_reason(kwargs: dict, match: str) -> 
         DecoderTransformer(**{**SMALL, **kwargs})
     spec = {**SMALL, **kwargs}
     with pytest.raises(SpecError, match="cannot build 'transformer' with these arguments: " + match):
-        create_sequence_model("transformer", **spec)
+        create_model("transformer", **spec)
 
 
 def test_unknown_arguments_and_names_are_refused_listing_what_is_accepted() -> None:
     with pytest.raises(SpecError, match="'transformer' does not take argument.s. n_embd; it takes: d_ff, d_model, "
                                         "dropout, n_heads, n_layers, tie_embeddings"):
-        create_sequence_model("transformer", vocab_size=10, max_length=8, n_embd=64)
+        create_model("transformer", vocab_size=10, max_length=8, n_embd=64)
     with pytest.raises(SpecError, match="unknown sequence architecture 'gpt9'; available: transformer"):
-        create_sequence_model("gpt9", vocab_size=10, max_length=8)
-    with pytest.raises(SpecError, match="'mlp' .a classifier: give input shape and classes"):
-        create_sequence_model("mlp", vocab_size=10, max_length=8)
-    with pytest.raises(SpecError, match="'transformer' is a sequence model: give vocabulary size and maximum length"):
+        create_model("gpt9", vocab_size=10, max_length=8)
+    with pytest.raises(SpecError, match="'mlp' is a classifier: give input shape and classes, not vocabulary size "
+                                        "and maximum length"):
+        create_model("mlp", vocab_size=10, max_length=8)
+    with pytest.raises(SpecError, match="'transformer' is a sequence model: give vocabulary size and maximum "
+                                        "length, not input shape and classes"):
         create_model("transformer", input_shape=(8,), num_classes=10)
 
 
 def test_counted_parameters_match_the_built_model() -> None:
     for tie, d_ff in itertools.product([True, False], [None, 40]):
         spec = {**SMALL, "tie_embeddings": tie, "d_ff": d_ff}
-        counted = registry.count_sequence_model_parameters("transformer", **spec)
-        assert counted == sum(p.numel() for p in create_sequence_model("transformer", **spec).parameters())
+        counted = registry.count_model_parameters("transformer", **spec)
+        assert counted == sum(p.numel() for p in create_model("transformer", **spec).parameters())
         with pytest.raises(SpecError, match="above this service's limit"):
-            create_sequence_model("transformer", max_parameters=counted - 1, **spec)
+            create_model("transformer", max_parameters=counted - 1, **spec)
 
 
 def test_the_cap_counts_on_the_meta_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,9 +164,9 @@ def test_the_cap_counts_on_the_meta_device(monkeypatch: pytest.MonkeyPatch) -> N
         devices.append(next(model.parameters()).device)
         return model
 
-    monkeypatch.setitem(registry._SEQUENCE_REGISTRY, "spy", spy)
+    monkeypatch.setitem(registry._REGISTRY, "spy", registry.Entry(spy, "sequence"))
     with pytest.raises(SpecError, match="above this service's limit of 1,000"):
-        create_sequence_model("spy", vocab_size=10, max_length=8, d_model=16, max_parameters=1_000)
+        create_model("spy", vocab_size=10, max_length=8, d_model=16, max_parameters=1_000)
     assert devices == [torch.device("meta")]
 
 
@@ -177,7 +176,6 @@ def test_the_cap_refuses_a_huge_spec_without_allocating_it() -> None:
     t0 = time.perf_counter()
     with pytest.raises(SpecError, match=r"'transformer' with these arguments has 9,9\d\d,\d{3},\d{3} parameters, "
                                         r"above this service's limit of 400,000,000"):
-        create_sequence_model("transformer", vocab_size=65_536, max_length=2_048, n_layers=48, n_heads=32,
-                              d_model=4_096)
+        create_model("transformer", vocab_size=65_536, max_length=2_048, n_layers=48, n_heads=32, d_model=4_096)
     assert time.perf_counter() - t0 < 10
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 300 * 1024  # KiB

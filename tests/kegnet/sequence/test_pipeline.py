@@ -1,4 +1,4 @@
-"""A sequence job end to end on a tiny random Transformer: stages, files, manifest, the saved student, and
+"""A sequence job end to end on a tiny random Transformer: stages, files, run report, the saved student, and
 what the job refuses."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from kegnet.config import SequenceJobConfig
 from kegnet.cost import Profile, check_cost, estimate_sequence_cost
 from kegnet.errors import KegnetError, SpecError
-from kegnet.models import create_sequence_model
+from kegnet.models import create_model
 from kegnet.pipeline import run_pipeline
 from kegnet.sequence.generate import Sequences
-from kegnet.sequence.pipeline import cut_prompts
+from kegnet.sequence.prompts import cut_prompts
 from kegnet.spec import ModelSpec, SequenceSpec
 from kegnet.student import load_student
 
@@ -31,7 +31,7 @@ CONFIG = {"compression": {"rank_method": "ratio", "target_ratio": 1.5},
 
 def tiny_teacher(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_sequence_model("transformer", vocab_size=16, max_length=10, **KWARGS)
+    return create_model("transformer", vocab_size=16, max_length=10, **KWARGS)
 
 
 @pytest.mark.parametrize("objective", ["word", "sequence", "both"])
@@ -40,16 +40,23 @@ def test_sequence_job_writes_a_loadable_student(tmp_path: Path, objective: str) 
     stages: list[str] = []
     result = run_pipeline(tiny_teacher(), SPEC, config, tmp_path, device="cpu", seed=0,
                           progress=lambda e: stages.append(e.stage))
-    m = result.manifest
-    assert set(stages) == {"load", "plan", "generators", "decompose", "finetune", "export", "done"}
-    assert m["task"] == "sequence" and m["compression_ratio"] >= 1.5 * 0.95
-    assert set(m["files"]) == {"student.safetensors", "student.pt2"}
-    assert m["distill"]["objective"] == objective
-    assert 0.0 <= m["synthetic_agreement"]["exact"] <= 1.0
-    assert {"distinct_1", "distinct_2", "unique_fraction"} <= set(m["generation"]["diversity"])
-    assert m["decode_speed"]["student"]["batch1_tokens_per_s"] > 0
+    r = result.report
+    assert list(dict.fromkeys(stages)) == ["load", "compress", "sample", "finetune", "export", "done"]
+    assert r.task == "sequence" and r.classify is None and r.compression_ratio >= 1.5 * 0.95
+    assert set(r.files) == {"student.safetensors", "student.pt2"}
+    assert r.sequence.distill["objective"] == objective
+    assert 0.0 <= r.sequence.exact_agreement.final <= 1.0
+    assert 0.0 <= r.sequence.exact_agreement.before_finetune <= 1.0
+    assert 0.0 <= r.agreement.final <= 1.0 and 0.0 <= r.agreement.before_finetune <= 1.0
+    assert {"distinct_1", "distinct_2", "unique_fraction"} <= set(r.sequence.generation["diversity"])
+    assert r.speed.student["batch1_tokens_per_s"] > 0 and r.speed.teacher["batch1_tokens_per_s"] > 0
     if objective != "word":
-        assert "beam_mean_length" in m["generation"]
+        assert "beam_mean_length" in r.sequence.generation
+    # manifest.json on disk: the core, then the sequence section.
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert (m["format"], m["version"], m["task"]) == ("kegnet.run-report", 2, "sequence")
+    assert m["sequence"]["exact_agreement"]["final"] == r.sequence.exact_agreement.final
+    assert m["speed"]["student"]["batch1_tokens_per_s"] == r.speed.student["batch1_tokens_per_s"]
     # The saved student, rebuilt from its file, and the portable program compute what the run's student does.
     tokens = torch.randint(4, 16, (3, 7))
     tokens[:, 0] = 1
@@ -63,7 +70,8 @@ def test_same_seed_same_student(tmp_path: Path) -> None:
     config = SequenceJobConfig.model_validate(CONFIG)
     a = run_pipeline(tiny_teacher(), SPEC, config, tmp_path / "a", device="cpu", seed=3)
     b = run_pipeline(tiny_teacher(), SPEC, config, tmp_path / "b", device="cpu", seed=3)
-    assert a.manifest["synthetic_agreement"] == b.manifest["synthetic_agreement"]
+    assert a.report.agreement == b.report.agreement
+    assert a.report.sequence.exact_agreement == b.report.sequence.exact_agreement
     for (k, v), (_, w) in zip(a.student.state_dict().items(), b.student.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
 
@@ -71,12 +79,12 @@ def test_same_seed_same_student(tmp_path: Path) -> None:
 def test_a_shallower_student_is_saved_and_reloaded(tmp_path: Path) -> None:
     kwargs = {**KWARGS, "n_layers": 3}
     torch.manual_seed(0)
-    teacher = create_sequence_model("transformer", vocab_size=16, max_length=10, **kwargs)
+    teacher = create_model("transformer", vocab_size=16, max_length=10, **kwargs)
     spec = ModelSpec(arch="transformer", arch_kwargs=kwargs, task="sequence", sequence=TOKENS)
     config = SequenceJobConfig.model_validate({**CONFIG, "sequence": {**CONFIG["sequence"], "student_layers": 1}})
     result = run_pipeline(teacher, spec, config, tmp_path, device="cpu", seed=0)
-    assert result.manifest["compression"]["blocks"] == {"kept": [0], "of": 3}
-    assert result.manifest["compression_ratio"] >= 1.5 and len(result.student.blocks) == 1
+    assert result.report.sequence.compression["blocks"] == {"kept": [0], "of": 3}
+    assert result.report.compression_ratio >= 1.5 and len(result.student.blocks) == 1
     tokens = torch.randint(4, 16, (2, 6))
     with torch.no_grad():
         assert torch.allclose(load_student(tmp_path)(tokens), result.student.cpu().eval()(tokens), atol=1e-5)
@@ -119,7 +127,7 @@ def test_weights_of_another_vocabulary_are_refused(tmp_path: Path) -> None:
     other = ModelSpec(arch="transformer", arch_kwargs=KWARGS, task="sequence", sequence={**TOKENS, "vocab_size": 20})
     with pytest.raises(SpecError, match=r"shape mismatch: tok_emb.weight .*check sequence.vocab_size"):
         run_pipeline(path, other, SequenceJobConfig.model_validate(CONFIG), tmp_path / "o", device="cpu")
-    with pytest.raises(KegnetError, match="eval_set is for classifiers"):
+    with pytest.raises(KegnetError, match=r"eval_set: an evaluation set \(x, y\) is for classifiers"):
         run_pipeline(path, SPEC, SequenceJobConfig.model_validate(CONFIG), tmp_path / "o", device="cpu",
                      eval_set=(torch.zeros(2, 3), torch.zeros(2)))
 
@@ -143,5 +151,7 @@ def test_cli_compresses_a_sequence_model(tmp_path: Path) -> None:
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "agreement with the teacher's greedy completions" in proc.stdout
+    assert "agreement with the teacher: " in proc.stdout
+    assert "greedy completions identical to the teacher's: " in proc.stdout
+    assert "logits = student(tokens)" in proc.stdout
     assert json.loads((out / "manifest.json").read_text())["task"] == "sequence"
