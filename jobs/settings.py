@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(15.0, gt=0)
     progress_write_interval_s: float = Field(1.0, ge=0)
     max_events_per_job: int = Field(2000, ge=10)
+    # The worker's validate stage runs each uploaded teacher once in a child process (kegnet.isolation) with
+    # this much memory above its imports, and this much wall time, before the job loads it.
+    validate_memory_bytes: int = Field(8 * 1024 ** 3, ge=64 * 1024 ** 2)
+    validate_timeout_s: float = Field(600.0, gt=0)
     # CPU threads for torch in a job (None: torch's default). On a shared or busy CPU host, 1-2 threads
     # avoid oversubscription, which was measured to slow small models down by ~100x.
     torch_threads: int | None = Field(None, ge=1, le=256)

@@ -261,6 +261,9 @@ class SequenceConfig(_Strict):
     beam_size: int = Field(5, ge=1, le=16)
     length_penalty: float = Field(0.6, ge=0.0, le=5.0, description="GNMT alpha; 0: raw log-probability")
     holdout: int = Field(512, ge=16, le=20_000, description="held-out generations for model selection")
+    generation_batch: int = Field(1024, ge=1, le=8192,
+                                  description="rows (prompts × beams) decoded at once; lower it for a large "
+                                              "vocabulary or long sequences (memory), raise it on a GPU (speed)")
     embedding_rank: int | None = Field(None, ge=1, le=65_536, description="factorize the token embedding "
                                                                           "(None: keep it)")
     student_layers: int | None = Field(None, ge=1, le=48, description="keep this many of the teacher's blocks, "

@@ -76,8 +76,9 @@ CLASSIFIER_KNOBS = Knobs(
     "config.distill.batch_size (or holdout_samples, samples_per_generator with transfer 'fixed', or a smaller "
     "input_shape)", "config.distill.steps or batch_size")
 SEQUENCE_KNOBS = Knobs(
-    "the teacher's generations", *["config.sequence.samples, holdout or beam_size (or a smaller "
-                                   "sequence.max_length)"] * 2, *["config.sequence.steps or batch_size"] * 2)
+    "the teacher's generations", "config.sequence.generation_batch (or a smaller sequence.max_length)",
+    "config.sequence.samples, holdout or beam_size (or a smaller sequence.max_length)",
+    "config.sequence.batch_size (or a smaller sequence.max_length)", "config.sequence.steps or batch_size")
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,6 @@ def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: i
                    distill_memory_bytes=int(dist_mem), generator_macs=int(gen_macs), distill_macs=int(dist_macs))
 
 
-# A sequence job's generations run this many prompts at once (kegnet/sequence/generate.py).
-GENERATION_BATCH = 256
-
-
 def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, config: SequenceJobConfig) -> JobCost:
     """A sequence job's cost, for a teacher profiled on one full sequence of ``L = max_length`` tokens
     (``M``, ``A``, ``P``: its MACs, activation elements and parameters; ``V`` the vocabulary).
@@ -210,7 +207,7 @@ def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, c
     ``N + H`` sequences (transfer set and held-out) and completes them by beam search (``K`` beams); every
     evaluation decodes the ``H`` held-out prompts greedily with the student. A distillation step runs the
     teacher forward and the student forward and backward on ``B`` sequences, twice for ``both``.
-    Memory: the teacher, plus the larger of ``GENERATION_BATCH·K`` sequences' activations and logits, or the
+    Memory: the teacher, plus the larger of ``generation_batch`` rows' activations and logits, or the
     distillation batch's (teacher and student activations, student gradients, three ``B·L·V`` logit
     tensors) with the student's weights, gradients and Adam state.
     """
@@ -222,7 +219,7 @@ def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, c
     gen_macs = (n + h) * (1 + k) * decode + evaluations * h * decode
     batches = 2 if sc.objective == "both" else 1
     dist_macs = sc.steps * sc.batch_size * 4 * m * batches
-    gen_mem = FLOAT_BYTES * GENERATION_BATCH * k * (a + ell * vocab_size)
+    gen_mem = FLOAT_BYTES * sc.generation_batch * (a + ell * vocab_size)
     dist_mem = FLOAT_BYTES * (sc.batch_size * (3 * a + 3 * ell * vocab_size) + 4 * p)
     memory = FLOAT_BYTES * p + max(gen_mem, dist_mem)
     return JobCost(memory_bytes=int(memory), macs=int(gen_macs + dist_macs), generator_memory_bytes=int(gen_mem),

@@ -24,10 +24,12 @@ from kegnet.artifacts import MANIFEST
 from kegnet.errors import KegnetError
 from kegnet.evaluation import DEFAULT_MAX_SAMPLES
 from kegnet.events import CancelCheck, ProgressCallback, Reporter
+from kegnet.isolation import Isolation, check_model_isolated
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS
+from kegnet.preflight import Limits
 from kegnet.report import RunReport
 from kegnet.spec import ModelSpec
-from kegnet.tasks import Inputs, task_for
+from kegnet.tasks import Inputs, Run, Stage, task_for
 from kegnet.tasks.base import EvalSet, TeacherSource
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ def run_pipeline(
     should_cancel: CancelCheck | None = None, generators: list[nn.Module] | None = None,
     max_parameters: int | None = DEFAULT_MAX_PARAMETERS, max_bytes: int | None = None,
     eval_set: EvalSet | None = None, max_eval_samples: int = DEFAULT_MAX_SAMPLES,
+    isolation: Isolation | None = None,
 ) -> RunResult:
     """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
 
@@ -74,8 +77,10 @@ def run_pipeline(
     another compression setting); the generator stage is then skipped. ``max_parameters`` refuses larger
     architectures before they are built; ``max_bytes`` bounds what each file may declare (default: its size;
     ``kegnet.checkpoint.open_teacher``). ``eval_set``: the user's labelled data (a safetensors file or
-    ``(x, y)``; ``kegnet.evaluation``), used only to report real accuracy. Raises ``KegnetError`` subclasses
-    for bad input (user-facing messages) and ``Cancelled`` on request.
+    ``(x, y)``; ``kegnet.evaluation``), used only to report real accuracy. ``isolation``: first run each
+    teacher file once in a child process under these limits (the ``validate`` stage, kegnet.isolation): for
+    uploads from strangers. Raises ``KegnetError`` subclasses for bad input (user-facing messages) and
+    ``Cancelled`` on request.
     """
     task = task_for(spec, config)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
@@ -84,9 +89,12 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     inputs = Inputs(sources, eval_set, max_eval_samples, max_parameters, max_bytes, generators)
+    stages = task.stages
+    if isolation is not None and all(isinstance(s, str | Path) for s in sources):
+        stages = (Stage("validate", 0.02, lambda job: _validate(job, isolation)), *stages)
     job = task.job_type(spec, config, resolve_device(device), seed, out,
-                        Reporter(progress, should_cancel, task.stage_weights), inputs)
-    for stage in task.stages:
+                        Reporter(progress, should_cancel, [(s.name, s.weight) for s in stages]), inputs)
+    for stage in stages:
         job.timed(stage.name, stage.run)
     outcome = task.finish(job)
     report = RunReport(task=spec.task, spec=job.spec.model_dump(mode="json"), config=config.model_dump(mode="json"),
@@ -97,6 +105,20 @@ def run_pipeline(
     log.info("compressed %s (%s): %.2fx in %.1fs", spec.arch, spec.task, report.compression_ratio,
              sum(job.timings.values()))
     return RunResult(out, report, outcome.student, outcome.generators, outcome.candidates)
+
+
+def _validate(job: Run, isolation: Isolation) -> None:
+    """Every teacher file built and run once in a limited child process (kegnet.isolation), before this
+    process loads any: a model that needs too much memory or time fails the job here."""
+    n = len(job.inputs.sources)
+    job.report("validate", 0.0, f"checking the teacher{'s' if n > 1 else ''} in a limited process")
+    limits = Limits(max_parameters=job.inputs.max_parameters, max_bytes=job.inputs.max_bytes,
+                    max_eval_samples=job.inputs.max_eval_samples)
+    eval_set = job.inputs.eval_set if isinstance(job.inputs.eval_set, str | Path) else None
+    job.spec = check_model_isolated([Path(p) for p in job.inputs.sources], job.spec, job.config, limits,  # type: ignore[arg-type]
+                                    isolation, eval_set=Path(eval_set) if eval_set else None,
+                                    should_cancel=job.report.should_cancel)
+    job.report("validate", 1.0, f"teacher{'s' if n > 1 else ''} checked")
 
 
 def _versions() -> dict[str, str]:

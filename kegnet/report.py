@@ -191,6 +191,8 @@ class RunReport(BaseModel):
     agreement: Agreement | None = Field(None, description="None when the job made no samples to compare on")
     speed: Speed
     timings_s: dict[str, float] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list, description="what the user should know about the student "
+                                                                  "(slower than the teacher, collapsed ranks)")
     versions: dict[str, str] = Field(default_factory=dict)
     files: dict[str, FileInfo] = Field(default_factory=dict)
     classify: ClassifyReport | None = None
@@ -217,6 +219,7 @@ class RunReport(BaseModel):
             "student_speed": self.speed.student,
             "speed_unit": self.speed.unit,
             "architecture_source": self.architecture.get("source"),
+            "warnings": self.warnings or None,
             **self.section.summary(),
         }
         if self.speed.unit == "ms":  # the names the API has always used for classifiers
@@ -238,6 +241,7 @@ class RunReport(BaseModel):
             before = "" if a.before_finetune is None else f" (before fine-tuning: {a.before_finetune:.4f})"
             lines.append(f"agreement with the teacher: {a.final:.4f}{before}, {a.measure}")
         lines += self.section.lines()
+        lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"wrote {', '.join(sorted(self.files))} and {MANIFEST}")
         return lines
 

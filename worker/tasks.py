@@ -22,6 +22,7 @@ from jobs.storage import LocalStorage
 from jobs.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from kegnet.errors import Cancelled, KegnetError
 from kegnet.hashing import sha256_file
+from kegnet.isolation import Isolation
 from kegnet.pipeline import resolve_device
 from worker.celery_app import app
 
@@ -120,7 +121,7 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
         log.warning("job %s not found (deleted?); skipping", job_id)
         return "missing"
     if not store.transition(job_id, RUNNING, {QUEUED}, started_at=repr(time.time()), heartbeat=repr(time.time()),
-                            stage="load", worker=f"{socket.gethostname()}:{os.getpid()}"):
+                            stage="validate", worker=f"{socket.gethostname()}:{os.getpid()}"):
         log.info("job %s is %s, not queued; skipping", job_id, job["status"])
         return job["status"]
     log.info("job %s started on %s", job_id, socket.gethostname())
@@ -147,6 +148,8 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
                 # Labelled data the user sent (validated by the API): real accuracy in the report, never trained on.
                 eval_set=storage.eval_set_path(job_id) if job.get("eval_set") else None,
                 max_eval_samples=settings.max_eval_samples,
+                # The upload runs first in a limited child process (the validate stage): the API never ran it.
+                isolation=Isolation(settings.validate_memory_bytes, settings.validate_timeout_s),
             )
             artifacts = list_artifacts(Path(result.out_dir))
             metrics = {**reporter.metrics, **result.report.summary(), "device": device}

@@ -15,7 +15,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kegnet.errors import Cancelled
+
 BATCHES = (1, 64)  # what the manifest reports: one request at a time, and a throughput batch
+CancelCheck = Callable[[], bool] | None
+
+
+def _stop_if(should_cancel: CancelCheck) -> None:
+    """Timings run up to ``latency_budget_s`` each: a cancelled job must not wait for them."""
+    if should_cancel is not None and should_cancel():
+        raise Cancelled("cancelled while timing the model")
 
 
 def _sync(device: torch.device) -> None:
@@ -25,7 +34,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int = 15,
-                   budget_s: float = 2.0, warmup: int = 2) -> float:
+                   budget_s: float = 2.0, warmup: int = 2, should_cancel: CancelCheck = None) -> float:
     """Median wall time of ``fn()`` over up to ``repeats`` runs (at least 3) within about ``budget_s``."""
     for _ in range(warmup):
         fn()
@@ -33,6 +42,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: i
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        _stop_if(should_cancel)
         t0 = time.perf_counter()
         fn()
         _sync(device)
@@ -64,24 +74,28 @@ def layer_input_shapes(model: nn.Module, names: list[str], input_shape: tuple[in
 
 
 def module_latency_ms(module: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device, *,
-                      repeats: int = 15, budget_s: float = 2.0) -> float:
+                      repeats: int = 15, budget_s: float = 2.0, should_cancel: CancelCheck = None) -> float:
     """Median milliseconds of ``module`` on a batch of ``batch`` random inputs of ``input_shape``."""
     was_training = module.training
     module.eval()
     x = torch.randn(batch, *input_shape, device=device)
     try:
-        return 1e3 * median_seconds(lambda: module(x), device, repeats=repeats, budget_s=budget_s)
+        return 1e3 * median_seconds(lambda: module(x), device, repeats=repeats, budget_s=budget_s,
+                                    should_cancel=should_cancel)
     finally:
         module.train(was_training)
 
 
 @torch.no_grad()
 def compare_ms(first: nn.Module, second: nn.Module, input_shape: tuple[int, ...], batch: int,
-               device: torch.device, *, repeats: int = 15, budget_s: float = 2.0) -> dict[str, float]:
+               device: torch.device, *, repeats: int = 15, budget_s: float = 2.0,
+               should_cancel: CancelCheck = None) -> dict[str, float]:
     """Time two modules on the same random batch, alternating runs so that both see the same machine.
 
     Returns the median and the minimum milliseconds of each (``first_ms``, ``first_min_ms``, ``second_ms``,
-    ``second_min_ms``). The minimum is the least disturbed by other processes: decisions use it.
+    ``second_min_ms``). The minimum is the least disturbed by other processes: decisions use it. ``spread``
+    is how far the medians sit above the minimums (relative, the larger of the two): near 0 on a quiet
+    machine, large when other processes interfere.
     """
     was = first.training, second.training
     first.eval()
@@ -95,6 +109,7 @@ def compare_ms(first: nn.Module, second: nn.Module, input_shape: tuple[int, ...]
         times: tuple[list[float], list[float]] = ([], [])
         start = time.perf_counter()
         while len(times[0]) < repeats and (len(times[0]) < 3 or time.perf_counter() - start < budget_s):
+            _stop_if(should_cancel)
             for module, kept in ((first, times[0]), (second, times[1])):
                 t0 = time.perf_counter()
                 module(x)
@@ -103,14 +118,17 @@ def compare_ms(first: nn.Module, second: nn.Module, input_shape: tuple[int, ...]
     finally:
         first.train(was[0])
         second.train(was[1])
+    spread = max(statistics.median(t) / max(min(t), 1e-12) - 1.0 for t in times)
     return {"first_ms": 1e3 * statistics.median(times[0]), "first_min_ms": 1e3 * min(times[0]),
-            "second_ms": 1e3 * statistics.median(times[1]), "second_min_ms": 1e3 * min(times[1])}
+            "second_ms": 1e3 * statistics.median(times[1]), "second_min_ms": 1e3 * min(times[1]), "spread": spread}
 
 
 def model_latency(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, *,
-                  batches: tuple[int, ...] = BATCHES, repeats: int = 15, budget_s: float = 2.0) -> dict[str, float]:
+                  batches: tuple[int, ...] = BATCHES, repeats: int = 15, budget_s: float = 2.0,
+                  should_cancel: CancelCheck = None) -> dict[str, float]:
     """``{"batch1_ms": ..., "batch64_ms": ...}``: median milliseconds per forward pass of the whole model."""
-    return {f"batch{b}_ms": module_latency_ms(model, input_shape, b, device, repeats=repeats, budget_s=budget_s)
+    return {f"batch{b}_ms": module_latency_ms(model, input_shape, b, device, repeats=repeats, budget_s=budget_s,
+                                             should_cancel=should_cancel)
             for b in batches}
 
 

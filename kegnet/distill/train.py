@@ -159,6 +159,8 @@ def distill(
             if scheduler:
                 scheduler.step()
             loss_sum += loss.detach()
+            if should_cancel and should_cancel():  # every step: a step of a large model can take seconds
+                raise Cancelled("cancelled while fine-tuning the student")
 
             if step % config.eval_every == 0 or step == config.steps:
                 n = config.eval_every if step % config.eval_every == 0 else step % config.eval_every
@@ -168,8 +170,6 @@ def distill(
                     best_state = copy.deepcopy(student.state_dict())
                 if on_eval:
                     on_eval(step, {"loss": mean_loss, "agreement": result.curve[-1]["agreement"]})
-                if should_cancel and should_cancel():
-                    raise Cancelled("cancelled while fine-tuning the student")
     student.load_state_dict(best_state)
     return result
 

@@ -144,6 +144,8 @@ def train_generators(
             loss.backward()
             parts += torch.stack(group_parts)
         optimizer.step()
+        if should_cancel and should_cancel():  # every step: a step of a large model can take seconds
+            raise Cancelled("cancelled while training generators")
 
         sums += parts / torch.tensor([k, k, k, b * k], device=device)  # per generator; accuracy per sample
         if step % report_every == 0 or step == config.steps:
@@ -152,8 +154,6 @@ def train_generators(
             sums.zero_()
             if on_step:
                 on_step(step, {"cls_loss": cls_, "dec_loss": dec_, "div_loss": div_, "teacher_acc": acc_})
-            if should_cancel and should_cancel():
-                raise Cancelled("cancelled while training generators")
     return [g.eval() for g in gens]
 
 

@@ -37,7 +37,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 from torch import nn
 
+from kegnet.errors import Cancelled
+
 log = logging.getLogger(__name__)
+
+CancelCheck = Callable[[], bool] | None
+
+
+def _stop_if(should_cancel: CancelCheck) -> None:
+    if should_cancel is not None and should_cancel():
+        raise Cancelled("cancelled while decoding")
 
 LanguageModel = Callable[[torch.Tensor], torch.Tensor]
 Chooser = Callable[[torch.Tensor], torch.Tensor]
@@ -243,8 +252,10 @@ class _NextLogits:
 
 
 def _extend(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.Tensor, choose: Chooser, *,
-            banned: list[int], eos_id: int, pad_id: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Appends ``choose(log_probs)`` tokens to each row until EOS or ``max_length``.
+            banned: list[int], eos_id: int, pad_id: int, max_length: int,
+            should_cancel: CancelCheck = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Appends ``choose(log_probs)`` tokens to each row until EOS or ``max_length``; ``should_cancel`` is asked
+    every step.
 
     Shapes: prefixes (N, P), prefix_lengths (N,) -> tokens (N, max_length), lengths (N,). Rows sit at different
     positions; each step runs the model on the unfinished rows only and reads each row's last real position.
@@ -264,6 +275,7 @@ def _extend(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.
             rows = rows[live]
         if rows.numel() == 0:
             return tokens, lengths
+        _stop_if(should_cancel)
         cur = lengths[rows]
         last = next_logits(tokens[rows], cur)  # (n, V)
         chosen = choose(_log_probs(last, banned))
@@ -273,7 +285,8 @@ def _extend(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.
 
 
 def _decode_chunks(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.Tensor, choose: Chooser,
-                   *, bos_id: int, eos_id: int, pad_id: int, max_length: int, batch_size: int) -> Sequences:
+                   *, bos_id: int, eos_id: int, pad_id: int, max_length: int, batch_size: int,
+                   should_cancel: CancelCheck = None) -> Sequences:
     """:func:`_extend` over ``batch_size`` rows at a time. Shapes: (N, P), (N,) -> Sequences (N, L)."""
     banned = _banned(bos_id, eos_id, pad_id)
     outs, lens = [], []
@@ -281,7 +294,7 @@ def _decode_chunks(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths:
         for start in range(0, prefixes.shape[0], batch_size):
             stop = start + batch_size
             tok, length = _extend(model, prefixes[start:stop], prefix_lengths[start:stop], choose, banned=banned,
-                                  eos_id=eos_id, pad_id=pad_id, max_length=max_length)
+                                  eos_id=eos_id, pad_id=pad_id, max_length=max_length, should_cancel=should_cancel)
             outs.append(tok)
             lens.append(length)
             log.debug("decoded rows %d..%d", start, min(stop, prefixes.shape[0]))
@@ -293,7 +306,7 @@ def sample_sequences(model: LanguageModel, num_samples: int, *, bos_id: int, eos
                      max_length: int, generator: torch.Generator, device: torch.device | str,
                      prefixes: torch.Tensor | None = None, prefix_lengths: torch.Tensor | None = None,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     batch_size: int = 1024) -> Sequences:
+                     batch_size: int = 1024, should_cancel: CancelCheck = None) -> Sequences:
     """Ancestral sampling: ``num_samples`` continuations of each prefix (default: the single prefix [BOS]).
 
     Shapes: prefixes (B, P), prefix_lengths (B,) -> Sequences (B * num_samples, L), prefix-major (row
@@ -319,18 +332,19 @@ def sample_sequences(model: LanguageModel, num_samples: int, *, bos_id: int, eos
 
     return _decode_chunks(model, prefixes.repeat_interleave(num_samples, 0),
                           prefix_lengths.repeat_interleave(num_samples, 0), choose, bos_id=bos_id, eos_id=eos_id,
-                          pad_id=pad_id, max_length=max_length, batch_size=batch_size)
+                          pad_id=pad_id, max_length=max_length, batch_size=batch_size, should_cancel=should_cancel)
 
 
 def greedy_decode(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.Tensor | None = None, *,
                   bos_id: int, eos_id: int, pad_id: int, max_length: int, device: torch.device | str,
-                  batch_size: int = 1024) -> Sequences:
+                  batch_size: int = 1024, should_cancel: CancelCheck = None) -> Sequences:
     """The most likely next token at every step (ties: the lowest id). Shapes: (B, P), (B,) -> Sequences (B, L)."""
     _check_common(max_length, batch_size)
     prefixes, prefix_lengths = _prepare_prefixes(prefixes, prefix_lengths, pad_id=pad_id, max_length=max_length,
                                                  device=device)
     return _decode_chunks(model, prefixes, prefix_lengths, lambda lp: lp.argmax(dim=-1), bos_id=bos_id,
-                          eos_id=eos_id, pad_id=pad_id, max_length=max_length, batch_size=batch_size)
+                          eos_id=eos_id, pad_id=pad_id, max_length=max_length, batch_size=batch_size,
+                          should_cancel=should_cancel)
 
 
 # -------------------------------------------------------------------------------------------- beam search
@@ -409,7 +423,7 @@ def _beam_chunk(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: to
 def beam_search(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: torch.Tensor | None = None, *,
                 bos_id: int, eos_id: int, pad_id: int, max_length: int, device: torch.device | str,
                 beam_size: int = 5, length_penalty: float = 0.6, num_return: int = 1,
-                batch_size: int = 1024) -> BeamSequences:
+                batch_size: int = 1024, should_cancel: CancelCheck = None) -> BeamSequences:
     """Batched beam search with GNMT length normalisation; the ``num_return`` best hypotheses per prefix.
 
     Shapes: prefixes (B, P), prefix_lengths (B,) -> BeamSequences (B * num_return, L), best first per prefix.
@@ -429,6 +443,7 @@ def beam_search(model: LanguageModel, prefixes: torch.Tensor, prefix_lengths: to
     parts = []
     with _evaluating(model):
         for start in range(0, prefixes.shape[0], groups):
+            _stop_if(should_cancel)
             stop = start + groups
             parts.append(_beam_chunk(model, prefixes[start:stop], prefix_lengths[start:stop], beam_size=beam_size,
                                      banned=banned, eos_id=eos_id, pad_id=pad_id, max_length=max_length,

@@ -130,7 +130,8 @@ def _plan(job: _Job) -> None:
     cfg = job.config.compression
     job.plan = plan_compression(job.teacher, cfg)
     job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
-    job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg)
+    job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg,
+                                           should_cancel=job.report.should_cancel)
     if not job.plan.layers:
         raise CompressionError(
             f"every factorization ran slower than its layer on {job.device.type} at batch {cfg.latency_batch}, so "
@@ -195,8 +196,8 @@ def _decompose(job: _Job) -> None:
     elif job.ensemble is not None and dcfg.ensemble_student == "best":
         log.info("ensemble_student=best needs synthetic samples; method %s has none: compressing teacher 0",
                  job.config.method)
-    job.student = apply_plan(job.teacher, job.plan, n_iter_max=job.config.compression.n_iter_max,
-                             seed=job.seed).to(job.device)
+    job.student = apply_plan(job.teacher, job.plan, n_iter_max=job.config.compression.n_iter_max, seed=job.seed,
+                             should_cancel=job.report.should_cancel).to(job.device)
     ratio = count_parameters(job.teacher) / count_parameters(job.student)
     job.report("decompose", 1.0, f"{len(job.plan.layers)} layers factorized",
                ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers}, compression_ratio=ratio)
@@ -263,7 +264,8 @@ def _export(job: _Job) -> None:
         job.report("export", 0.0, f"scoring on the {len(job.eval_set[1])} labelled samples given")
         students = {name: c.student for name, c in job.candidates.items()} or {"decomposed": job.student}
         job.evaluation = evaluate(job.teacher, students, job.chosen, *job.eval_set, spec.num_classes, job.device)
-    timing = {"repeats": cfg.latency_repeats, "budget_s": cfg.latency_budget_s}
+    timing = {"repeats": cfg.latency_repeats, "budget_s": cfg.latency_budget_s,
+              "should_cancel": job.report.should_cancel}
     job.latency = {"teacher": model_latency(job.teacher.eval(), spec.input_shape, job.device, **timing),
                    "student": model_latency(job.student.eval(), spec.input_shape, job.device, **timing)}
     student = job.student = job.student.cpu().eval()
@@ -328,9 +330,27 @@ def _finish(job: _Job) -> TaskOutcome:
         best_step=result.best_step)
     core = {"architecture": job.architecture, "parameters": params,
             "compression_ratio": params.teacher / params.student, "agreement": agreement,
-            "speed": Speed(device=str(job.device), unit="ms", **job.latency)}
+            "speed": Speed(device=str(job.device), unit="ms", **job.latency), "warnings": _warnings(job)}
     candidates = {name: c.student for name, c in job.candidates.items()}
     return TaskOutcome(section, core, student, job.generators, candidates)
+
+
+def _warnings(job: _Job) -> list[str]:
+    """What the student's figures say that a user would not expect: slower than its teacher, or ranks that
+    all collapsed to 1 (an untrained teacher's weights look like noise to EVBMF)."""
+    assert job.plan is not None
+    warnings = []
+    t, s = job.latency["teacher"], job.latency["student"]
+    for batch in ("batch1_ms", "batch64_ms"):
+        if s.get(batch, 0.0) > t.get(batch, float("inf")) * (1 + job.config.compression.latency_tolerance):
+            warnings.append(f"the student is slower than the teacher at {batch[:-3].replace('batch', 'batch ')} on "
+                            f"{job.device.type} ({s[batch]:.3g} ms against {t[batch]:.3g} ms); set "
+                            "compression.latency_batch to the batch you serve (layers slower there are not "
+                            "factorized), or compress less")
+    if job.plan.layers and all(p.in_rank == 1 and p.out_rank == 1 for p in job.plan.layers):
+        warnings.append("every factorized layer has rank 1: the student keeps almost nothing of the teacher; "
+                        "is the teacher trained? Choose ranks yourself (rank_method ratio or fraction)")
+    return warnings
 
 
 # the task's rules and costs ------------------------------------------------------------------------------

@@ -102,8 +102,9 @@ def _compress(job: _Job) -> None:
 def _sample(job: _Job) -> None:
     assert job.teacher is not None
     c, t = job.config.sequence, job.tokens
-    sampling = dict(bos_id=t.bos_id, eos_id=t.eos_id, pad_id=t.pad_id, max_length=t.max_length, device=job.device,
-                    temperature=c.sample_temperature, top_k=c.top_k, top_p=c.top_p)
+    decoding = dict(bos_id=t.bos_id, eos_id=t.eos_id, pad_id=t.pad_id, max_length=t.max_length, device=job.device,
+                    batch_size=c.generation_batch, should_cancel=job.report.should_cancel)
+    sampling = dict(decoding, temperature=c.sample_temperature, top_k=c.top_k, top_p=c.top_p)
     job.report("sample", 0.0, f"sampling {c.samples:,} sequences from the teacher")
     job.samples = sample_sequences(job.teacher, c.samples, generator=_generator(job.seed, job.device), **sampling)
     job.generation["diversity"] = diversity(job.samples.tokens, job.samples.lengths, job.samples.prefix_lengths,
@@ -115,8 +116,7 @@ def _sample(job: _Job) -> None:
         job.report("sample", 0.45, f"beam search (K={c.beam_size}) on {c.samples:,} prompts")
         prompts = cut_prompts(job.samples, t, _generator(job.seed + 1, torch.device("cpu")))
         beams = beam_search(job.teacher, prompts.tokens.to(job.device), prompts.lengths.to(job.device),
-                            bos_id=t.bos_id, eos_id=t.eos_id, pad_id=t.pad_id, max_length=t.max_length,
-                            device=job.device, beam_size=c.beam_size, length_penalty=c.length_penalty)
+                            beam_size=c.beam_size, length_penalty=c.length_penalty, **decoding)
         job.beams = beams.tokens
         job.generation["beam_mean_length"] = beams.lengths.float().mean().item()
 
@@ -131,7 +131,8 @@ def _sample(job: _Job) -> None:
 def _greedy(job: _Job, model: nn.Module, prompts: Prompts) -> Sequences:
     t = job.tokens
     return greedy_decode(model, prompts.tokens.to(job.device), prompts.lengths.to(job.device), bos_id=t.bos_id,
-                         eos_id=t.eos_id, pad_id=t.pad_id, max_length=t.max_length, device=job.device)
+                         eos_id=t.eos_id, pad_id=t.pad_id, max_length=t.max_length, device=job.device,
+                         batch_size=job.config.sequence.generation_batch, should_cancel=job.report.should_cancel)
 
 
 def agreement(job: _Job, student: nn.Module) -> dict[str, float]:
@@ -211,8 +212,17 @@ def _finish(job: _Job) -> TaskOutcome:
             "compression_ratio": params.teacher / params.student,
             "agreement": Agreement(measure=TOKEN_MEASURE, before_finetune=job.before.get("token"),
                                    final=job.after["token"], best_step=r.best_step if r else None),
-            "speed": Speed(device=str(job.device), unit="sequences/s and tokens/s, greedy", **job.speed)}
+            "speed": Speed(device=str(job.device), unit="sequences/s and tokens/s, greedy", **job.speed),
+            "warnings": _warnings(job)}
     return TaskOutcome(section, core, job.student)
+
+
+def _warnings(job: _Job) -> list[str]:
+    """A student that decodes slower than its teacher is worth saying so."""
+    t, s = job.speed["teacher"], job.speed["student"]
+    return [f"the student decodes slower than the teacher at batch {key[5:].split('_')[0]} ({s[key]:.3g} against "
+            f"{t[key]:.3g} sequences/s); fewer blocks (sequence.student_layers) is what makes it faster"
+            for key in ("batch1_sequences_per_s", "batch64_sequences_per_s") if s.get(key, 0) < 0.95 * t.get(key, 0)]
 
 
 # the task's rules and costs ------------------------------------------------------------------------------

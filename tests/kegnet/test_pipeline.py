@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,26 @@ def test_a_bad_eval_set_fails_in_the_load_stage(tmp_path: Path, small_cnn, small
         run_pipeline(small_cnn, small_cnn_spec, tiny_config(), tmp_path / "out", device="cpu",
                      eval_set=tmp_path / "bad.safetensors", progress=events.append)
     assert {e.stage for e in events} <= {"load"}
+
+
+@pytest.mark.parametrize("stage", ["plan", "export"])
+def test_cancel_ends_a_long_timing_stage_within_seconds(tmp_path: Path, small_cnn, small_cnn_spec, stage: str) -> None:
+    # Timing budgets of a minute per measurement: without a check inside the timing loops, cancel would wait.
+    cfg = tiny_config("tucker-only", compression={"latency_repeats": 1000, "latency_budget_s": 60.0})
+    asked: list[float] = []
+
+    def progress(event) -> None:
+        if event.stage == stage and not asked:
+            asked.append(time.monotonic())
+
+    with pytest.raises(Cancelled):
+        run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0, progress=progress,
+                     should_cancel=lambda: bool(asked) and time.monotonic() - asked[0] > 0.5)
+    assert time.monotonic() - asked[0] < 5.0
+
+
+def test_the_report_warns_when_every_rank_collapsed_to_one(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    cfg = tiny_config("tucker-only", compression={"rank_method": "explicit", "ranks": {"*": [1, 1]}})
+    result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0)
+    assert any("every factorized layer has rank 1" in w for w in result.report.warnings)
+    assert any(line.startswith("warning: every factorized layer has rank 1") for line in result.report.lines())

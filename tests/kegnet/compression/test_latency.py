@@ -32,7 +32,7 @@ def _fake_timings(monkeypatch: pytest.MonkeyPatch, slow: str, slow_ms: float = 3
     def fake(first: nn.Module, second: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device,
              **_: object) -> dict[str, float]:
         a, b = ms(first, input_shape, batch), ms(second, input_shape, batch)
-        return {"first_ms": a, "first_min_ms": a, "second_ms": b, "second_min_ms": b}
+        return {"first_ms": a, "first_min_ms": a, "second_ms": b, "second_min_ms": b, "spread": 0.0}
 
     monkeypatch.setattr(latency, "compare_ms", fake)
     return calls
@@ -53,7 +53,9 @@ def test_slower_factorization_is_dropped_with_its_figures(monkeypatch: pytest.Mo
     assert timings["4"] == {"original_batch1_ms": 1.0, "factorized_batch1_ms": 3.0,
                             "original_batch64_ms": 1.0, "factorized_batch64_ms": 3.0,
                             "original_batch1_min_ms": 1.0, "factorized_batch1_min_ms": 3.0,
-                            "original_batch64_min_ms": 1.0, "factorized_batch64_min_ms": 3.0}
+                            "original_batch64_min_ms": 1.0, "factorized_batch64_min_ms": 3.0,
+                            "threads": float(torch.get_num_threads()), "remeasured": 0.0, "spread": 0.0,
+                            "tolerance": config.latency_tolerance}
     assert timings["2"]["factorized_batch1_ms"] == 0.5
     # Each layer timed on its own input shape, original and factorized, at batch 1 and 64.
     assert sorted({(shape, b) for _, shape, b in calls}) == [((8, 8, 8), 1), ((8, 8, 8), 64),
@@ -135,3 +137,37 @@ def test_differences_below_the_floor_are_not_slower(monkeypatch: pytest.MonkeyPa
         _fake_timings(monkeypatch, slow="4", slow_ms=1.015)  # 15 µs slower than its 1 ms layer
         drop_slower_layers(model, plan, (3, 8, 8), torch.device("cpu"), config)
         assert [p.name for p in plan.layers] == kept
+
+
+def test_disturbed_timings_are_taken_again_and_widen_the_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy host: the first timing of the decision batch has medians far above their minimums; the layer is
+    timed again, the fastest runs of both are compared, and the tolerance is the spread that remains."""
+    model = _model()
+    config = CompressionConfig(layers=["2"], rank_method="fraction", rank_fraction=0.5, latency_batch=1)
+    plan = plan_compression(model, config)
+    spreads = iter([0.9, 0.4, 0.0])  # batch 1, batch 1 again, batch 64
+
+    def fake(first: nn.Module, second: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device,
+             **_: object) -> dict[str, float]:
+        spread = next(spreads)
+        # Disturbed runs: the factorized form looks 30% slower; the quiet run shows it is not.
+        second_min = 1.3 if spread > 0.5 else 0.9
+        return {"first_ms": 1.0, "first_min_ms": 1.0, "second_ms": second_min, "second_min_ms": second_min,
+                "spread": spread}
+
+    monkeypatch.setattr(latency, "compare_ms", fake)
+    timings = drop_slower_layers(model, plan, (3, 8, 8), torch.device("cpu"), config)
+    row = timings["2"]
+    assert row["remeasured"] == 1.0 and row["factorized_batch1_min_ms"] == 0.9 and row["spread"] == 0.4
+    assert row["tolerance"] == 0.4 and [p.name for p in plan.layers] == ["2"]
+
+
+def test_timing_stops_when_the_job_is_cancelled() -> None:
+    from kegnet.errors import Cancelled
+
+    fast, slow = nn.Linear(64, 64), nn.Linear(64, 64)
+    calls = []
+    with pytest.raises(Cancelled):
+        latency.compare_ms(fast, slow, (64,), 8, torch.device("cpu"), repeats=10_000, budget_s=60.0,
+                           should_cancel=lambda: calls.append(1) or len(calls) > 3)
+    assert len(calls) == 4
