@@ -203,7 +203,8 @@ def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, c
     """A sequence job's cost, for a teacher profiled on one full sequence of ``L = max_length`` tokens
     (``M``, ``A``, ``P``: its MACs, activation elements and parameters; ``V`` the vocabulary).
 
-    Decoding has no key-value cache: a sequence of ``L`` tokens costs ``M·(L + 1)/2``. The teacher samples
+    Decoding reuses a key-value cache (kegnet.sequence.generate): a sequence of ``L`` tokens costs about one
+    forward pass of the full sequence, ``M``. The teacher samples
     ``N + H`` sequences (transfer set and held-out) and completes them by beam search (``K`` beams); every
     evaluation decodes the ``H`` held-out prompts greedily with the student. A distillation step runs the
     teacher forward and the student forward and backward on ``B`` sequences, twice for ``both``.
@@ -213,7 +214,7 @@ def estimate_sequence_cost(teacher: Profile, max_length: int, vocab_size: int, c
     """
     sc = config.sequence
     m, a, p, ell = teacher.macs, teacher.activations, teacher.parameters, max_length
-    decode = m * (ell + 1) // 2
+    decode = m
     n, h, k = sc.samples, sc.holdout, sc.beam_size
     evaluations = sc.steps // sc.eval_every + 1 if sc.steps else 0
     gen_macs = (n + h) * (1 + k) * decode + evaluations * h * decode
