@@ -22,7 +22,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from kegnet.errors import CheckpointError, SpecError
-from kegnet.file_safety import DAMAGED, HOW_TO_SAVE, check_checkpoint_file
+from kegnet.file_safety import DAMAGED, HOW_TO_SAVE, NESTED_KEYS, check_checkpoint_file
 from kegnet.metrics import count_parameters
 from kegnet.models import create_model
 from kegnet.models.libraries import library_version
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-# Keys under which training scripts commonly nest the state dict.
-_NESTED_KEYS = ("model_state", "state_dict", "model_state_dict", "model")
 
 
 def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> StateDict:
@@ -71,7 +69,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> StateD
 def _unwrap(obj: object) -> StateDict:
     """Find the state dict in ``obj`` (possibly nested one level) and check it holds only tensors."""
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _NESTED_KEYS:
+        for key in NESTED_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
