@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # Message parts shared with kegnet.checkpoint, whose readers fail with the same advice.
 HOW_TO_SAVE = "save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
 DAMAGED = f"the checkpoint could not be read; it looks truncated or damaged; {HOW_TO_SAVE}"
+NOT_WEIGHTS = ("the checkpoint holds Python objects other than tensors (a pickled model or code) and was refused "
+               f"without running it; {HOW_TO_SAVE}")
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -319,9 +321,13 @@ class _Walk:
             raise CheckpointError(self.problem)
 
     def step(self, op: pickletools.OpcodeInfo, arg: Any) -> None:
-        """Apply one opcode's effect on the stack."""
+        """Apply one opcode's effect on the stack; a global a state dict never names is refused (what
+        ``torch.load(weights_only=True)`` refuses too: code or objects other than tensors)."""
         if not self._object_op(op.name):
             _simulate(op, arg, self.stack, self.memo, self)
+            if op.name in ("GLOBAL", "STACK_GLOBAL") and not _weights_global(self.stack[-1][1]):
+                log.warning("refused a checkpoint naming global %.100s", self.stack[-1][1])
+                raise CheckpointError(NOT_WEIGHTS)
 
     def _object_op(self, name: str) -> bool:
         """Dicts, calls and BUILD; False for any other opcode."""
@@ -401,6 +407,21 @@ class _Walk:
                                             f"weights); {OWN_STORAGE}")
         self.used.add(storage.key)
         return _Tensor(storage, size)
+
+
+_TORCH_TYPES = frozenset({"Size", "device", "dtype", "float32", "float64", "float16", "bfloat16", "int64", "int32",
+                          "int16", "int8", "uint8", "bool", "complex64", "complex128"})
+
+
+def _weights_global(name: str) -> bool:
+    """Whether a pickled global (``"module qualname"``) is one a state dict of tensors names: tensor and
+    parameter rebuilders, storage types, OrderedDict, torch's sizes, devices and dtypes."""
+    module, _, qualname = name.partition(" ")
+    if module == "torch._utils":
+        return qualname.startswith("_rebuild")
+    if module == "torch":
+        return qualname.endswith("Storage") or qualname in _TORCH_TYPES
+    return name == "collections OrderedDict"
 
 
 def _ints(value: Any) -> bool:
