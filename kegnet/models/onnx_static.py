@@ -31,6 +31,8 @@ _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _EXPORT = "export it with fixed sizes except the batch (torch.onnx.export(..., dynamic_axes={'x': {0: 'batch'}}))"
 
 Shape = tuple[int, ...]
+_SMALL = 256  # elements of a shape-arithmetic value evaluated here (a shape has at most 64 dimensions)
+_MAX_FOLDS = 8
 
 
 def profile(model: Any, input_shape: tuple[int, ...], max_elements: int, max_nodes: int) -> Profile:
@@ -41,6 +43,11 @@ def profile(model: Any, input_shape: tuple[int, ...], max_elements: int, max_nod
         raise SpecError(f"the ONNX graph uses control flow ({', '.join(control)}), whose cost depends on the data; "
                         "export the model without data-dependent branches or loops")
     shapes = _inferred(model, input_shape)
+    for _ in range(_MAX_FOLDS):  # shape arithmetic inference does not evaluate (Equal, Where): fold it
+        folded = _fold_shapes(model, shapes)
+        if folded is None:
+            break
+        model, shapes = folded, _inferred(folded, input_shape)
     parameters = 0
     for t in model.graph.initializer:
         parameters += _bounded(t.name, tuple(t.dims), max_elements)
@@ -161,3 +168,78 @@ def _inlined(model: Any, max_nodes: int) -> Any:
         raise CheckpointError(f"the ONNX graph has more than {max_nodes} nodes once its functions are inlined, "
                               f"above the limit of {max_nodes}")
     return onnx.inliner.inline_local_functions(model)
+
+
+def _fold_shapes(model: Any, shapes: dict[str, Shape]) -> Any | None:
+    """The graph with the small integer inputs of nodes of unknown output size computed (from ``Shape``s of
+    known inputs and small constants, through small intermediate values only) and given as constants, or
+    ``None`` when there is none to compute. Only values of at most ``_SMALL`` elements are ever evaluated."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    consts = {t.name: t for t in g.initializer}
+    pending = {i for n in g.node if any(o and o not in shapes for o in n.output) for i in n.input
+               if i in producers and i in shapes and math.prod(shapes[i]) <= _SMALL}
+    values = {}
+    for name in sorted(pending):
+        value = _evaluate(name, producers, consts, shapes, model.opset_import)
+        if value is not None:
+            values[name] = value
+    if not values:
+        return None
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    for name, value in values.items():
+        folded.graph.initializer.append(numpy_helper.from_array(value, f"{name}__kegnet_folded"))
+    for node in folded.graph.node:
+        for i, name in enumerate(node.input):
+            if name in values:
+                node.input[i] = f"{name}__kegnet_folded"
+    return folded
+
+
+def _evaluate(target: str, producers: dict[str, Any], consts: dict[str, Any], shapes: dict[str, Shape],
+              opsets: Any) -> Any | None:
+    """``target``'s value, computed by onnx's reference evaluator from its cone of small values (``Shape``
+    nodes read the inferred shapes), or ``None`` when the cone reaches anything large or unknown."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    nodes: list[Any] = []
+    feeds: dict[str, Any] = {}
+    todo, seen = [target], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not name:
+            continue
+        seen.add(name)
+        if name in consts:
+            if math.prod(tuple(consts[name].dims)) > _SMALL:
+                return None
+            feeds[name] = numpy_helper.to_array(consts[name])
+            continue
+        node = producers.get(name)
+        if node is None or any(o and (o not in shapes or math.prod(shapes[o]) > _SMALL) for o in node.output):
+            return None
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            feeds[name] = np.array(shapes[node.input[0]][start:end], dtype=np.int64)
+            continue
+        if len(nodes) > 4 * _SMALL or node.op_type in _CONTROL_FLOW:
+            return None
+        nodes.append(node)
+        todo.extend(node.input)
+    order = {id(n): i for i, n in enumerate(producers.values())}  # the graph's own (topological) order
+    nodes.sort(key=lambda n: order[id(n)])
+    graph = helper.make_graph(nodes, "shape", [], [helper.make_empty_tensor_value_info(target)],
+                              [numpy_helper.from_array(v, k) for k, v in feeds.items()])
+    model = helper.make_model(graph, opset_imports=list(opsets))
+    try:
+        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    except Exception:  # noqa: BLE001 - anything the evaluator cannot do leaves the size unknown (refused)
+        log.info("could not evaluate shape value %s", target, exc_info=True)
+        return None
