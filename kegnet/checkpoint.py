@@ -12,6 +12,7 @@ import logging
 import pickle
 import struct
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from kegnet.errors import CheckpointError, SpecError
-from kegnet.file_safety import DAMAGED, HOW_TO_SAVE, check_checkpoint_file
+from kegnet.file_safety import DAMAGED, HOW_TO_SAVE, NESTED_KEYS, NOT_WEIGHTS, check_checkpoint_file
 from kegnet.metrics import count_parameters
 from kegnet.models import create_model
 from kegnet.models.libraries import library_version
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-# Keys under which training scripts commonly nest the state dict.
-_NESTED_KEYS = ("model_state", "state_dict", "model_state_dict", "model")
 
 
 def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> StateDict:
@@ -57,10 +56,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> StateD
     except pickle.UnpicklingError as exc:
         # weights_only refused a global: the file carries objects (possibly code) beyond tensors.
         log.warning("refused a checkpoint that is not weights-only: %s", str(exc).splitlines()[0])
-        raise CheckpointError(
-            "the checkpoint holds Python objects other than tensors (a pickled model or code) and was "
-            f"refused without running it; {HOW_TO_SAVE}"
-        ) from exc
+        raise CheckpointError(NOT_WEIGHTS) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
         # torch's own message may advise weights_only=False: log it, never pass it on.
         log.info("torch.load refused %s: %s", path.name, str(exc).splitlines()[0] if str(exc) else type(exc))
@@ -71,7 +67,7 @@ def read_state_dict(path: str | Path, *, max_bytes: int | None = None) -> StateD
 def _unwrap(obj: object) -> StateDict:
     """Find the state dict in ``obj`` (possibly nested one level) and check it holds only tensors."""
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _NESTED_KEYS:
+        for key in NESTED_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -93,14 +89,10 @@ def check_finite(state: StateDict) -> None:
         raise CheckpointError(f"weights contain NaN or infinite values in: {', '.join(bad[:5])}")
 
 
-def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS
-                  ) -> nn.Module:
-    """Build ``spec``'s architecture, load ``state`` strictly, and check one forward pass on ``input_shape``.
-
-    The architecture is counted on the meta device first and refused above ``max_parameters``.
-    """
-    model = create_model(spec.arch, max_parameters=max_parameters, **spec.model_arguments(), **spec.kwargs())
-    expected = model.state_dict()
+def check_state_keys(spec: ModelSpec, expected: Mapping[str, tuple[int, ...]],
+                     state: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ``SpecError`` when the weights' keys or shapes (``state``: name -> shape) differ from the
+    architecture's (``expected``: its state dict's shapes), naming the keys and the spec fields to check."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -111,11 +103,22 @@ def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | No
             parts.append(f"unexpected keys: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
         raise SpecError(f"the weights do not match architecture {spec.arch!r} ({'; '.join(parts)})")
     wrong = [
-        f"{k} is {tuple(state[k].shape)} but {spec.arch!r} expects {tuple(v.shape)}"
-        for k, v in expected.items() if state[k].shape != v.shape
+        f"{k} is {tuple(state[k])} but {spec.arch!r} expects {tuple(v)}"
+        for k, v in expected.items() if tuple(state[k]) != tuple(v)
     ]
     if wrong:
         raise SpecError("shape mismatch: " + "; ".join(wrong[:4]) + f" (check {spec.shape_fields})")
+
+
+def build_teacher(spec: ModelSpec, state: StateDict, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS
+                  ) -> nn.Module:
+    """Build ``spec``'s architecture, load ``state`` strictly, and check one forward pass on ``input_shape``.
+
+    The architecture is counted on the meta device first and refused above ``max_parameters``.
+    """
+    model = create_model(spec.arch, max_parameters=max_parameters, **spec.model_arguments(), **spec.kwargs())
+    check_state_keys(spec, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     {k: tuple(v.shape) for k, v in state.items()})
     check_finite(state)
     model.load_state_dict(state, strict=True)
     _check_forward(model, spec)
@@ -169,13 +172,12 @@ def architecture_of(spec: ModelSpec) -> dict[str, Any]:
     return architecture
 
 
-def _open_onnx(path: Path, spec: ModelSpec, max_parameters: int | None, limits: Any) -> LoadedTeacher:
-    from kegnet.models import onnx_graph
-
+def resolve_onnx_spec(spec: ModelSpec, declared: tuple[int | None, ...], declared_classes: int | None
+                      ) -> ModelSpec:
+    """``spec`` with the input shape and class count an ONNX graph declares filled in (``declared``: its
+    input shape without the batch, ``None`` where it is free); raises ``SpecError`` when they disagree."""
     if spec.arch_kwargs:
         raise SpecError("an onnx architecture takes no arch_kwargs: everything is in the graph")
-    graph = onnx_graph.read_graph(path, limits)
-    declared = graph.input_shape
     shape = spec.input_shape
     if shape is None:
         if any(d is None for d in declared):
@@ -183,13 +185,22 @@ def _open_onnx(path: Path, spec: ModelSpec, max_parameters: int | None, limits: 
         shape = tuple(int(d) for d in declared)  # type: ignore[arg-type]
     elif len(shape) != len(declared) or any(d is not None and d != s for d, s in zip(declared, shape, strict=False)):
         raise SpecError(f"input_shape {_dims(shape)} does not match the ONNX graph's input {_dims(declared)}")
-    classes = spec.num_classes or graph.num_classes
+    classes = spec.num_classes or declared_classes
     if classes is None:
         raise SpecError("the ONNX graph does not declare its class count; give num_classes")
-    if spec.num_classes and graph.num_classes and spec.num_classes != graph.num_classes:
+    if spec.num_classes and declared_classes and spec.num_classes != declared_classes:
         raise SpecError(f"num_classes {spec.num_classes} does not match the ONNX graph's output "
-                        f"({graph.num_classes} classes)")
-    resolved = ModelSpec(arch="onnx", input_shape=shape, num_classes=classes)  # validates the bounds too
+                        f"({declared_classes} classes)")
+    return ModelSpec(arch="onnx", input_shape=shape, num_classes=classes)  # validates the bounds too
+
+
+def _open_onnx(path: Path, spec: ModelSpec, max_parameters: int | None, limits: Any) -> LoadedTeacher:
+    from kegnet.models import onnx_graph
+
+    if spec.arch_kwargs:  # before the graph is read
+        raise SpecError("an onnx architecture takes no arch_kwargs: everything is in the graph")
+    graph = onnx_graph.read_graph(path, limits)
+    resolved = resolve_onnx_spec(spec, graph.input_shape, graph.num_classes)
     model = onnx_graph.to_torch(graph)
     count = count_parameters(model)
     if max_parameters is not None and count > max_parameters:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from kegnet.config import ClassifierConfig, SequenceJobConfig
 from kegnet.errors import SpecError
@@ -99,33 +100,38 @@ class JobCost:
         return f"about {self.memory_bytes / GIB:.1f} GiB of memory and {self.macs:.2e} MACs"
 
 
+class Profiled(nn.Module):
+    """A stand-in for a teacher known only by its profile (an ONNX graph read statically, never converted):
+    ``profile_model`` returns the profile, so a task's cost formula prices it like a built model."""
+
+    def __init__(self, profile: Profile) -> None:
+        super().__init__()
+        self.profile = profile
+
+
 def profile_model(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Profile:
-    """Parameters, and the MACs of every Conv2d / ConvTranspose2d / Linear and the output elements of every
-    leaf module on one sample of ``input_shape``, from one forward pass on the model's device (a model on
-    the meta device costs nothing to profile). A sequence model: ``input_shape=(L,)``, ``dtype=torch.long``
-    (one sequence of ``L`` tokens)."""
-    macs = activations = 0
+    """Parameters, MACs and activation elements of one forward pass on one sample of ``input_shape``.
+
+    MACs: all the work torch's ``FlopCounterMode`` counts (matmul, bmm, baddbmm, addmm, convolutions,
+    scaled dot-product attention: ``flops / 2``), so attention is priced, not only the Linear and Conv layers.
+    Activations: the output elements of every leaf module. Built on the meta device (``torch.device("meta")``)
+    the model costs nothing to profile: shapes flow, nothing is allocated. A sequence model:
+    ``input_shape=(L,)``, ``dtype=torch.long`` (one sequence of ``L`` tokens).
+    """
+    if isinstance(model, Profiled):
+        return model.profile
+    activations = 0
 
     def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-        nonlocal macs, activations
+        nonlocal activations
         outs = output if isinstance(output, tuple | list) else (output,)
-        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
-        activations += sum(t.numel() for t in tensors)
-        if not tensors:
-            return
-        out = tensors[0]
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
-            macs += out.numel() * (module.in_channels // module.groups) * k
-        elif isinstance(module, nn.ConvTranspose2d):
-            inp = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else out
-            k = module.kernel_size[0] * module.kernel_size[1]
-            macs += inp.numel() * (module.out_channels // module.groups) * k
-        elif isinstance(module, nn.Linear):
-            macs += module.in_features * module.out_features * (out.numel() // module.out_features)
+        activations += sum(o.numel() for o in outs if isinstance(o, torch.Tensor))
 
-    forward_with_hooks(model, input_shape, hook, [m for m in model.modules() if not list(m.children())], dtype)
-    return Profile(sum(p.numel() for p in model.parameters()), int(macs), int(activations))
+    leaves = [m for m in model.modules() if not list(m.children())]
+    with FlopCounterMode(display=False) as counter:
+        forward_with_hooks(model, input_shape, hook, leaves, dtype)
+    return Profile(sum(p.numel() for p in model.parameters()), int(counter.get_total_flops()) // 2,
+                   int(activations))
 
 
 def generator_profile(input_shape: tuple[int, ...], num_classes: int, noise_dim: int) -> Profile:

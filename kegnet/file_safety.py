@@ -17,6 +17,7 @@ what to fix.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import pickletools
 import struct
 import tarfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 # Message parts shared with kegnet.checkpoint, whose readers fail with the same advice.
 HOW_TO_SAVE = "save it with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
 DAMAGED = f"the checkpoint could not be read; it looks truncated or damaged; {HOW_TO_SAVE}"
+NOT_WEIGHTS = ("the checkpoint holds Python objects other than tensors (a pickled model or code) and was refused "
+               f"without running it; {HOW_TO_SAVE}")
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -46,7 +50,13 @@ MAX_ARCHIVE_ENTRIES = 65_536  # tensors in a state dict; Python's zipfile keeps 
 # torch.load unpickles the structure in Python: each 1-byte opcode can push a new object (EMPTY_DICT: ~70 bytes
 # each, measured), so the pickle itself is bounded. A state dict pickles to ~140 bytes per tensor (measured).
 MAX_PICKLE_BYTES = 8 * 1024 * 1024
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # safetensors' own limit on its JSON header
+# safetensors' own reader refuses headers above 100 MB, but parsing one that large in Python takes seconds and
+# gigabytes (100 MiB of ``{}``: 11 s, +2.5 GB, measured); a state dict's header takes ~100 bytes per tensor.
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+# Tensors in one file, any format (safetensors, zip, legacy): each costs a Python object in every reader.
+MAX_TENSORS = MAX_ARCHIVE_ENTRIES
+# Keys under which training scripts commonly nest the state dict (kegnet.checkpoint unwraps the same).
+NESTED_KEYS = ("model_state", "state_dict", "model_state_dict", "model")
 _MAX_DIMS = 64
 
 _SAFETENSORS_DTYPE_BITS = {
@@ -92,10 +102,12 @@ def check_checkpoint_file(path: str | Path, *, max_bytes: int | None = None) -> 
         _check_torch_archive(path, size, budget)
         return "zip"
     if head[:1] == b"\x80":
-        declared = _legacy_storage_bytes(path)
+        walk, _ = _legacy_walk(path)
+        declared = sum(walk.storages.values())
         if declared > budget:
             raise CheckpointError(f"the checkpoint declares {declared:,} bytes of tensors, above this "
                                   f"service's limit of {budget:,}; {HOW_TO_SAVE}")
+        walk.check_tensors()
         return "legacy"
     raise CheckpointError(f"the file is neither safetensors nor a torch.save checkpoint; {HOW_TO_SAVE}")
 
@@ -108,9 +120,17 @@ def _check_torch_archive(path: Path, size: int, budget: int) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
+            _check_archive_entries(infos, size, budget)
+            _archive_walk(zf, infos)
+    except CheckpointError:  # a ValueError too: not "damaged"
+        raise
     except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:
         log.info("unreadable zip %s: %s", path.name, exc)
         raise CheckpointError(DAMAGED) from exc
+
+
+def _check_archive_entries(infos: list[zipfile.ZipInfo], size: int, budget: int) -> None:
+    """The archive's directory: bounded, no program, stored entries within the file and the budget."""
     if len(infos) > MAX_ARCHIVE_ENTRIES:
         raise CheckpointError(f"the checkpoint archive has {len(infos):,} entries, above the limit of "
                               f"{MAX_ARCHIVE_ENTRIES:,}; {HOW_TO_SAVE}")
@@ -176,7 +196,12 @@ def _zip_entry_count(path: Path, size: int) -> int | None:
 
 def _legacy_storage_bytes(path: Path) -> int:
     """Bytes of the storages a legacy (pre-zip) torch.save file declares, read from its pickles without
-    running them (``pickletools.genops`` and a small stack simulation).
+    running them (``_legacy_walk``)."""
+    return sum(_legacy_walk(path)[0].storages.values())
+
+
+def _legacy_walk(path: Path) -> tuple[_Walk, Any]:
+    """The simulated object pickle of a legacy (pre-zip) torch.save file and the object it builds.
 
     A legacy file is five pickles (magic number, protocol, system info, the object, the storage keys) and
     then the raw storages. torch.load allocates every storage at the size the object pickle declares
@@ -187,42 +212,244 @@ def _legacy_storage_bytes(path: Path) -> int:
     """
     if tarfile.is_tarfile(path):
         raise CheckpointError(f"the checkpoint is in torch's old tar format, which is not accepted; {HOW_TO_SAVE}")
-    storages: dict[str, int] = {}  # root key -> bytes (views of one storage share its allocation)
+    walk = _Walk()
     try:
         with path.open("rb") as f:
             for i in range(4):
-                stack: list[Any] = []
-                memo: dict[int, Any] = {}
                 for op, arg, _ in pickletools.genops(f):
                     if f.tell() > MAX_PICKLE_BYTES:
                         raise CheckpointError(f"the checkpoint's pickled structure is above the limit of "
                                               f"{MAX_PICKLE_BYTES:,} bytes; {HOW_TO_SAVE}")
-                    if i == 3:  # the object: follow the stack to read its persistent ids
-                        pid = _simulate(op, arg, stack, memo)
-                        if pid is not None:
-                            key, nbytes = _declared_storage(pid)
-                            storages[key] = max(storages.get(key, 0), nbytes)
+                    if i == 3:  # the object: follow the stack to read its storages and tensors
+                        walk.step(op, arg)
     except CheckpointError:
         raise
     except (ValueError, EOFError, IndexError, KeyError, TypeError, struct.error) as exc:
         log.info("unreadable legacy pickle %s: %s", path.name, exc)
         raise CheckpointError(DAMAGED) from exc
-    return sum(storages.values())
+    return walk, walk.result
+
+
+def _archive_walk(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> tuple[_Walk, Any]:
+    """The simulated ``data.pkl`` of a torch.save archive (stored, at most ``MAX_PICKLE_BYTES``: checked
+    before) and the object it builds; every storage it declares must be an entry of exactly its bytes."""
+    pickles = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+    if len(pickles) != 1:
+        raise CheckpointError(DAMAGED)
+    walk = _Walk()
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(zf.read(pickles[0]))):
+            walk.step(op, arg)
+    except CheckpointError:
+        raise
+    except (ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, zipfile.BadZipFile) as exc:
+        log.info("unreadable archive pickle: %s", exc)
+        raise CheckpointError(DAMAGED) from exc
+    prefix = pickles[0].filename[: -len("data.pkl")]
+    sizes = {i.filename: i.file_size for i in infos}
+    for key, nbytes in walk.storages.items():
+        entry = sizes.get(f"{prefix}data/{key}")
+        if entry is None or (key in walk.exact and entry != walk.exact[key]):
+            raise CheckpointError(f"the checkpoint archive declares a storage ({key}) of {nbytes:,} bytes that "
+                                  f"it does not hold: it is malformed; {HOW_TO_SAVE}")
+    walk.check_tensors()
+    return walk, walk.result
 
 
 _MARK = object()
 
+# What a checkpoint tells its tensors apart by: the storage type (a global in the pickle) names the dtype.
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "UntypedStorage": "uint8",
+}
+_STORAGE_ELEMENT_BYTES = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
+}
+# Advice for tensors that do not own their storage exactly (views, shared or expanded storages).
+OWN_STORAGE = ("every tensor must own its storage exactly: save the state dict of real tensors, e.g. "
+               "torch.save({k: v.contiguous().clone() for k, v in model.state_dict().items()}, path)")
+_TENSOR_REBUILD = "torch._utils _rebuild_tensor_v2"
+_PARAMETER_REBUILDS = ("torch._utils _rebuild_parameter", "torch._utils _rebuild_parameter_with_state")
 
-def _simulate(op: pickletools.OpcodeInfo, arg: Any, stack: list[Any], memo: dict[int, Any]) -> Any:
+
+@dataclass(frozen=True)
+class _Storage:
+    """A storage a pickle declares (its persistent id): torch.load allocates ``numel`` elements of it."""
+
+    key: str
+    type_name: str  # "FloatStorage", ... ("" when the id names no storage type we know)
+    numel: int
+
+    @property
+    def dtype(self) -> str:
+        return _STORAGE_DTYPES.get(self.type_name, "")
+
+
+@dataclass(frozen=True, eq=False)
+class _Tensor:
+    """A tensor a pickle rebuilds, checked to own its whole storage (``_Walk._rebuild``)."""
+
+    storage: _Storage
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Walk:
+    """The stack simulation of one pickle (``pickletools.genops``, nothing unpickled): constants, globals,
+    tuples, dicts (state dicts and their nesting), declared storages and the tensors rebuilt from them; every
+    other object is ``None``. Tensors are checked as they are rebuilt (``_rebuild``); objects are bounded."""
+
+    stack: list[Any] = field(default_factory=list)
+    memo: dict[int, Any] = field(default_factory=dict)
+    storages: dict[str, int] = field(default_factory=dict)  # root key -> bytes torch.load allocates
+    exact: dict[str, int] = field(default_factory=dict)  # the same, for storages of a known element size
+    used: set[str] = field(default_factory=set)  # storage keys a tensor was rebuilt from
+    placed: set[int] = field(default_factory=set)  # ids of tensors already placed in a dict
+    tensors: int = 0
+    objects: int = 0
+    result: Any = None  # the object the pickle builds (at STOP)
+    problem: str = ""  # the first tensor that does not own its storage: raised after the byte budgets
+
+    def check_tensors(self) -> None:
+        """Raise the first tensor problem found (a view, a shared storage, one tensor under two names)."""
+        if self.problem:
+            raise CheckpointError(self.problem)
+
+    def step(self, op: pickletools.OpcodeInfo, arg: Any) -> None:
+        """Apply one opcode's effect on the stack; a global a state dict never names is refused (what
+        ``torch.load(weights_only=True)`` refuses too: code or objects other than tensors)."""
+        if not self._object_op(op.name):
+            _simulate(op, arg, self.stack, self.memo, self)
+            if op.name in ("GLOBAL", "STACK_GLOBAL") and not _weights_global(self.stack[-1][1]):
+                log.warning("refused a checkpoint naming global %.100s", self.stack[-1][1])
+                raise CheckpointError(NOT_WEIGHTS)
+
+    def _object_op(self, name: str) -> bool:
+        """Dicts, calls and BUILD; False for any other opcode."""
+        stack = self.stack
+        if name == "EMPTY_DICT":
+            stack.append(self._new({}))
+        elif name in ("DICT", "SETITEMS"):
+            at = len(stack) - 1 - stack[::-1].index(_MARK)
+            items = stack[at + 1:]
+            del stack[at:]
+            target = self._new({}) if name == "DICT" else stack[-1]
+            for k, v in zip(items[::2], items[1::2], strict=False):
+                self._set(target, k, v)
+            if name == "DICT":
+                stack.append(target)
+        elif name == "SETITEM":
+            v, k = stack.pop(), stack.pop()
+            self._set(stack[-1], k, v)
+        elif name == "REDUCE":
+            args, fn = stack.pop(), stack.pop()
+            stack.append(self._reduce(fn, args))
+        elif name == "BUILD":  # an object's state (an OrderedDict's _metadata): not part of the tensors
+            stack.pop()
+        elif name == "STOP":
+            self.result = stack.pop() if stack else None
+        else:
+            return False
+        return True
+
+    def _new(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        self.objects += 1
+        if self.objects > 4 * MAX_TENSORS:  # a state dict holds a few dicts per module
+            raise CheckpointError(f"the checkpoint's pickled structure holds more than {4 * MAX_TENSORS:,} "
+                                  f"objects; {HOW_TO_SAVE}")
+        return obj
+
+    def _set(self, target: Any, key: Any, value: Any) -> None:
+        if isinstance(value, _Tensor):
+            if id(value) in self.placed:  # one stored value would back two entries
+                self.problem = self.problem or f"the checkpoint holds one tensor under two names; {OWN_STORAGE}"
+            self.placed.add(id(value))
+        if isinstance(target, dict) and isinstance(key, str | int):
+            target[key] = value
+
+    def _reduce(self, fn: Any, args: Any) -> Any:
+        """What a call builds: a tensor (checked), a parameter's tensor, an OrderedDict; else ``None``."""
+        name = fn[1] if isinstance(fn, tuple) and len(fn) == 2 and fn[0] == "global" else ""
+        if name == _TENSOR_REBUILD:
+            return self._rebuild(args)
+        if name in _PARAMETER_REBUILDS and isinstance(args, tuple) and args and isinstance(args[0], _Tensor):
+            return args[0]
+        if name == "collections OrderedDict":
+            return self._new({})
+        if name.startswith("torch._utils _rebuild"):  # sparse, quantized, nested, meta tensors: not weights
+            raise CheckpointError(f"the checkpoint holds a tensor of a kind kegnet does not read "
+                                  f"({name.rpartition(' ')[2]}); {HOW_TO_SAVE}")
+        return None
+
+    def _rebuild(self, args: Any) -> _Tensor:
+        """``_rebuild_tensor_v2(storage, offset, size, stride, ...)``: a tensor that owns its whole storage."""
+        if not (isinstance(args, tuple) and len(args) >= 4 and isinstance(args[0], _Storage)
+                and _ints(args[2]) and _ints(args[3]) and isinstance(args[1], int)):
+            raise CheckpointError(DAMAGED)
+        storage, offset, size, stride = args[0], args[1], tuple(args[2]), tuple(args[3])
+        self.tensors += 1
+        if self.tensors > MAX_TENSORS:
+            raise CheckpointError(f"the checkpoint holds more than {MAX_TENSORS:,} tensors; {HOW_TO_SAVE}")
+        if len(size) > _MAX_DIMS or len(stride) != len(size) or any(d < 0 for d in size):
+            raise CheckpointError(DAMAGED)
+        if offset != 0 or stride != _contiguous(size, stride) or math.prod(size) != storage.numel:
+            self.problem = self.problem or (
+                f"the checkpoint holds a tensor that is a view of a storage (shape {size}, stride {stride}, "
+                f"offset {offset}, storage of {storage.numel:,} elements: an expanded, strided or partial "
+                f"view); {OWN_STORAGE}")
+        if storage.key in self.used:
+            self.problem = self.problem or (f"two tensors of the checkpoint share one storage (tied or aliased "
+                                            f"weights); {OWN_STORAGE}")
+        self.used.add(storage.key)
+        return _Tensor(storage, size)
+
+
+_TORCH_TYPES = frozenset({"Size", "device", "dtype", "float32", "float64", "float16", "bfloat16", "int64", "int32",
+                          "int16", "int8", "uint8", "bool", "complex64", "complex128"})
+
+
+def _weights_global(name: str) -> bool:
+    """Whether a pickled global (``"module qualname"``) is one a state dict of tensors names: tensor and
+    parameter rebuilders, storage types, OrderedDict, torch's sizes, devices and dtypes."""
+    module, _, qualname = name.partition(" ")
+    if module == "torch._utils":
+        return qualname.startswith("_rebuild")
+    if module == "torch":
+        return qualname.endswith("Storage") or qualname in _TORCH_TYPES
+    return name == "collections OrderedDict"
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides a contiguous tensor of ``size`` has; a dimension of size 1 keeps the given stride (torch
+    leaves it free: ``is_contiguous`` ignores it)."""
+    out, step = [], 1
+    for d, s in zip(reversed(size), reversed(stride), strict=True):
+        out.append(s if d == 1 else step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
+
+
+def _simulate(op: pickletools.OpcodeInfo, arg: Any, stack: list[Any], memo: dict[int, Any],
+              walk: _Walk | None = None) -> Any:
     """Apply one opcode's effect on the stack, keeping only constants, globals and tuples of them (enough
-    to read persistent ids); every other object is ``None``. Returns the persistent id BINPERSID takes."""
+    to read persistent ids); every other object is ``None``. Returns the persistent id BINPERSID takes; with
+    a ``walk``, the id becomes a ``_Storage`` on the stack."""
     name = op.name
     if name == "MARK":
         stack.append(_MARK)
     elif op.arg is not None and name in _CONSTANT_OPS:
         stack.append(arg)
-    elif name == "NONE":
-        stack.append(None)
+    elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+        stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
     elif name == "GLOBAL":
         stack.append(("global", str(arg)))
     elif name == "STACK_GLOBAL":
@@ -248,27 +475,44 @@ def _simulate(op: pickletools.OpcodeInfo, arg: Any, stack: list[Any], memo: dict
         stack.append(memo[int(arg)])
     elif name == "DUP":
         stack.append(stack[-1])
-    elif name == "BINPERSID":
-        pid = stack.pop()
-        stack.append(None)
+    elif name in ("BINPERSID", "PERSID"):
+        pid = stack.pop() if name == "BINPERSID" else arg
+        stack.append(_storage(pid, walk) if walk is not None else None)
         return pid
-    elif name == "PERSID":
-        stack.append(None)
-        return arg
-    else:  # the generic effect: pop what the opcode takes (through the mark), push placeholders
-        before = op.stack_before
-        if pickletools.markobject in before:
-            at = len(stack) - 1 - stack[::-1].index(_MARK)
-            del stack[at:]
-            drop = before.index(pickletools.markobject)
-        else:
-            drop = len(before)
-        if drop:
-            if drop > len(stack):
-                raise ValueError("pickle stack underflow")
-            del stack[-drop:]
-        stack.extend([None] * len(op.stack_after))
+    else:
+        _generic(op, stack)
     return None
+
+
+def _generic(op: pickletools.OpcodeInfo, stack: list[Any]) -> None:
+    """An opcode's generic effect: pop what it takes (through the mark), push placeholders."""
+    before = op.stack_before
+    if pickletools.markobject in before:
+        at = len(stack) - 1 - stack[::-1].index(_MARK)
+        del stack[at:]
+        drop = before.index(pickletools.markobject)
+    else:
+        drop = len(before)
+    if drop:
+        if drop > len(stack):
+            raise ValueError("pickle stack underflow")
+        del stack[-drop:]
+    stack.extend([None] * len(op.stack_after))
+
+
+def _storage(pid: Any, walk: _Walk) -> _Storage | None:
+    """The storage a persistent id declares (zip: ``("storage", type, key, location, numel)``; legacy: the
+    same and a view), its bytes recorded in ``walk.storages``."""
+    key, nbytes = _declared_storage(pid)
+    if not key:
+        return None
+    walk.storages[key] = max(walk.storages.get(key, 0), nbytes)
+    storage_type = pid[1]
+    type_name = storage_type[1].rpartition(" ")[2] if isinstance(storage_type, tuple) and len(storage_type) == 2 else ""
+    if type_name not in _STORAGE_DTYPES:
+        return _Storage(key, "", int(pid[4]))
+    walk.exact[key] = nbytes
+    return _Storage(key, type_name, int(pid[4]))
 
 
 _CONSTANT_OPS = frozenset({
@@ -277,38 +521,58 @@ _CONSTANT_OPS = frozenset({
 })
 
 
-_STORAGE_ELEMENT_BYTES = {
-    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
-    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
-    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
-}
-
-
 def _declared_storage(pid: Any) -> tuple[str, int]:
-    """(root key, bytes) a legacy persistent id makes torch.load allocate. An element size we do not know
-    counts as 16 bytes (complex128, the largest); an id torch would not accept counts as nothing (torch.load
-    refuses it later)."""
+    """(root key, bytes) a persistent id makes torch.load allocate. An element size we do not know counts as
+    16 bytes (complex128, the largest); an id torch would not accept counts as nothing (torch.load refuses it
+    later)."""
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
         return "", 0
     storage_type, key, numel = pid[1], pid[2], pid[4]
-    if not isinstance(numel, int) or numel < 0:
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
         return "", 0
     name = storage_type[1].rpartition(" ")[2] if isinstance(storage_type, tuple) and len(storage_type) == 2 else ""
     return str(key), numel * _STORAGE_ELEMENT_BYTES.get(name, 16)
 
 
-def _check_safetensors(path: Path, size: int, budget: int) -> None:
-    damaged = "the safetensors file is damaged or truncated"
+_SAFETENSORS_DAMAGED = "the safetensors file is damaged or truncated"
+# What declared_tensors reports as a safetensors tensor's dtype: torch's name for it.
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64",
+    "F64": "float64", "C64": "complex64", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
+}
+
+
+def _safetensors_header(path: Path, size: int) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and its length, bounded before it is parsed: at most
+    ``MAX_SAFETENSORS_HEADER`` bytes, and at most ``MAX_TENSORS`` tensors. Every tensor is a JSON object,
+    so the count of ``{`` bytes (a C-speed scan; braces inside names only add to it) bounds the tensors
+    and the objects the parser would build."""
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if n > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise CheckpointError(f"{damaged}: its header declares {n:,} bytes, more than the file holds")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
-            raise CheckpointError(f"{damaged}: its header is not valid JSON") from exc
+        if n > size - 8:
+            raise CheckpointError(f"{_SAFETENSORS_DAMAGED}: its header declares {n:,} bytes, more than the file "
+                                  "holds")
+        if n > MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(f"the safetensors header is {n:,} bytes, above the limit of "
+                                  f"{MAX_SAFETENSORS_HEADER:,}; {HOW_TO_SAVE}")
+        raw = f.read(n)
+    objects = raw.count(b"{") - 1  # the header itself is one
+    if objects > MAX_TENSORS + 1:  # and the __metadata__ object
+        raise CheckpointError(f"the safetensors file declares more than {MAX_TENSORS:,} tensors (its header "
+                              f"holds {objects:,} objects), above the limit; {HOW_TO_SAVE}")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise CheckpointError(f"{_SAFETENSORS_DAMAGED}: its header is not valid JSON") from exc
     if not isinstance(header, dict):
-        raise CheckpointError(f"{damaged}: its header is not a JSON object")
+        raise CheckpointError(f"{_SAFETENSORS_DAMAGED}: its header is not a JSON object")
+    return header, n
+
+
+def _check_safetensors(path: Path, size: int, budget: int) -> None:
+    damaged = _SAFETENSORS_DAMAGED
+    header, n = _safetensors_header(path, size)
     data_len = size - 8 - n
     spans: list[tuple[int, int]] = []
     for name, info in header.items():
@@ -333,11 +597,71 @@ def _check_safetensors(path: Path, size: int, budget: int) -> None:
             raise CheckpointError(f"{damaged}: tensor {label} declares {declared:,} bytes ({dtype} × "
                                   f"{tuple(shape)}) but its data_offsets span {offsets[1] - offsets[0]:,}")
         spans.append((offsets[0], offsets[1]))
+    _check_tiling(spans, data_len)
+
+
+def _check_tiling(spans: list[tuple[int, int]], data_len: int) -> None:
+    """The tensors' byte spans tile the data exactly: no overlap, no gap, nothing after the last."""
     position = 0
     for begin, end in sorted(spans):
         if begin != position:
-            raise CheckpointError(f"{damaged}: its tensors overlap or leave gaps in the data")
+            raise CheckpointError(f"{_SAFETENSORS_DAMAGED}: its tensors overlap or leave gaps in the data")
         position = end
     if position != data_len:
-        raise CheckpointError(f"{damaged}: its tensors declare {position:,} bytes of data but the file holds "
-                              f"{data_len:,}")
+        raise CheckpointError(f"{_SAFETENSORS_DAMAGED}: its tensors declare {position:,} bytes of data but the "
+                              f"file holds {data_len:,}")
+
+
+Declared = dict[str, tuple[tuple[int, ...], str]]
+
+
+def declared_tensors(path: str | Path) -> Declared:
+    """``{name: (shape, dtype)}`` of the state dict a checkpoint holds (dtype as torch names it:
+    ``"float32"``), read from its header or simulated pickle without loading any tensor data, unwrapped as
+    ``kegnet.checkpoint.read_state_dict`` unwraps it (one level of ``NESTED_KEYS``, a ``module.`` prefix).
+
+    Call it after ``check_checkpoint_file`` passed (the structure is bounded then); raises
+    ``CheckpointError`` when the file holds no state dict of tensors.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(16)
+    if _looks_like_safetensors(head):
+        header, _ = _safetensors_header(path, path.stat().st_size)
+        found: dict[Any, Any] = {k: (tuple(v["shape"]), _SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"].lower()))
+                                 for k, v in header.items() if k != "__metadata__"}
+        return _unwrap_declared(found)
+    if head.startswith(b"PK\x03\x04"):
+        with zipfile.ZipFile(path) as zf:
+            _, top = _archive_walk(zf, zf.infolist())
+    else:
+        _, top = _legacy_walk(path)
+    return _unwrap_declared(_as_declared(top))
+
+
+def _as_declared(obj: Any) -> Any:
+    """A simulated object with its tensors as ``(shape, dtype)``: dicts one level deep (enough to unwrap)."""
+    if not isinstance(obj, dict):
+        return obj
+    return {k: (v.shape, v.storage.dtype) if isinstance(v, _Tensor) else v for k, v in obj.items()}
+
+
+def _is_declared(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple)
+
+
+def _unwrap_declared(obj: Any) -> Declared:
+    """``kegnet.checkpoint._unwrap`` on declared tensors: the same nesting, checks and messages."""
+    if isinstance(obj, dict) and not any(_is_declared(v) for v in obj.values()):
+        for key in NESTED_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = _as_declared(obj[key])
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"the checkpoint does not hold a state dict of tensors; {HOW_TO_SAVE}")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not _is_declared(v)]
+    if bad:
+        raise CheckpointError(f"the state dict has non-tensor entries: {', '.join(bad[:5])}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)

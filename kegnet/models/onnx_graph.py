@@ -22,7 +22,9 @@ from typing import Any
 
 from torch import nn
 
+from kegnet.cost import Profile
 from kegnet.errors import CheckpointError, SpecError
+from kegnet.models import onnx_static
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ class OnnxLimits:
     max_nodes: int = 20_000
     max_initializers: int = 20_000
     max_initializer_bytes: int = 1 << 30
+    # Elements of any one tensor of the graph (a constant, an initializer, an inferred activation of one
+    # sample): 2**26 float32 are 256 MiB. A 923-byte ConstantOfShape asks for 1e9 (4 GB) otherwise.
+    max_tensor_elements: int = 1 << 26
 
 
 @dataclass
@@ -74,11 +79,12 @@ def _graphs(graph: Any) -> Iterator[Any]:
 
 
 def _tensors(graph: Any) -> Iterator[Any]:
-    """Every TensorProto a graph holds: initializers, sparse initializers and tensor attributes."""
+    """Every TensorProto a graph (or a local function: no initializers) holds: initializers, sparse
+    initializers and tensor attributes."""
     onnx = _import_onnx()
     for g in _graphs(graph):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
+        yield from getattr(g, "initializer", ())
+        for sparse in getattr(g, "sparse_initializer", ()):
             yield sparse.values
             yield sparse.indices
         for node in g.node:
@@ -90,6 +96,13 @@ def _tensors(graph: Any) -> Iterator[Any]:
                 elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
                     yield attr.sparse_tensor.values
                     yield attr.sparse_tensor.indices
+
+
+def _model_tensors(model: Any) -> Iterator[Any]:
+    """The tensors of the graph and of every local function."""
+    yield from _tensors(model.graph)
+    for function in model.functions:
+        yield from _tensors(function)
 
 
 def _tensor_bytes(t: Any) -> int:
@@ -116,17 +129,19 @@ def parse(data: bytes, limits: OnnxLimits | None = None) -> Any:
         raise CheckpointError("the ONNX file holds no graph; export it with torch.onnx.export(model, example, "
                               "'model.onnx')")
     # External data names files: on this server they would be the server's files. Refuse before any check
-    # or conversion could try to open them.
-    for t in _tensors(model.graph):
+    # or conversion could try to open them, in the graph and in its local functions alike, with one message
+    # whatever the path names (nothing on this server is ever looked up for it).
+    for t in _model_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
             raise CheckpointError(
                 f"the ONNX file keeps tensor {t.name!r} in external data (a separate file), which is refused: "
                 "save the model as one file (torch.onnx.export(..., external_data=False), or "
                 "onnx.save_model(model, path, save_as_external_data=False))")
-    nodes = sum(len(g.node) for g in _graphs(model.graph))
+    nodes = sum(len(g.node) for g in _graphs(model.graph)) + sum(len(g.node) for f in model.functions
+                                                                 for g in _graphs(f))
     if nodes > limits.max_nodes:
         raise CheckpointError(f"the ONNX graph has {nodes} nodes, above the limit of {limits.max_nodes}")
-    tensors = list(_tensors(model.graph))
+    tensors = list(_model_tensors(model))
     if len(tensors) > limits.max_initializers:
         raise CheckpointError(f"the ONNX graph has {len(tensors)} weight tensors, above the limit of "
                               f"{limits.max_initializers}")
@@ -262,6 +277,9 @@ def read_graph(path: str | Path, limits: OnnxLimits | None = None) -> OnnxGraph:
     if path.stat().st_size > limits.max_bytes:
         raise CheckpointError(f"the ONNX file is larger than {limits.max_bytes} bytes")
     model = parse(path.read_bytes(), limits)
+    declared = _signature(model)[0]
+    if all(d is not None for d in declared):  # a free size is priced with the spec's (kegnet.preflight)
+        static_cost(model, declared, limits)  # before the converter or any run sees the graph
     opset = _opset(model)
     others = sorted({e.domain for e in model.opset_import if e.domain not in ("", "ai.onnx")}
                     & {n.domain for n in model.graph.node})
@@ -286,6 +304,30 @@ def read_graph(path: str | Path, limits: OnnxLimits | None = None) -> OnnxGraph:
     return OnnxGraph(model, shape, classes, info)
 
 
+def static_profile(path: str | Path, limits: OnnxLimits | None = None, input_shape: tuple[int, ...] | None = None
+                   ) -> tuple[tuple[tuple[int | None, ...], int | None], Profile | None]:
+    """An uploaded graph read and priced without converting or running it: ((input shape without the batch,
+    ``None`` where free; class count), its per-sample ``Profile`` on ``input_shape`` (default: the declared
+    one; ``None`` when a size is left free and none is given). Raises ``CheckpointError``/``SpecError``."""
+    limits = limits or OnnxLimits()
+    path = Path(path)
+    if path.stat().st_size > limits.max_bytes:
+        raise CheckpointError(f"the ONNX file is larger than {limits.max_bytes} bytes")
+    model = parse(path.read_bytes(), limits)
+    declared, classes = _signature(model)
+    shape = input_shape if input_shape is not None and len(input_shape) == len(declared) else declared
+    if any(d is None for d in shape):
+        return (declared, classes), None
+    return (declared, classes), static_cost(model, tuple(int(d) for d in shape), limits)  # type: ignore[arg-type]
+
+
+def static_cost(model: Any, input_shape: tuple[int | None, ...], limits: OnnxLimits) -> Profile:
+    """A parsed graph's per-sample profile on ``input_shape`` (without the batch) from its inferred shapes
+    (kegnet.models.onnx_static), refused when a tensor is above ``limits.max_tensor_elements`` or of a size
+    only a run would tell."""
+    return onnx_static.profile(model, input_shape, limits.max_tensor_elements, limits.max_nodes)
+
+
 def to_torch(graph: OnnxGraph) -> nn.Module:
     """Convert with onnx2torch: a ``torch.fx.GraphModule`` whose convs and Gemms are ``nn.Conv2d`` and
     ``nn.Linear`` (module names are the graph's node names, with ``/`` kept), in eval mode."""
@@ -303,4 +345,5 @@ def to_torch(graph: OnnxGraph) -> nn.Module:
     return module.eval()
 
 
-__all__ = ["CONVERTER_OPSET", "OnnxGraph", "OnnxLimits", "parse", "read_graph", "to_torch"]
+__all__ = ["CONVERTER_OPSET", "OnnxGraph", "OnnxLimits", "parse", "read_graph", "static_cost", "static_profile",
+           "to_torch"]

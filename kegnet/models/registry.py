@@ -10,7 +10,8 @@ describe the data it models (its "spec arguments"):
 
 Server-side code can add architectures with the decorator. Only listed names can be built: a client never
 names a Python path. ``create_model`` first builds the model on the meta device (no memory) and refuses it
-when it has more than ``max_parameters`` parameters, so a spec cannot make the server allocate a huge model.
+when its parameters and buffer elements are more than ``max_parameters``, so a spec cannot make the server
+allocate a huge model.
 """
 
 from __future__ import annotations
@@ -155,27 +156,42 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def count_model_parameters(name: str, **arguments: Any) -> int:
     """Parameters of the architecture, counted without allocating them (built on the meta device)."""
-    return _count_on_meta(lambda: _build(name, dict(arguments)))
+    return sum(p.numel() for p in build_on_meta(name, **arguments).parameters())
 
 
-def _count_on_meta(build: Callable[[], nn.Module]) -> int:
-    """Parameters of the model ``build`` returns, built on the meta device."""
+def build_on_meta(name: str, **arguments: Any) -> nn.Module:
+    """The architecture built on the meta device: shapes, no memory (``create_model``'s arguments)."""
+    return _on_meta(lambda: _build(name, dict(arguments)))
+
+
+def _on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """The model ``build`` returns, built on the meta device (its parameters only, for the few constructors
+    that compute on real tensors: their buffers are real then)."""
     try:
         with torch.device("meta"):
-            model = build()
+            return build()
     except SpecError as exc:
         if "meta" not in str(exc):
             raise
         with _parameters_on_meta():  # the constructor needs real tensors for its own arithmetic
-            model = build()
-    return sum(p.numel() for p in model.parameters())
+            return build()
 
 
-def refuse_above(name: str, count: int, max_parameters: int) -> None:
-    """Raise ``SpecError`` when ``name``'s ``count`` parameters are over ``max_parameters``."""
+def model_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, buffer elements) of a model, real or on the meta device."""
+    return sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers())
+
+
+def refuse_above(name: str, count: int, max_parameters: int, buffers: int = 0) -> None:
+    """Raise ``SpecError`` when ``name``'s ``count`` parameters and ``buffers`` buffer elements together are
+    over ``max_parameters``: buffers (attention position tables, running statistics) take memory too."""
     if count > max_parameters:
         raise SpecError(f"{name!r} with these arguments has {count:,} parameters, above this service's limit "
                         f"of {max_parameters:,}; choose a smaller architecture or arguments")
+    if count + buffers > max_parameters:
+        raise SpecError(f"{name!r} with these arguments has {count:,} parameters and {buffers:,} buffer elements "
+                        f"(buffers take memory too), above this service's limit of {max_parameters:,} in all; "
+                        "choose a smaller architecture or arguments")
 
 
 def create_model(name: str, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS, **arguments: Any) -> nn.Module:
@@ -183,8 +199,10 @@ def create_model(name: str, *, max_parameters: int | None = DEFAULT_MAX_PARAMETE
     ``vocab_size`` and ``max_length``) and its own keyword arguments; raise ``SpecError`` with a fixable message
     otherwise.
 
-    With ``max_parameters``, the model is counted on the meta device first and refused above the cap.
+    With ``max_parameters``, the model is counted on the meta device first (parameters and buffer elements)
+    and refused above the cap.
     """
     if max_parameters is not None:
-        refuse_above(name, count_model_parameters(name, **arguments), max_parameters)
+        parameters, buffers = model_size(build_on_meta(name, **arguments))
+        refuse_above(name, parameters, max_parameters, buffers)
     return _build(name, dict(arguments))

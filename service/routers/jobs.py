@@ -292,19 +292,18 @@ async def _read_form(request: Request, settings: Settings) -> FormData:
 async def _check_upload(request: Request, checkpoint_tmps: list[Path], eval_tmp: Path | None,
                         job_request: JobRequest, settings: Settings) -> ModelSpec:
     """Fail fast on bad uploads (a 422 now, not a failed job after the generators), through the library's
-    preflight (kegnet/preflight.py), the same checks the pipeline applies: the task's rules, each file's
-    structure and the architecture's size without running anything; then each teacher opened with the safe
-    loader the worker uses, the job's cost within the limits, its plan, and the evaluation set.
-    Returns the first teacher's resolved spec (an ONNX graph fills in the input shape and classes)."""
+    static preflight (``kegnet.preflight.check_static``): the task's rules, each file's structure, the
+    architecture built on the meta device and counted, the files' declared keys and shapes, the task's
+    structural checks, the job's cost from the meta model's profile and the evaluation set. Nothing here
+    loads weights or runs the model: an upload never runs in the API (the worker's validate stage does
+    ``check_model``). Returns the resolved spec (an ONNX graph fills in the input shape and classes)."""
     limits = Limits(max_parameters=settings.max_parameters, max_bytes=settings.max_upload_bytes,
                     max_memory_bytes=settings.max_job_memory_bytes, max_macs=int(settings.max_job_macs),
                     max_eval_samples=settings.max_eval_samples)
     model, config = job_request.model, job_request.config
     try:
-        await run_in_threadpool(preflight.check_static, checkpoint_tmps, model, config, limits,
-                                has_eval_set=eval_tmp is not None)
-        async with request.app.state.validation_slots:  # the model checks load weights in this process
-            spec, cost = await run_in_threadpool(preflight.check_model, checkpoint_tmps, model, config, limits,
+        async with request.app.state.validation_slots:  # bounded work, but a thread each: cap them
+            spec, cost = await run_in_threadpool(preflight.check_static, checkpoint_tmps, model, config, limits,
                                                  eval_set=eval_tmp)
     except KegnetError as exc:
         raise HTTPException(422, str(exc)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from kegnet import SpecError
@@ -66,3 +67,38 @@ def test_cost_grows_with_each_knob() -> None:
     with_three = estimate_cost(teacher, (3, 32, 32), 10, three)
     assert with_three.distill_macs == 3 * base.distill_macs
     assert with_three.distill_memory_bytes == base.distill_memory_bytes + 4 * 2 * 10**5
+
+
+def test_vit_attention_is_counted_on_meta_within_10_percent() -> None:
+    """A ViT-B at 4,096 patches (+ the class token): every block's qkv, projection and MLP linears
+    (12·N·d²) and attention's two matmuls (2·N²·d); the patch embedding and head are small."""
+    import timm
+
+    from kegnet.cost import profile_model
+
+    with torch.device("meta"):
+        vit = timm.create_model("vit_base_patch16_224", num_classes=10, img_size=256, patch_size=4)
+    n, d, blocks = 4096 + 1, 768, 12
+    expected = blocks * (12 * n * d * d + 2 * n * n * d) + 4096 * d * 3 * 4 * 4
+    macs = profile_model(vit, (3, 256, 256)).macs
+    assert abs(macs - expected) / expected < 0.10, (macs, expected)
+    linear_only = blocks * 12 * n * d * d
+    assert macs > 1.8 * linear_only  # attention is ~half the work at this length
+
+
+def test_profiling_vit_b16_on_meta_is_fast_and_allocates_nothing() -> None:
+    import resource
+    import time
+
+    import timm
+
+    from kegnet.cost import profile_model
+
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with torch.device("meta"):
+        vit = timm.create_model("vit_base_patch16_224", num_classes=1000)
+    profile = profile_model(vit, (3, 224, 224))
+    seconds = time.perf_counter() - t0
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert 17e9 < profile.macs < 18.5e9 and profile.parameters > 86e6
+    assert seconds < 5 and grown_mb < 100, (seconds, grown_mb)  # the real model alone is 346 MB

@@ -221,3 +221,33 @@ def test_overlapping_entries_are_refused(tmp_path: Path, monkeypatch: pytest.Mon
     _no_torch_load(monkeypatch)
     with pytest.raises(CheckpointError, match="declare more bytes .* than the file holds"):
         read_state_dict(path, max_bytes=1 << 30)
+
+
+def test_declared_tensors_reads_names_shapes_and_dtypes_without_loading(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    state = {"conv.weight": torch.zeros(4, 3, 3, 3), "conv.bias": torch.zeros(4).half(), "n": torch.tensor(3)}
+    expected = {"conv.weight": ((4, 3, 3, 3), "float32"), "conv.bias": ((4,), "float16"), "n": ((), "int64")}
+    zipped, legacy, nested, st = (tmp_path / n for n in ("z.pt", "l.pt", "n.pt", "s.safetensors"))
+    torch.save(state, zipped)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, nested)
+    save_file(state, str(st))
+    _no_torch_load(monkeypatch)
+    for path in (zipped, legacy, nested, st):
+        check_checkpoint_file(path)
+        assert file_safety.declared_tensors(path) == expected, path
+
+
+@pytest.mark.parametrize("make", [
+    lambda: {"w": torch.zeros(1).expand(64, 64)},  # stride 0
+    lambda: {"w": torch.zeros(8, 8)[2:]},  # an offset view
+    lambda: {"w": torch.zeros(8, 8).t()},  # strided
+    lambda: (lambda w: {"a": w[0], "b": w[1]})(torch.zeros(2, 4)),  # two tensors, one storage
+])
+def test_tensors_that_do_not_own_their_storage_are_refused(tmp_path: Path, make) -> None:
+    path = tmp_path / "v.pt"
+    torch.save(make(), path)
+    with pytest.raises(CheckpointError, match="contiguous"):
+        check_checkpoint_file(path)
+    torch.save({k: v.contiguous().clone() for k, v in make().items()}, path)  # what the message advises
+    check_checkpoint_file(path)

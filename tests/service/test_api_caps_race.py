@@ -31,13 +31,13 @@ def store(settings) -> JobStore:
 def slow_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation takes 0.3 s, as a real teacher does: every concurrent request is past its cap check before
     the first job exists (the window the race went through)."""
-    original = jobs_router.preflight.check_model
+    original = jobs_router.preflight.check_static
 
     def slow(*args, **kwargs):
         time.sleep(0.3)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(jobs_router.preflight, "check_model", slow)
+    monkeypatch.setattr(jobs_router.preflight, "check_static", slow)
 
 
 def _post(client, key: str, body: bytes, headers: dict | None = None):

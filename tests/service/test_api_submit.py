@@ -199,11 +199,27 @@ def test_wrong_shapes_422(client, keys, ckpt):
     assert r.status_code == 422 and "shape" in r.json()["detail"]
 
 
-def test_nan_weights_422(client, keys, tmp_path):
+def test_nan_weights_accepted_by_the_api_refused_by_check_model(client, keys, tmp_path, enqueued):
+    """NaN weights are only seen by reading the weights: the API (check_static) queues the job, and the
+    worker's validate stage (preflight.check_model) fails it with the message the API used to give."""
+    from kegnet import preflight
+    from kegnet.errors import KegnetError
+    from kegnet.spec import ModelSpec
+
     state = mlp_state()
     state["head.weight"][0, 0] = math.nan
-    r = submit(client, keys["alice"], write_mlp_torch(tmp_path / "n.pt", state))
-    assert r.status_code == 422 and "NaN" in r.json()["detail"]
+    path = write_mlp_torch(tmp_path / "n.pt", state)
+    assert submit(client, keys["alice"], path).status_code == 202
+    request = json.loads(spec_json())
+    with pytest.raises(KegnetError, match="NaN"):
+        preflight.check_model([path], ModelSpec.model_validate(request["model"]), _config(request),
+                              preflight.Limits())
+
+
+def _config(request: dict):
+    from kegnet.config import ClassifierConfig
+
+    return ClassifierConfig.model_validate(request["config"])
 
 
 def test_unknown_arch_422(client, keys, ckpt):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from kegnet import ModelSpec, create_model
 from kegnet.checkpoint import open_teacher
 from kegnet.errors import SpecError
-from kegnet.models.registry import count_model_parameters
+from kegnet.models.registry import build_on_meta, count_model_parameters, model_size
 
 IMG = (3, 32, 32)
 
@@ -100,10 +100,13 @@ def test_counted_parameters_match_the_built_model() -> None:
     for arch, kwargs in [("torchvision:resnet18", {}), ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}),
                          ("torchvision:regnet_x_400mf", {}), ("timm:regnetx_002", {})]:
         counted = count_model_parameters(arch, input_shape=IMG, num_classes=10, **kwargs)
-        built = create_model(arch, input_shape=IMG, num_classes=10, max_parameters=counted, **kwargs)
+        # The cap counts buffer elements too (they take memory: issue 20).
+        buffers = model_size(build_on_meta(arch, input_shape=IMG, num_classes=10, **kwargs))[1]
+        built = create_model(arch, input_shape=IMG, num_classes=10, max_parameters=counted + buffers, **kwargs)
         assert counted == sum(p.numel() for p in built.parameters()) > 0
+        assert buffers == sum(b.numel() for b in built.buffers())
         with pytest.raises(SpecError, match="above this service's limit"):
-            create_model(arch, input_shape=IMG, num_classes=10, max_parameters=counted - 1, **kwargs)
+            create_model(arch, input_shape=IMG, num_classes=10, max_parameters=counted + buffers - 1, **kwargs)
 
 
 def _save_like_timm(model: torch.nn.Module, directory: Path) -> Path:
