@@ -145,8 +145,6 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
             return {"error": f"the teacher needs more than this service's {gib:.1f} GiB of memory to run once; "
                              "upload a smaller model", "kind": "SpecError"}
         return {"error": f"the teacher failed to run: {str(exc)[:300]}", "kind": "SpecError"}
-    if isinstance(resolved, tuple):  # (spec, cost) from an older check_model
-        resolved = resolved[0]
     return {"spec": resolved.model_dump(mode="json")}
 
 

@@ -135,9 +135,13 @@ def selection_table(entries: list[dict[str, Any]], candidate_sets: dict[str, lis
     return "\n".join(lines)
 
 
-def default_pick(entry: dict[str, Any], run: dict[str, Any]) -> str:
-    """The student the product's default gives: its one recipe, or the exam's choice among its recipes."""
+def default_pick(entry: dict[str, Any], run: dict[str, Any]) -> str | None:
+    """The student the product's default gives: its one recipe, or the exam's choice among its recipes
+    (None when the run did not train them: a subset of recipes)."""
     names = [r.name for r in ClassifierConfig().candidate_recipes(entry["arch"] != "mlp", entry["classes"])]
+    names = [n for n in names if n in run["candidates"]]
+    if not names:
+        return None
     return names[0] if len(names) == 1 else chosen_among(run, names)
 
 
@@ -147,9 +151,12 @@ def method_accuracies(entry: dict[str, Any]) -> dict[str, list[float]]:
                                     "uniform": [], "kegnet default": [], "data-free choice": [], "best recipe": []}
     for run in entry["runs"]:
         c = run["candidates"]
-        cols["gaussian"].append(c["gaussian"]["accuracy"])
-        cols["uniform"].append(c["uniform"]["accuracy"])
-        cols["kegnet default"].append(c[default_pick(entry, run)]["accuracy"])
+        for noise in ("gaussian", "uniform"):  # a run with a subset of the recipes may lack them
+            if noise in c:
+                cols[noise].append(c[noise]["accuracy"])
+        default = default_pick(entry, run)
+        if default is not None:
+            cols["kegnet default"].append(c[default]["accuracy"])
         pick = chosen_among(run, list(c))  # the library's rule today, on the recorded grades
         cols["data-free choice"].append(c[pick]["accuracy"])
         cols["best recipe"].append(max(v["accuracy"] for v in c.values()))
@@ -159,6 +166,7 @@ def method_accuracies(entry: dict[str, Any]) -> dict[str, list[float]]:
 def table(entries: list[dict[str, Any]]) -> str:
     """The suite table (mean ± std over seeds, real test accuracy %), a summary row and the choice's hit rate."""
     columns = ["tucker-only", "gaussian", "uniform", "kegnet default", "data-free choice"]
+    columns = [c for c in columns if all(method_accuracies(e)[c] for e in entries)]  # what every entry has
     lines = ["| teacher | classes | teacher acc. | ratio | " + " | ".join(columns) + " | best recipe (real data) |",
              "|" + "---|" * (len(columns) + 5)]
     ranks: dict[str, list[float]] = {c: [] for c in columns}
@@ -227,7 +235,10 @@ def confidence_table(entries: list[dict[str, Any]]) -> str:
     kept: dict[str, list[float]] = {"high": [], "medium": [], "low": []}
     for e in entries:
         for run in e["runs"]:
-            c = run["candidates"][default_pick(e, run)]
+            pick = default_pick(e, run)
+            if pick is None:
+                continue
+            c = run["candidates"][pick]
             kept[level(c["agreement"])].append(c["accuracy"] / e["teacher"]["test_accuracy"])
     lines = ["| level (exam agreement) | runs | teacher accuracy kept, % (min - max) |", "|---|---|---|"]
     for name, values in kept.items():
