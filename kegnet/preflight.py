@@ -35,7 +35,7 @@ from kegnet.evaluation import DEFAULT_MAX_SAMPLES, read_eval_set
 from kegnet.file_safety import declared_tensors
 from kegnet.models.registry import DEFAULT_MAX_PARAMETERS, build_on_meta, model_size, refuse_above
 from kegnet.spec import ModelSpec
-from kegnet.tasks import get_task
+from kegnet.tasks import get_task, task_for
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def check_static(paths: Sequence[Path], spec: ModelSpec, config: BaseModel, limi
                  has_eval_set: bool = False, eval_set: Path | None = None) -> tuple[ModelSpec, JobCost]:
     """The checks that never run the model (see the module docstring). Returns the resolved spec (an ONNX
     graph fills in input shape and classes) and the job's estimated cost, within ``limits``."""
-    task = get_task(spec.task)
+    task = task_for(spec, config)
     task.check(spec, config, len(paths), has_eval_set or eval_set is not None)
     if spec.arch == "onnx":
         resolved, model = _static_onnx(paths, spec, limits)
@@ -129,7 +129,7 @@ def check_model(paths: Sequence[Path], spec: ModelSpec, config: BaseModel, limit
                 eval_set: Path | None = None) -> ModelSpec:
     """The checks that load and run the teacher (see the module docstring); the job is priced by
     ``check_static``. Returns the resolved spec."""
-    task = get_task(spec.task)
+    task = task_for(spec, config)
     resolved = spec
     for i, path in enumerate(paths):
         with naming(file_label(i, len(paths))):

@@ -71,13 +71,14 @@ def test_an_architecture_over_the_parameter_limit_is_refused_without_building_it
 
     monkeypatch.setitem(registry._REGISTRY, "spy", registry.Entry(spy, "classify"))
     spec = ModelSpec(arch="spy", arch_kwargs={"width": 100_000}, input_shape=(8,), num_classes=3)
-    path = _mlp_file(tmp_path / "t.safetensors")  # a file that passes the structural checks
+    path = tmp_path / "t.safetensors"
+    save_file(spy((8,), 3, 100_000).state_dict(), str(path))  # the user's weights, made here on the CPU
+    devices.clear()
     with pytest.raises(SpecError, match=r"'spy' with these arguments has 1,200,003 parameters, above this "
                                         r"service's limit of 1,000"):
         check_static([path], spec, ClassifierConfig(), Limits(max_parameters=1_000))
-    assert devices == [torch.device("meta")]  # counted, never allocated
-    check_static([path], spec, ClassifierConfig(), Limits(max_parameters=None))  # no limit: nothing counted
-    assert len(devices) == 1
+    check_static([path], spec, ClassifierConfig(), Limits(max_parameters=None))  # no limit: accepted
+    assert devices and set(devices) == {torch.device("meta")}  # counted and checked, never allocated
 
 
 def test_a_bad_file_among_several_is_named(tmp_path: Path) -> None:
@@ -90,31 +91,37 @@ def test_a_bad_file_among_several_is_named(tmp_path: Path) -> None:
         check_static([empty], MLP, ClassifierConfig(), NO_LIMITS)
 
 
-def test_check_model_returns_the_spec_and_the_cost(tmp_path: Path) -> None:
+def test_check_static_returns_the_spec_and_the_cost(tmp_path: Path) -> None:
     files = [_mlp_file(tmp_path / "a.safetensors", 0), _mlp_file(tmp_path / "b.safetensors", 1)]
     config = config_for("classify", "fast")
-    spec, cost = check_model(files, MLP, config, NO_LIMITS)
+    spec, cost = check_static(files, MLP, config, NO_LIMITS)
     assert spec == MLP and isinstance(cost, JobCost)
     assert cost.memory_bytes > 0 and cost.macs == cost.generator_macs + cost.distill_macs > 0
-    _, one = check_model(files[:1], MLP, config, NO_LIMITS)
+    _, one = check_static(files[:1], MLP, config, NO_LIMITS)
     assert cost.macs > one.macs  # two teachers cost more than one
-    lm_spec, lm_cost = check_model([_lm_file(tmp_path / "lm.safetensors")], LM, SequenceJobConfig(), NO_LIMITS)
+    lm_spec, lm_cost = check_static([_lm_file(tmp_path / "lm.safetensors")], LM, SequenceJobConfig(), NO_LIMITS)
     assert lm_spec == LM and lm_cost.knobs.sample_stage == "the teacher's generations"
+    assert check_model(files, MLP, config, NO_LIMITS) == MLP  # the worker's part: loads and runs them
 
 
-def test_check_model_refuses_a_job_over_the_memory_limit(tmp_path: Path) -> None:
+def test_check_static_refuses_a_job_over_the_limits(tmp_path: Path) -> None:
     path = _mlp_file(tmp_path / "t.safetensors")
     config = ClassifierConfig.from_preset("fast", generator={"batch_size": 2048, "num_generators": 8})
     with pytest.raises(SpecError, match=r"^this job would need about \d+\.\d GiB of memory in generator training, "
                                         r"above this service's limit of 0\.0 GiB; lower config\.generator\."
                                         r"batch_size \(or num_generators, or a smaller input_shape\)$"):
-        check_model([path], MLP, config, Limits(max_parameters=None, max_memory_bytes=1_000))
+        check_static([path], MLP, config, Limits(max_parameters=None, max_memory_bytes=1_000))
     with pytest.raises(SpecError, match=r"multiply-accumulates, mostly in the teacher's generations, above this "
                                         r"service's limit of 1\.00e\+03; lower config\.sequence\.samples, holdout "
                                         r"or beam_size \(or a smaller sequence\.max_length\)$"):
-        check_model([_lm_file(tmp_path / "lm.safetensors")], LM,
-                    SequenceJobConfig.model_validate({"sequence": {"samples": 50_000, "steps": 1}}),
-                    Limits(max_parameters=None, max_macs=1_000))
+        check_static([_lm_file(tmp_path / "lm.safetensors")], LM,
+                     SequenceJobConfig.model_validate({"sequence": {"samples": 50_000, "steps": 1}}),
+                     Limits(max_parameters=None, max_macs=1_000))
+
+
+def test_a_config_of_another_task_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(KegnetError, match="a sequence job needs the sequence config"):
+        check_static([_lm_file(tmp_path / "lm.safetensors")], LM, ClassifierConfig(), NO_LIMITS)
 
 
 def test_check_model_names_the_eval_set_and_the_forward_check(tmp_path: Path,
@@ -124,6 +131,8 @@ def test_check_model_names_the_eval_set_and_the_forward_check(tmp_path: Path,
     save_file({"x": torch.randn(4, 9), "y": torch.zeros(4, dtype=torch.long)}, str(bad))
     with pytest.raises(SpecError, match=r"^eval_set: the evaluation set's 'x' must have shape \(N, 8\)"):
         check_model([path], MLP, ClassifierConfig(), NO_LIMITS, eval_set=bad)
+    with pytest.raises(SpecError, match=r"^eval_set: the evaluation set's 'x' must have shape \(N, 8\)"):
+        check_static([path], MLP, ClassifierConfig(), NO_LIMITS, eval_set=bad)
     good = tmp_path / "good.safetensors"
     save_file({"x": torch.randn(4, 8), "y": torch.tensor([0, 1, 2, 0])}, str(good))
     check_model([path], MLP, ClassifierConfig(), NO_LIMITS, eval_set=good)
