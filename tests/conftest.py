@@ -10,7 +10,7 @@ import redis
 import torch
 
 from bench.datasets import shared_dir
-from kegnet import ModelSpec, ClassifierConfig, create_model
+from kegnet import ClassifierConfig, ModelSpec, create_model
 
 SHARED = shared_dir()
 MNIST_TEACHER = SHARED / "teachers" / "kegnet-mnist-lenet5.pth.tar"
