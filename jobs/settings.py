@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     # Upload checks load the weights in the API process: bound how many run at once (memory).
     max_concurrent_validations: int = Field(2, ge=1)
     retry_after_s: int = Field(30, ge=1)
+    # Event streams (SSE) one key may hold open at once, over all API replicas (jobs/streams.py).
+    max_event_streams_per_key: int = Field(8, ge=1)
+    # Each API process renews a liveness key this often, which expires after instance_ttl_s: the slots and
+    # Idempotency-Key claims of an instance whose key expired (killed) are released (jobs/instances.py).
+    # Open event streams hold leases of the same TTL.
+    instance_beat_s: float = Field(5.0, gt=0)
+    instance_ttl_s: float = Field(15.0, gt=0)
 
     # Worker limits. The hard limit kills the child; the soft one lets the task record a clear failure.
     soft_time_limit_s: int = Field(6 * 3600, ge=5)

@@ -34,8 +34,11 @@ class Storage(Protocol):
 class LocalStorage:
     """A directory tree: ``tmp/`` for uploads in flight, ``jobs/<id>/`` for a job's input and outputs."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tmp_tag: str | None = None) -> None:
         self.root = Path(root)
+        # The API instance's tag (jobs/instances.py) starts its temp uploads' names, so after a crash the
+        # survivors know which ``.part`` files no live request is writing.
+        self.tmp_tag = tmp_tag
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
 
@@ -57,7 +60,8 @@ class LocalStorage:
 
     def save_stream(self, src: BinaryIO, max_bytes: int) -> tuple[Path, str, int]:
         """Copy ``src`` into a new temp file, hashing as it goes; raise ``UploadTooLarge`` past ``max_bytes``."""
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        name = f"{self.tmp_tag}-{uuid.uuid4().hex}" if self.tmp_tag else uuid.uuid4().hex
+        tmp = self.root / "tmp" / f"{name}.part"
         digest = hashlib.sha256()
         size = 0
         try:
@@ -94,6 +98,18 @@ class LocalStorage:
 
     def discard(self, tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
+
+    def clear_orphan_uploads(self, live_tags: set[str]) -> int:
+        """Remove the temp uploads no live API instance is writing (its process died mid-upload): those whose
+        tag is not in ``live_tags``, and untagged ones (from before tags). Returns how many were removed."""
+        removed = 0
+        for part in (self.root / "tmp").glob("*.part"):
+            tag, sep, _ = part.stem.partition("-")
+            if sep and tag in live_tags:
+                continue
+            part.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

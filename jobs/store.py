@@ -10,6 +10,8 @@ Keys (``P`` is the configured prefix):
 - ``P:idem:<owner>:<key>``  the job an Idempotency-Key created, with the hash of the request body and when the
   claim was made; deleting the job frees it
 - ``P:workers``             sorted set: worker name scored by its last heartbeat
+- ``P:instances``, ``P:instance:<id>``, ``P:instance:<id>:held``  the API instances, their liveness keys and
+  the slots and claims each holds (jobs/instances.py): a dead instance's are let go at once
 
 Status changes go through one Lua script that checks the current status, so a terminal status never
 changes even when the API (cancel, reaper) and the worker race.
@@ -24,6 +26,8 @@ import uuid
 from typing import Any
 
 import redis
+
+from jobs.instances import InstanceRegistry, idem_field, idem_value, parse_held
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,8 @@ return 1
 
 
 # A slot under both caps, or why not. KEYS: owner's active set, global active set, owner's reservations,
-# global reservations. ARGV: token, per-owner cap, global cap, ttl (ms). Returns 0 (reserved), 1 (the
+# global reservations, and optionally the reserving API instance's held hash. ARGV: token, per-owner cap,
+# global cap, ttl (ms), owner. Returns 0 (reserved), 1 (the
 # owner's cap is reached) or 2 (the global cap is). Expired reservations are dropped first.
 _RESERVE = """
 local t = redis.call('TIME')
@@ -69,6 +74,7 @@ redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
 redis.call('ZADD', KEYS[4], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ttl)
 redis.call('PEXPIRE', KEYS[4], ttl)
+if KEYS[5] then redis.call('HSET', KEYS[5], 'slot:' .. ARGV[1], ARGV[5]) end
 return 0
 """
 
@@ -89,19 +95,25 @@ def now() -> float:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str = "kegnet", max_events: int = 2000) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "kegnet", max_events: int = 2000,
+                 instance: str | None = None, instance_ttl_s: float = 15.0) -> None:
         self.r = client
         self.p = prefix
         self.max_events = max_events
+        # The API instance whose requests this store serves (None: the worker, tools): what it reserves and
+        # claims is recorded under it, so a survivor can release it if this process dies.
+        self.instance = instance
+        self.instances = InstanceRegistry(client, prefix, instance, instance_ttl_s)
         self._transition = self.r.register_script(_TRANSITION)
         self._reserve = self.r.register_script(_RESERVE)
         self._release_claim = self.r.register_script(_RELEASE_CLAIM)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "kegnet", max_events: int = 2000) -> JobStore:
+    def from_url(cls, url: str, prefix: str = "kegnet", max_events: int = 2000, instance: str | None = None,
+                 instance_ttl_s: float = 15.0) -> JobStore:
         # Short timeouts: a stuck Redis must surface as an error, not hang a request forever.
         client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
-        return cls(client, prefix, max_events)
+        return cls(client, prefix, max_events, instance, instance_ttl_s)
 
     # ---- keys
     def _job(self, job_id: str) -> str:
@@ -130,6 +142,9 @@ class JobStore:
     def _idem(self, owner: str, key: str) -> str:
         return f"{self.p}:idem:{owner}:{key}"
 
+    def _held(self) -> str | None:
+        return self.instances.held_key(self.instance) if self.instance else None
+
     # ---- jobs
     def create(self, owner: str, request: dict[str, Any], *, sha256: str, size: int,
                request_hash: str, job_id: str | None = None,
@@ -156,6 +171,8 @@ class JobStore:
         if reservation:
             pipe.zrem(self._owner_reserved(owner), reservation)
             pipe.zrem(self._reserved, reservation)
+        if held := self._held():  # the job holds the slot and the key now, not this instance
+            pipe.hdel(held, idem_field(job_id), *([f"slot:{reservation}"] if reservation else []))
         pipe.hset(self._job(job_id), mapping=fields)
         pipe.zadd(self._owner_jobs(owner), {job_id: int(t * 1e6)})
         pipe.sadd(self._active, job_id)
@@ -272,7 +289,10 @@ class JobStore:
         token to ``create`` (which consumes it) or to ``release_slot``; unused, it expires after ``ttl_s``."""
         token = uuid.uuid4().hex
         keys = [self._owner_active(owner), self._active, self._owner_reserved(owner), self._reserved]
-        code = int(self._reserve(keys=keys, args=[token, per_owner_cap, global_cap, max(1, int(ttl_s * 1000))]))
+        if held := self._held():
+            keys.append(held)
+        code = int(self._reserve(keys=keys, args=[token, per_owner_cap, global_cap, max(1, int(ttl_s * 1000)),
+                                                  owner]))
         if code == 0:
             return token, ""
         return None, KEY_FULL if code == 1 else QUEUE_FULL
@@ -281,6 +301,8 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.zrem(self._owner_reserved(owner), token)
         pipe.zrem(self._reserved, token)
+        if held := self._held():
+            pipe.hdel(held, f"slot:{token}")
         pipe.execute()
 
     def reserved_count(self, owner: str | None = None) -> int:
@@ -295,29 +317,74 @@ class JobStore:
                           ttl_s: int = 7 * 24 * 3600, pending_s: float = 900.0) -> dict[str, Any]:
         """Record ``key -> job``; returns what is recorded (another request's claim if it won the race).
 
-        A claim whose job does not exist ``pending_s`` after it was made (its request died before creating
-        the job, or the job was deleted before deletes freed their key) is replaced: it names no job and no
-        request can still be creating it.
+        A stale claim (``claim_is_stale``) is replaced: it names no job and no request can still be creating
+        it. The claim records this store's API instance, so it is released if the instance dies.
         """
         name = self._idem(owner, key)
-        value = {"request_hash": request_hash, "job_id": job_id, "claimed_at": now()}
+        value: dict[str, Any] = {"request_hash": request_hash, "job_id": job_id, "claimed_at": now()}
+        if self.instance:
+            value["instance"] = self.instance
         for _ in range(3):
             if self.r.set(name, json.dumps(value), nx=True, ex=ttl_s):
+                if held := self._held():
+                    self.r.hset(held, idem_field(job_id), idem_value(owner, key))
                 return value
             raw = self.r.get(name)
             if raw is None:
                 continue  # released in between: claim again
             claim: dict[str, Any] = json.loads(raw)
-            stale = now() - float(claim.get("claimed_at") or 0) > pending_s
-            if not (stale and claim.get("job_id") and not self.r.exists(self._job(claim["job_id"]))):
+            if not self.claim_is_stale(claim, pending_s):
                 return claim
             log.info("replacing a stale idempotency claim of %s (job %s does not exist)", owner, claim["job_id"])
             self.idempotency_release(owner, key, claim["job_id"])
         return json.loads(self.r.get(name) or json.dumps(value))
 
+    def claim_is_stale(self, claim: dict[str, Any], pending_s: float) -> bool:
+        """A claim naming no job whose request cannot still be creating it: made longer than ``pending_s``
+        ago, or by an API instance that is no longer alive (its request died with it)."""
+        if not claim.get("job_id") or self.r.exists(self._job(claim["job_id"])):
+            return False
+        if now() - float(claim.get("claimed_at") or 0) > pending_s:
+            return True
+        return bool(claim.get("instance")) and not self.instances.alive(claim["instance"])
+
+    def idempotency_state(self, owner: str, key: str, pending_s: float) -> tuple[str, dict[str, Any] | None]:
+        """What ``key`` means before a request's body is read: ``("none", None)``; ``("job", claim)`` when
+        its job exists; ``("pending", claim)`` while another request may still be creating it; ``("stale",
+        claim)`` when nothing will (a new request may take the key)."""
+        claim = self.idempotency_get(owner, key)
+        if claim is None:
+            return "none", None
+        if claim.get("job_id") and self.r.exists(self._job(claim["job_id"])):
+            return "job", claim
+        return ("stale" if self.claim_is_stale(claim, pending_s) else "pending"), claim
+
     def idempotency_release(self, owner: str, key: str, job_id: str) -> bool:
         """Forget ``key`` if it still names ``job_id`` (never another request's later claim)."""
+        if held := self._held():
+            self.r.hdel(held, idem_field(job_id))
         return bool(self._release_claim(keys=[self._idem(owner, key)], args=[job_id]))
+
+    def release_dead_instances(self) -> tuple[int, int]:
+        """Let go of the slots and pending Idempotency-Key claims of API instances that are no longer alive
+        (killed mid-request). Returns ``(slots, claims)`` released. A claim whose job was created stays."""
+        slots_freed = claims_freed = 0
+        for instance in self.instances.dead():
+            slots, claims = parse_held(self.instances.held(instance))
+            for owner, token in slots:
+                pipe = self.r.pipeline()
+                pipe.zrem(self._owner_reserved(owner), token)
+                pipe.zrem(self._reserved, token)
+                slots_freed += int(pipe.execute()[0])
+            for c in claims:
+                if not self.r.exists(self._job(c["job_id"])):
+                    claims_freed += int(self._release_claim(keys=[self._idem(c["owner"], c["key"])],
+                                                            args=[c["job_id"]]))
+            self.instances.forget(instance)
+            if slots or claims:
+                log.warning("API instance %s is gone: released %d slot(s) and %d pending Idempotency-Key "
+                            "claim(s) it held", instance, len(slots), len(claims))
+        return slots_freed, claims_freed
 
     def worker_heartbeat(self, name: str) -> None:
         self.r.zadd(f"{self.p}:workers", {name: now()})

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -169,11 +169,14 @@ def register_client_commands(app: Any) -> None:
     _add_job_commands(app, url_opt, key_opt)
 
 
-def _fail(exc: Exception) -> None:
-    import typer
+def _fail(exc: Exception) -> NoReturn:
+    """The CLI's one error style (kegnet.cli.fail): one line; exit 2 when the request was refused as bad input
+    (a 4xx other than 401/403/404... all of them: the caller must change something) or could not be built,
+    1 when the service failed it (5xx), could not be reached, or a wait timed out."""
+    from kegnet.cli import fail
 
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
+    bad_input = isinstance(exc, ValueError) or (isinstance(exc, ClientError) and 400 <= exc.status < 500)
+    fail(str(exc) or type(exc).__name__, 2 if bad_input else 1)
 
 
 def _show(job: dict[str, Any]) -> None:
@@ -212,23 +215,11 @@ def _add_submit(app: Any, url_opt: Any, key_opt: Any) -> None:
         url: str = url_opt, api_key: str = key_opt,
     ) -> None:
         """Upload a teacher (or several, an ensemble) and queue a compression job."""
-        spec: dict[str, Any] = json.loads(spec_file.read_text()) if spec_file else {}
-        model = spec.get("model")
-        if model is None and sequence:
-            model = {"arch": arch or "transformer", "arch_kwargs": json.loads(arch_kwargs), "task": "sequence",
-                     "sequence": json.loads(sequence)}
-        if model is None:
-            onnx = all(p.suffix.lower() == ".onnx" for p in checkpoints)
-            arch = arch or ("onnx" if onnx else None)
-            if not (arch and ((input_shape and num_classes) or arch == "onnx")):
-                _fail(ValueError("give --spec-file, or --arch, --input-shape and --num-classes (an .onnx file needs "
-                                "none of them: its graph says)"))
-            model = {"arch": arch, "arch_kwargs": json.loads(arch_kwargs)}
-            if input_shape:
-                model["input_shape"] = [int(x) for x in input_shape.split(",")]
-            if num_classes:
-                model["num_classes"] = num_classes
-        config = json.loads(config_file.read_text()) if config_file else spec.get("config")
+        try:
+            spec, model, config = _submission(checkpoints, arch, input_shape, num_classes, sequence, arch_kwargs,
+                                              spec_file, config_file)
+        except ValueError as exc:  # bad JSON or shapes: one line, exit 2
+            _fail(exc)
         with KegnetClient(url, api_key) as client:
             try:
                 job = client.submit(checkpoints, model, config, seed=spec.get("seed", seed),
@@ -243,6 +234,42 @@ def _add_submit(app: Any, url_opt: Any, key_opt: Any) -> None:
         _show(job)
         if job["status"] in ("failed", "cancelled"):
             raise typer.Exit(1)
+
+
+def _json(what: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _submission(checkpoints: list[Path], arch: str | None, input_shape: str | None, num_classes: int | None,
+                sequence: str | None, arch_kwargs: str, spec_file: Path | None,
+                config_file: Path | None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The spec file's fields, the model and the config of ``kegnet submit``'s options; ``ValueError`` says
+    which option is wrong."""
+    spec: dict[str, Any] = _json("--spec-file", spec_file.read_text()) if spec_file else {}
+    model = spec.get("model")
+    if model is None and sequence:
+        model = {"arch": arch or "transformer", "arch_kwargs": _json("--arch-kwargs", arch_kwargs),
+                 "task": "sequence", "sequence": _json("--sequence", sequence)}
+    if model is None:
+        onnx = all(p.suffix.lower() == ".onnx" for p in checkpoints)
+        arch = arch or ("onnx" if onnx else None)
+        if not (arch and ((input_shape and num_classes) or arch == "onnx")):
+            raise ValueError("give --spec-file, or --arch, --input-shape and --num-classes (an .onnx file needs "
+                             "none of them: its graph says)")
+        model = {"arch": arch, "arch_kwargs": _json("--arch-kwargs", arch_kwargs)}
+        if input_shape:
+            try:
+                model["input_shape"] = [int(x) for x in input_shape.split(",")]
+            except ValueError:
+                raise ValueError(f"--input-shape {input_shape!r}: use C,H,W for images or F for feature vectors, "
+                                 "e.g. 1,32,32") from None
+        if num_classes:
+            model["num_classes"] = num_classes
+    config = _json("--config-file", config_file.read_text()) if config_file else spec.get("config")
+    return spec, model, config
 
 
 def _add_job_commands(app: Any, url_opt: Any, key_opt: Any) -> None:

@@ -118,5 +118,6 @@ size=$(docker image inspect -f '{{.Size}}' "$KEGNET_IMAGE" | awk '{printf "%.2f 
 say "image $KEGNET_IMAGE built in $(( $(date +%s) - t )) s ($size)"
 
 # 7. The stack, over HTTP.
-python scripts/compose_smoke.py --url "http://127.0.0.1:$PORT" --service worker-cpu -- "${COMPOSE[@]}"
+PY=.venv/bin/python; [ -x "$PY" ] || PY=python3   # scripts/setup.sh's interpreter, as in every script
+"$PY" scripts/compose_smoke.py --url "http://127.0.0.1:$PORT" --service worker-cpu -- "${COMPOSE[@]}"
 say "compose smoke test passed in $(( $(date +%s) - T0 )) s"

@@ -12,11 +12,13 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from jobs.instances import instance_tag, new_instance_id
 from jobs.queue import QUEUE, TASK_NAME
 from jobs.reaper import reap_once
 from jobs.settings import Settings, get_settings
 from jobs.storage import LocalStorage
 from jobs.store import JobStore
+from jobs.streams import StreamLeases
 from service.keys import KeyStore
 from service.limits import BodySizeLimitMiddleware
 from service.routers import artifacts, health, jobs
@@ -38,41 +40,86 @@ def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
     return enqueue
 
 
-async def reaper_loop(store: JobStore, settings: Settings) -> None:
-    """``jobs.reaper.reap_once`` every ``reaper_interval_s``, off the event loop, for as long as the app runs."""
+def recover(store: JobStore, storage: LocalStorage) -> None:
+    """Let go of what API processes that died (kill -9, OOM) held: their cap slots, their Idempotency-Key claims
+    whose job was never created, and their half-written uploads in ``tmp/``. Live replicas' are kept."""
+    slots, claims = store.release_dead_instances()
+    parts = storage.clear_orphan_uploads(store.instances.live_tags())
+    if slots or claims or parts:
+        log.warning("released %d slot(s) and %d Idempotency-Key claim(s) of dead API instances; removed %d "
+                    "orphaned upload(s)", slots, claims, parts)
+
+
+async def reaper_loop(store: JobStore, storage: LocalStorage, settings: Settings) -> None:
+    """``jobs.reaper.reap_once`` and ``recover`` every ``reaper_interval_s``, off the event loop, for as long as
+    the app runs."""
     while True:
         try:
             await asyncio.to_thread(reap_once, store, settings)
+            await asyncio.to_thread(recover, store, storage)
         except Exception:  # a Redis hiccup must not kill the loop
             log.exception("reaper pass failed")
         await asyncio.sleep(settings.reaper_interval_s)
 
 
-def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] | None = None,
-               run_reaper: bool = True) -> FastAPI:
-    settings = settings or get_settings()
-    store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.max_events_per_job)
+async def liveness_loop(store: JobStore, settings: Settings) -> None:
+    """Renew this instance's liveness key every ``instance_beat_s``: while it lives, no one releases its slots."""
+    while True:
+        await asyncio.sleep(settings.instance_beat_s)
+        try:
+            await asyncio.to_thread(store.instances.beat)
+        except Exception:
+            log.warning("could not renew this API instance's liveness key", exc_info=True)
 
+
+async def _start(store: JobStore, storage: LocalStorage, settings: Settings, run_reaper: bool) -> list[asyncio.Task]:
+    """Register this instance, then clean up after dead ones (always: a restart must not wait for the reaper
+    interval), then start the loops."""
+    try:
+        await asyncio.to_thread(store.instances.beat)
+        await asyncio.to_thread(recover, store, storage)
+        if run_reaper:  # jobs whose worker died while this API was down are ended now
+            await asyncio.to_thread(reap_once, store, settings)
+    except Exception:
+        log.exception("start-up recovery failed")
+    tasks = [asyncio.create_task(liveness_loop(store, settings))]
+    if run_reaper:
+        tasks.append(asyncio.create_task(reaper_loop(store, storage, settings)))
+    return tasks
+
+
+def _lifespan(store: JobStore, storage: LocalStorage, settings: Settings, run_reaper: bool) -> Callable:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task: asyncio.Task[Any] | None = None
-        if run_reaper:
-            # One pass at start-up: jobs whose worker died while this API was down are ended now.
-            try:
-                await asyncio.to_thread(reap_once, store, settings)
-            except Exception:
-                log.exception("start-up reaper pass failed")
-            task = asyncio.create_task(reaper_loop(store, settings))
+        tasks = await _start(store, storage, settings, run_reaper)
         yield
-        if task:
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        try:  # a clean stop: requests are done, so this instance holds nothing; others need not wait for it
+            await asyncio.to_thread(store.instances.forget, store.instance)
+        except Exception:
+            log.warning("could not deregister this API instance", exc_info=True)
+
+    return lifespan
+
+
+def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] | None = None,
+               run_reaper: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    instance = new_instance_id()
+    store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.max_events_per_job,
+                              instance=instance, instance_ttl_s=settings.instance_ttl_s)
+    storage = LocalStorage(settings.data_dir, tmp_tag=instance_tag(instance))
+    lifespan = _lifespan(store, storage, settings, run_reaper)
 
     app = FastAPI(title="KegNet compression service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.instance = instance
     app.state.store = store
-    app.state.storage = LocalStorage(settings.data_dir)
+    app.state.storage = storage
+    app.state.streams = StreamLeases(store.r, settings.key_prefix, instance, settings.instance_ttl_s)
     app.state.keys = KeyStore(store.r, settings.key_prefix)
     app.state.enqueue = enqueue or celery_enqueuer(settings)
     app.state.validation_slots = asyncio.Semaphore(settings.max_concurrent_validations)

@@ -9,7 +9,9 @@ The libraries are imported on first use, so importing kegnet stays cheap.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -54,6 +56,31 @@ def _check_kwargs(source: str, allowed: dict[str, tuple[type, float, float]], kw
             raise ValueError(f"{key} must be {what}, got {value!r}")
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean resnet18?"`` for the closest of ``known`` names (difflib), or ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def unknown_model(source: str, name: str) -> str:
+    """What to say about a model ``source`` does not list: the closest names it does, and where the list is."""
+    known = torchvision_names() if source == "torchvision" else timm_names()
+    hint = did_you_mean(name, known)
+    where = "torchvision.models.list_models()" if source == "torchvision" else "timm.list_models()"
+    return f"unknown {source} model {name!r}{hint or f'; see {where}'}"
+
+
+def check_library_name(source: str, name: str) -> None:
+    """Raise ``ValueError`` (with a suggestion) unless ``source`` lists ``name``."""
+    if source == "torchvision" and name not in torchvision_names():
+        raise ValueError(unknown_model(source, name))
+    if source == "timm":
+        import timm
+
+        if not timm.is_model(name) or "." in name:
+            raise ValueError(unknown_model(source, name))
+
+
 def torchvision_names() -> list[str]:
     import torchvision
 
@@ -64,8 +91,7 @@ def build_torchvision(name: str, input_shape: tuple[int, ...], num_classes: int,
     """``torchvision.models.get_model(name, weights=None, num_classes=...)``; torchvision nets take 3 channels."""
     import torchvision
 
-    if name not in torchvision_names():
-        raise ValueError(f"torchvision has no classification model {name!r}; see torchvision.models.list_models()")
+    check_library_name("torchvision", name)
     _check_kwargs("torchvision", TORCHVISION_KWARGS, kwargs)
     if len(input_shape) != 3 or input_shape[0] != 3:
         raise ValueError("torchvision models take 3,H,W images (replicate grey images to 3 channels, or use timm: "
@@ -88,8 +114,7 @@ def build_timm(name: str, input_shape: tuple[int, ...], num_classes: int, **kwar
     """``timm.create_model(name, pretrained=False, num_classes=..., in_chans=...)``."""
     import timm
 
-    if not timm.is_model(name) or "." in name:
-        raise ValueError(f"timm has no model {name!r}; see timm.list_models()")
+    check_library_name("timm", name)
     _check_kwargs("timm", TIMM_KWARGS, kwargs)
     if len(input_shape) != 3:
         raise ValueError("timm models take C,H,W images")
@@ -103,5 +128,5 @@ def library_version(source: str) -> str | None:
     return str(module.__version__)
 
 
-__all__ = ["SOURCES", "TIMM_KWARGS", "TORCHVISION_KWARGS", "build_timm", "build_torchvision", "library_version",
-           "split_arch", "timm_names", "torchvision_names"]
+__all__ = ["SOURCES", "TIMM_KWARGS", "TORCHVISION_KWARGS", "build_timm", "build_torchvision", "check_library_name",
+           "did_you_mean", "library_version", "split_arch", "timm_names", "torchvision_names", "unknown_model"]

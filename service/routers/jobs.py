@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from jobs.schemas import JobRequest
 from jobs.settings import Settings
 from jobs.storage import LocalStorage, UploadTooLarge
 from jobs.store import FAILED, KEY_FULL, QUEUED, TERMINAL, JobStore
+from jobs.streams import StreamLeases
 from kegnet import preflight
 from kegnet.config import TASK_CONFIGS
 from kegnet.errors import KegnetError
@@ -81,7 +83,33 @@ class _Upload:
         return hashlib.sha256(f"{digests}\n{canonical}".encode()).hexdigest()
 
 
-@router.post("", status_code=202, response_model=JobOut, responses={413: {}, 422: {}, 429: {}})
+# The body is read by hand (``_receive``: streamed to disk under the caps, files counted), so FastAPI cannot
+# infer it; this describes it for /docs and clients: the form ``submit_job`` reads.
+_SUBMIT_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["checkpoint", "spec"],
+        "properties": {
+            "checkpoint": {"type": "array", "items": {"type": "string", "format": "binary"},
+                           "description": "the teacher: .safetensors, torch.save state dict or .onnx; repeat "
+                                          "the field (up to max_teachers) for an ensemble of one architecture"},
+            "spec": {"type": "string", "contentMediaType": "application/json",
+                     "description": 'JSON {"model": {"arch", "input_shape", "num_classes", ...}, '
+                                    '"config": {...}, "seed"?, "device"?}; the config is kegnet.config\'s '
+                                    "ClassifierConfig (or SequenceJobConfig)",
+                     "example": '{"model": {"arch": "lenet5", "input_shape": [1, 32, 32], "num_classes": 10}, '
+                                '"config": {"preset": "fast"}}'},
+            "eval_set": {"type": "string", "format": "binary",
+                         "description": "optional labelled safetensors file: x (N, *input_shape) float, "
+                                        "y (N,) int; accuracy is reported, never trained on"},
+        },
+    }}},
+}
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={409: {}, 413: {}, 422: {}, 429: {}},
+             openapi_extra={"requestBody": _SUBMIT_BODY})
 async def submit_job(
     request: Request,
     owner: str = Depends(current_owner),
@@ -98,10 +126,11 @@ async def submit_job(
     ``max_eval_samples``) is labelled data the job reports real accuracy on; it is never trained on.
     """
     held = _Held(owner, idempotency_key)
-    known = await _known_key(store, owner, idempotency_key)
+    key_state = await _known_key(store, settings, owner, idempotency_key)
     # Refuse before the upload is read when the caller cannot get a job anyway, and hold the slot until the
-    # job exists, so concurrent submissions cannot all pass the caps (replaying a known key needs no slot).
-    held.reservation = None if known else await run_in_threadpool(_reserve, store, settings, owner)
+    # job exists, so concurrent submissions cannot all pass the caps (replaying a key's job needs no slot; a
+    # stale claim names no job, so its request is a new one and reserves like any other).
+    held.reservation = None if key_state == "job" else await run_in_threadpool(_reserve, store, settings, owner)
     try:
         upload = await _receive(request, storage, settings, held.tmps)
         request_hash = upload.request_hash()
@@ -124,14 +153,24 @@ async def submit_job(
 # ---- Idempotency-Key and caps
 
 
-async def _known_key(store: JobStore, owner: str, idempotency_key: str | None) -> bool:
-    """Whether the caller's Idempotency-Key already names a request (False without one); a malformed key is
-    a 422."""
+async def _known_key(store: JobStore, settings: Settings, owner: str, idempotency_key: str | None) -> str:
+    """What the caller's Idempotency-Key names, before the body is read (``JobStore.idempotency_state``):
+    "none" (no key, or a new one), "job" (its job exists: the body is still read, to replay it or to refuse a
+    different request with 422), "stale" (its request died: a new request may take it). A malformed key is a
+    422, and a key whose request is still in flight a 409 now, not after the upload."""
     if idempotency_key is None:
-        return False
+        return "none"
     if not _IDEM_KEY.match(idempotency_key):
         raise HTTPException(422, "Idempotency-Key must be 1-200 characters of A-Z a-z 0-9 _ . : -")
-    return bool(await run_in_threadpool(store.idempotency_get, owner, idempotency_key))
+    state, _ = await run_in_threadpool(store.idempotency_state, owner, idempotency_key, settings.reservation_ttl_s)
+    if state == "pending":
+        raise _in_flight(settings)
+    return state
+
+
+def _in_flight(settings: Settings) -> HTTPException:
+    return HTTPException(409, "a request with this Idempotency-Key is still being processed; retry shortly",
+                         headers={"Retry-After": str(settings.retry_after_s)})
 
 
 async def _claim_key(store: JobStore, settings: Settings, held: _Held, request_hash: str) -> dict[str, Any] | None:
@@ -145,11 +184,10 @@ async def _claim_key(store: JobStore, settings: Settings, held: _Held, request_h
             raise HTTPException(422, "this Idempotency-Key was already used with a different request")
         existing = await run_in_threadpool(store.get, claim["job_id"])
         if existing is None:  # another request with this key is between its claim and its job
-            raise HTTPException(409, "a request with this Idempotency-Key is still being processed; "
-                                     "retry shortly", headers={"Retry-After": str(settings.retry_after_s)})
+            raise _in_flight(settings)
         return existing
     held.claimed_job = held.job_id
-    if held.reservation is None:  # the key was known but named no job any more
+    if held.reservation is None:  # the key's job was deleted while this request's body was read
         held.reservation = await run_in_threadpool(_reserve, store, settings, held.owner)
     return None
 
@@ -402,8 +440,31 @@ async def job_events(
         return JSONResponse(EventPage(events=events, next_after=after + len(events),
                                       status=(current or job)["status"]).model_dump(mode="json"))
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
-    return StreamingResponse(_sse(request, store, job["id"], start), media_type="text/event-stream",
+    streams: StreamLeases = request.app.state.streams
+    settings: Settings = request.app.state.settings
+    lease = await run_in_threadpool(streams.open, job["owner"], settings.max_event_streams_per_key)
+    if lease is None:
+        raise _too_many(settings, f"this key already has {settings.max_event_streams_per_key} open event streams; "
+                                  "close one, or poll without Accept: text/event-stream")
+    return StreamingResponse(_leased(_sse(request, store, job["id"], start), streams, job["owner"], lease,
+                                     settings.instance_beat_s),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _leased(events: AsyncIterator[str], streams: StreamLeases, owner: str, lease: str,
+                  renew_s: float) -> AsyncIterator[str]:
+    """``events``, renewing the stream's lease every ``renew_s`` while it runs and ending it when the stream
+    ends (finished, the client left, or the server stops); a crash lets the lease expire instead."""
+    renewed = time.monotonic()
+    try:
+        async for chunk in events:
+            yield chunk
+            if time.monotonic() - renewed >= renew_s:
+                renewed = time.monotonic()
+                await run_in_threadpool(streams.renew, owner, lease)
+    finally:
+        await run_in_threadpool(streams.close, owner, lease)
 
 
 async def _sse(request: Request, store: JobStore, job_id: str, after: int) -> AsyncIterator[str]:
@@ -424,3 +485,5 @@ async def _sse(request: Request, store: JobStore, job_id: str, after: int) -> As
         if idle >= 15:  # keep proxies from closing a quiet stream
             idle = 0.0
             yield ": keep-alive\n\n"
+        elif idle % 5 == 0:  # an empty chunk every 5 s: lets _leased renew the lease on a quiet stream
+            yield ""

@@ -162,3 +162,140 @@ def test_cli_eval_set_reports_accuracy_and_confidence(tmp_path: Path) -> None:
     proc = subprocess.run([*base, "--out", str(tmp_path / "p"), "--eval-set", str(bad)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1 and "the evaluation set's 'x' must have shape (N, 8)" in proc.stderr
+
+
+# ---- one error style (issue 20, part 6): one line "error: ...", exit 2 for bad options, 1 for a failed run
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    from kegnet.cli import run_app
+
+    code = run_app(list(args))
+    return code, capsys.readouterr().err
+
+
+def _mlp_args(tmp_path: Path, *extra: str) -> list[str]:
+    from tests.service.svc_helpers import write_mlp_safetensors
+
+    path = write_mlp_safetensors(tmp_path / "t.safetensors")
+    return ["compress", str(path), "--arch", "mlp", "--arch-kwargs", '{"hidden": [16]}', "--num-classes", "3",
+            "--out", str(tmp_path / "o"), *extra]
+
+
+def test_bad_options_are_one_line_naming_the_field(tmp_path: Path, capsys) -> None:
+    cases = {
+        ("--input-shape", "3,32"): "input_shape must be C,H,W for images or F for feature vectors",
+        ("--input-shape", "8", "--config", '{"generatr": {}}'):
+            "unknown field 'generatr'; allowed: compression, distill, export_onnx",
+        ("--input-shape", "8", "--config", '{"generator": {"stepz": 3}}'):
+            "unknown field 'generator.stepz'; allowed: activation, alpha, batch_size",
+        ("--input-shape", "8", "--config", '{"generator": {"steps": -3}}'): "generator.steps: Input should be",
+        ("--input-shape", "a,b"): "--input-shape 'a,b': use C,H,W",
+        ("--input-shape", "8", "--config", "{bad"): "--config is not valid JSON",
+    }
+    for extra, expected in cases.items():
+        code, err = _cli(capsys, *_mlp_args(tmp_path, *extra))
+        assert code == 2 and err.startswith("error: invalid options: ") and expected in err, (extra, err)
+        assert err.count("\n") == 1 and "validation error" not in err and "errors.pydantic.dev" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_click_errors_are_one_line_too(tmp_path: Path, capsys) -> None:
+    code, err = _cli(capsys, "compress", "--bogus")
+    assert code == 2 and err.startswith("error: No such option: --bogus") and err.count("\n") == 1
+    code, err = _cli(capsys, "compress", str(tmp_path / "missing.safetensors"), "--out", "x")
+    assert code == 2 and err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
+
+
+def test_unknown_architectures_say_did_you_mean(tmp_path: Path, capsys) -> None:
+    code, err = _cli(capsys, *_mlp_args(tmp_path, "--input-shape", "3,32,32"), "--arch", "torchvision:resnet19")
+    assert code == 2 and "unknown torchvision model 'resnet19'; did you mean resnet18?" in err, err
+    code, err = _cli(capsys, *_mlp_args(tmp_path, "--input-shape", "8"), "--arch", "lenet6")
+    assert code == 2 and "unknown architecture 'lenet6'; did you mean lenet5?" in err, err
+
+
+def test_the_library_suggests_names_too() -> None:
+    import pytest
+
+    from kegnet.models import libraries
+
+    with pytest.raises(ValueError, match=r"unknown torchvision model 'resnet19'; did you mean resnet18\?"):
+        libraries.build_torchvision("resnet19", (3, 32, 32), 10)
+    assert libraries.did_you_mean("zzzz", ["resnet18"]) == ""
+
+
+def test_help_documents_the_exit_codes() -> None:
+    proc = subprocess.run([sys.executable, "-m", "kegnet", "--help"], capture_output=True, text=True, timeout=60)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "1 the run or the job failed; 2 bad options or input" in text
+
+
+def test_a_failed_run_is_exit_1_in_one_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"")
+    code, err = _cli(capsys, "compress", str(bad), "--arch", "mlp", "--input-shape", "4", "--num-classes", "2",
+                     "--out", str(tmp_path / "o"))
+    assert code == 1 and err.startswith("error: ") and "the checkpoint file is empty" in err
+    assert err.count("\n") == 1
+
+
+# ---- stage lines with the seconds the manifest records
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_stage_lines_carry_each_stages_real_elapsed_time(monkeypatch) -> None:
+    import io
+
+    import kegnet.cli as cli
+    from kegnet.events import ProgressEvent
+
+    clock = _Clock()
+    monkeypatch.setattr(cli.time, "monotonic", clock)
+    stream = io.StringIO()
+    show = cli.StageProgress(stream, stages=["load", "plan", "generators", "decompose", "finetune"],
+                             heartbeat_s=3600)
+
+    def at(t: float, stage: str, fraction: float, message: str = "", **kw) -> None:
+        clock.t = 1000.0 + t
+        show(ProgressEvent(stage=stage, stage_progress=fraction, progress=0.5, message=message, **kw))
+
+    at(0.5, "load", 0.0, "loading the teacher")
+    at(2.0, "load", 1.0, "teacher loaded")
+    at(2.0, "plan", 0.0, "choosing layers")
+    at(16.0, "plan", 1.0, "3 layers to factorize")
+    at(17.0, "generators", 0.5, step=5, total=10)
+    at(20.0, "generators", 1.0, step=10, total=10)  # its last event counts steps: it ends at the next stage
+    at(69.6, "decompose", 1.0, "3 layers factorized")  # reports only when it ends, 49.6 s later
+    at(80.0, "finetune", 1.0, "nothing to do", skipped=True)
+    at(80.0, "done", 1.0)
+    show.close()
+    ends = [line for line in stream.getvalue().splitlines() if line.endswith(" s)")]
+    assert ends == ["load       teacher loaded (2.0 s)", "plan       3 layers to factorize (14.0 s)",
+                    "generators  (4.0 s)", "decompose  3 layers factorized (49.6 s)"], stream.getvalue()
+
+
+def test_long_silent_stages_print_a_line_every_heartbeat() -> None:
+    import io
+    import time
+
+    from kegnet.cli import StageProgress
+    from kegnet.events import ProgressEvent
+
+    stream = io.StringIO()
+    show = StageProgress(stream, stages=["load", "plan", "generators", "decompose"], heartbeat_s=0.2)
+    show(ProgressEvent(stage="plan", stage_progress=0.3, progress=0.1, message="timing 14 layers"))
+    time.sleep(0.5)
+    show(ProgressEvent(stage="decompose", stage_progress=0.0, progress=0.5, message="x", skipped=True))
+    show(ProgressEvent(stage="generators", stage_progress=1.0, progress=0.5, message="samples ready"))
+    time.sleep(0.5)
+    show.close()
+    lines = stream.getvalue().splitlines()
+    assert any(line.startswith("plan: timing 14 layers… ") and line.endswith(" s") for line in lines), lines
+    assert any(line.startswith("decompose… ") for line in lines), lines  # the stage after generators

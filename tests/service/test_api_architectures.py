@@ -74,7 +74,7 @@ def test_unknown_library_name_and_forbidden_kwargs_are_422(api, keys_for, tmp_pa
     r = post(api, keys_for, path, TIMM_MODEL, full)
     assert r.status_code == 422 and "no layer gets smaller" in r.text and "more" in r.text and len(r.text) < 1500
     r = post(api, keys_for, path, {**TIMM_MODEL, "arch": "timm:no_such_net"})
-    assert r.status_code == 422 and "timm has no model" in r.text
+    assert r.status_code == 422 and "unknown timm model 'no_such_net'" in r.text
     r = post(api, keys_for, path, {**TIMM_MODEL, "arch_kwargs": {"checkpoint_path": "/etc/passwd"}})
     assert r.status_code == 422 and "checkpoint_path" in r.text
     r = post(api, keys_for, path, {**TIMM_MODEL, "arch": "os.system"})  # not even a valid name
