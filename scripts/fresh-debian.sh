@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The newcomer's path, checked: a fresh Debian 12 container with only python3, python3-venv and redis-server
+# The newcomer's path, checked: a fresh Debian 12 container with only python3 and redis-server
 # (debootstrap + docker import, as scripts/base-images.sh) gets a copy of this repository's tracked files and
 # runs the README's two commands as written: `bash scripts/test.sh ARGS` and `bash scripts/demo.sh`.
 #
@@ -41,7 +41,7 @@ tools() {
   tail -n 20 /tmp/kegnet-fresh-dockerd.log; exit 1
 }
 
-image() {  # Debian 12 (bookworm) minbase plus python3, python3-venv and redis-server; nothing else
+image() {  # Debian 12 (bookworm) minbase plus python3 and redis-server; nothing else
   if docker image inspect "$IMAGE" >/dev/null 2>&1; then say "$IMAGE exists"; return; fi
   if [ ! -x "$ROOTFS/minbase/usr/bin/apt-get" ]; then
     say "debootstrap bookworm"
@@ -52,9 +52,9 @@ image() {  # Debian 12 (bookworm) minbase plus python3, python3-venv and redis-s
   local root="$ROOTFS/fresh"
   rm -rf "$root" && cp -a "$ROOTFS/minbase" "$root" && cp /etc/resolv.conf "$root/etc/resolv.conf"
   printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d" && chmod +x "$root/usr/sbin/policy-rc.d"
-  say "apt-get install python3 python3-venv redis-server"
+  say "apt-get install python3 redis-server"
   chroot "$root" /bin/sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    --no-install-recommends python3 python3-venv redis-server >/dev/null && apt-get clean && rm -rf /var/lib/apt/lists/*"
+    --no-install-recommends python3 redis-server >/dev/null && apt-get clean && rm -rf /var/lib/apt/lists/*"
   rm -f "$root/usr/sbin/policy-rc.d" && : >"$root/etc/resolv.conf"
   tar --numeric-owner -C "$root" -c . | docker import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' - "$IMAGE" >/dev/null

@@ -17,9 +17,10 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 if [ ! -x "$VENV/bin/python" ]; then
   if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian's python3 without python3-venv has no ensurepip: a venv without pip, then pip from its wheel.
     rm -rf "$VENV"
-    echo "error: python3 -m venv is unavailable; on Debian/Ubuntu: sudo apt-get install python3-venv" >&2
-    exit 2
+    python3 -m venv --without-pip "$VENV"
+    python3 scripts/bootstrap_pip.py "$VENV/bin/python"
   fi
   echo "created the virtual environment $VENV"
 fi

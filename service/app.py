@@ -19,6 +19,7 @@ from jobs.settings import Settings, get_settings
 from jobs.storage import LocalStorage
 from jobs.store import JobStore
 from jobs.streams import StreamLeases
+from kegnet.tasks import load_all
 from service.keys import KeyStore
 from service.limits import BodySizeLimitMiddleware
 from service.routers import artifacts, health, jobs
@@ -91,6 +92,8 @@ async def _start(store: JobStore, storage: LocalStorage, settings: Settings, run
 def _lifespan(store: JobStore, storage: LocalStorage, settings: Settings, run_reaper: bool) -> Callable:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The upload checks' imports (every task's modules) at start-up, not in the first request.
+        await asyncio.to_thread(load_all)
         tasks = await _start(store, storage, settings, run_reaper)
         yield
         for task in tasks:

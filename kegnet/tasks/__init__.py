@@ -20,6 +20,12 @@ def get_task(name: str) -> Task:
     return importlib.import_module(_MODULES[name]).TASK
 
 
+def load_all() -> list[Task]:
+    """Every task, imported now: a server calls this once at start-up, so that its first request does not
+    pay (in time and resident memory) for the imports of the tasks' stages."""
+    return [get_task(name) for name in _MODULES]
+
+
 def task_for(spec: ModelSpec, config: object) -> Task:
     """The spec's task, once ``config`` is that task's config (kegnet.config.TASK_CONFIGS)."""
     task = get_task(spec.task)
@@ -29,4 +35,4 @@ def task_for(spec: ModelSpec, config: object) -> Task:
     return task
 
 
-__all__ = ["Inputs", "Run", "Stage", "Task", "TaskOutcome", "get_task", "task_for"]
+__all__ = ["Inputs", "Run", "Stage", "Task", "TaskOutcome", "get_task", "load_all", "task_for"]
