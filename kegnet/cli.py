@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 from pydantic import BaseModel, ValidationError
 from tqdm import tqdm
 
 from kegnet.config import MAX_TEACHERS, TASK_CONFIGS, config_for
+from kegnet.console import fail
 from kegnet.errors import KegnetError
 from kegnet.events import ProgressEvent
 from kegnet.spec import ModelSpec
@@ -30,13 +31,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 class BadInput(ValueError):
     """Bad options or input, found before anything runs: exit code 2."""
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """The CLI's one error style: one line ``error: ...`` on stderr, then exit ``code`` (2: bad options or
-    input, 1: a failed run or job)."""
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(code)
 
 
 def validation_message(exc: ValidationError, model: type[BaseModel] | None = None) -> str:

@@ -170,10 +170,10 @@ def register_client_commands(app: Any) -> None:
 
 
 def _fail(exc: Exception) -> NoReturn:
-    """The CLI's one error style (kegnet.cli.fail): one line; exit 2 when the request was refused as bad input
+    """The CLI's one error style (kegnet.console.fail): one line; exit 2 when the request was refused as bad input
     (a 4xx other than 401/403/404... all of them: the caller must change something) or could not be built,
     1 when the service failed it (5xx), could not be reached, or a wait timed out."""
-    from kegnet.cli import fail
+    from kegnet.console import fail
 
     bad_input = isinstance(exc, ValueError) or (isinstance(exc, ClientError) and 400 <= exc.status < 500)
     fail(str(exc) or type(exc).__name__, 2 if bad_input else 1)
