@@ -8,9 +8,11 @@ the simple API's JSON form), checks its sha256 against the index, and lets the w
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -21,10 +23,27 @@ INDEX = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
 JSON = "application/vnd.pypi.simple.v1+json"
 
 
+def tls_context() -> ssl.SSLContext:
+    """The certificates pip itself would trust: ``PIP_CERT`` and the usual variables, pip's configured
+    ``cert``, else the system bundle (a proxy's own CA is often only there)."""
+    candidates = [os.environ.get(v) for v in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")]
+    for conf in ("/etc/pip.conf", "/etc/xdg/pip/pip.conf", os.path.expanduser("~/.config/pip/pip.conf")):
+        parser = configparser.ConfigParser()
+        if parser.read(conf):
+            candidates.append(parser.get("global", "cert", fallback=None))
+    candidates.append("/etc/ssl/certs/ca-certificates.crt")
+    cafile = next((c for c in candidates if c and os.path.isfile(c)), None)
+    return ssl.create_default_context(cafile=cafile)
+
+
+def fetch(url: str, accept: str | None = None) -> bytes:
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=120, context=tls_context()) as response:
+        return response.read()
+
+
 def latest_wheel() -> dict:
-    request = urllib.request.Request(f"{INDEX}/pip/", headers={"Accept": JSON})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = json.load(response)["files"]
+    files = json.loads(fetch(f"{INDEX}/pip/", JSON))["files"]
     wheels = [f for f in files if f["filename"].endswith("-py3-none-any.whl") and not f.get("yanked")]
     if not wheels:
         sys.exit(f"error: no pip wheel on {INDEX}/pip/")
@@ -36,8 +55,7 @@ def main() -> None:
     wheel = latest_wheel()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / wheel["filename"]
-        with urllib.request.urlopen(wheel["url"], timeout=120) as response:
-            path.write_bytes(response.read())
+        path.write_bytes(fetch(wheel["url"]))
         expected = wheel.get("hashes", {}).get("sha256")
         if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
             sys.exit(f"error: {wheel['filename']} does not match the index's sha256")
