@@ -270,7 +270,8 @@ function summaryRows(m) {
   const rows = [["parameters", fmt(m.teacher_parameters), fmt(m.student_parameters)],
     ["compression ratio", "", m.compression_ratio ? `${m.compression_ratio.toFixed(2)}×` : ""]];
   for (const k of Object.keys(m.teacher_speed || {})) {
-    rows.push([`speed ${k} (${m.speed_unit || ""})`, fmt(m.teacher_speed[k]), fmt((m.student_speed || {})[k])]);
+    const what = `${m.speed_unit === "ms" ? "latency" : "speed"} ${k.split("_")[0].replace("batch", "batch ")}`;
+    rows.push([`${what} (${m.speed_unit || ""})`, fmt(m.teacher_speed[k]), fmt((m.student_speed || {})[k])]);
   }
   if (m.synthetic_agreement !== undefined) rows.push(["agreement with the teacher (synthetic)", "", fmt(m.synthetic_agreement)]);
   if (m.confidence_estimate !== undefined) {
