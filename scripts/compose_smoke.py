@@ -14,13 +14,15 @@ with what was seen. The steps:
    while the restarted worker runs the next job to ``succeeded``.
 5. Redis restarted: the finished jobs and their artifacts are still there (its AOF volume).
 6. ``--scale <worker>=2``: two jobs run at the same time, on two containers, and both succeed.
-7. ``down -v``: no container of the project is left.
+7. ``/metrics`` counts those jobs by state (succeeded and failed); ``/`` serves the web page with its CSP.
+8. ``down -v``: no container of the project is left.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -108,6 +110,12 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float, poll: float = 
 def ready_workers(url: str) -> list[str]:
     r = httpx.get(f"{url}/readyz", timeout=5)
     return r.json()["workers"] if r.status_code == 200 else []
+
+
+def jobs_by_state(text: str) -> dict[str, float]:
+    """``kegnet_jobs{state="..."} N`` lines of a /metrics page (Prometheus text format)."""
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^kegnet_jobs\{state="([a-z]+)"\} ([0-9.e+]+)$', text, re.MULTILINE)}
 
 
 def wait_finished(client: KegnetClient, job_id: str, timeout: float) -> dict[str, Any]:
@@ -206,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
               f"containers per job: {ran_on}")
         print(f"[smoke]   {pair[0]} on {ran_on[pair[0]][0][:12]}, {pair[1]} on {ran_on[pair[1]][0][:12]}")
     client.close()
+
+    with step("/metrics counts the jobs by state; the web page is served"):
+        counts = jobs_by_state(httpx.get(f"{url}/metrics", timeout=10).text)
+        succeeded = {first, nxt, *pair}
+        check(counts.get("succeeded", 0) >= len(succeeded) and counts.get("failed", 0) >= 1,
+              f"/metrics says {counts}; expected at least {len(succeeded)} succeeded and 1 failed")
+        page = httpx.get(f"{url}/", timeout=10)
+        check(page.status_code == 200 and "script-src 'self'" in page.headers.get("content-security-policy", ""),
+              f"GET / answered {page.status_code} without the page's CSP")
+        print(f"[smoke]   kegnet_jobs: {counts}")
 
     with step("down -v: nothing left running"):
         stack.run("down", "-v", "--remove-orphans")

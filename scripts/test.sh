@@ -5,6 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The web page's browser test (tests/integration/test_web.py) drives Debian's chromium through Playwright
+# (Playwright's own browser download is not used); without it that test skips.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing Debian's chromium for the browser test"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+      || echo "note: chromium could not be installed: the browser test will skip" >&2
+  else
+    echo "note: /usr/bin/chromium is missing and this is not root: the browser test will skip" \
+         "(sudo apt-get install chromium)" >&2
+  fi
+fi
 PY=.venv/bin/python
 source scripts/private-redis.sh
 trap stop_private_redis EXIT

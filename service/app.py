@@ -10,7 +10,8 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jobs.instances import instance_tag, new_instance_id
 from jobs.queue import QUEUE, TASK_NAME
@@ -22,7 +23,8 @@ from jobs.streams import StreamLeases
 from kegnet.tasks import load_all
 from service.keys import KeyStore
 from service.limits import BodySizeLimitMiddleware
-from service.routers import artifacts, health, jobs
+from service.metrics import RefusalCounter, make_registry
+from service.routers import artifacts, health, jobs, web
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,9 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     # The whole body: every budget together. Each file's own cap is enforced as it is saved (routers/jobs.py).
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_upload_bytes + settings.max_eval_bytes
                        + settings.form_overhead_bytes)
+    # Added last, so outermost: it sees the body-size middleware's 413 too.
+    app.state.metrics, refused = make_registry(store, storage, settings)
+    app.add_middleware(RefusalCounter, counter=refused)
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
@@ -141,6 +146,15 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(web.api)
+    app.include_router(web.router)
+    app.mount("/static", web.static_files(), name="static")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        # Unauthenticated like /healthz: counts only, no job ids or owners. Keep it off the public network.
+        return Response(generate_latest(app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
     if settings.auth_disabled:
         log.warning("authentication is DISABLED (KEGNET_AUTH_DISABLED=true): every caller is the same owner")
     return app
