@@ -136,7 +136,10 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
     eval_set = Path(request["eval_set"]) if request["eval_set"] else None
     _limit(request["memory_bytes"], request["cpu_s"])
     try:
-        resolved = check_model([Path(p) for p in request["paths"]], spec, config, limits, eval_set=eval_set)
+        # No plan here: it only reads weights (nothing of the upload runs), and the job's own plan stage makes
+        # it next, with the same errors; on a large teacher EVBMF takes tens of seconds.
+        resolved = check_model([Path(p) for p in request["paths"]], spec, config, limits, eval_set=eval_set,
+                               check_plan=False)
     except KegnetError as exc:
         return {"error": str(exc), "kind": type(exc).__name__}
     except (MemoryError, RuntimeError) as exc:

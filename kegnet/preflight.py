@@ -126,15 +126,16 @@ def _static_onnx(paths: Sequence[Path], spec: ModelSpec, limits: Limits) -> tupl
 
 
 def check_model(paths: Sequence[Path], spec: ModelSpec, config: BaseModel, limits: Limits, *,
-                eval_set: Path | None = None) -> ModelSpec:
+                eval_set: Path | None = None, check_plan: bool = True) -> ModelSpec:
     """The checks that load and run the teacher (see the module docstring); the job is priced by
-    ``check_static``. Returns the resolved spec."""
+    ``check_static``. Returns the resolved spec. ``check_plan=False`` leaves out the task's checks on the
+    weights (a classifier's plan: EVBMF on every layer), for a caller whose job makes that plan itself next."""
     task = task_for(spec, config)
     resolved = spec
     for i, path in enumerate(paths):
         with naming(file_label(i, len(paths))):
             teacher = open_teacher(path, spec, max_parameters=limits.max_parameters, max_bytes=limits.max_bytes)
-        if i == 0:  # every teacher has this spec: the first one is checked against the config
+        if i == 0 and check_plan:  # every teacher has this spec: the first one is checked against the config
             resolved = teacher.spec
             with naming(file_label(i, len(paths))):
                 task.check_model(teacher.model, resolved, config)

@@ -30,6 +30,7 @@ from jobs.queue import QUEUE
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import ACTIVE, TERMINAL, JobStore
+from kegnet.artifacts import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class StoreCollector(Collector):
     def _stage_timings(self, job_id: str) -> dict[str, float]:
         if job_id not in self._timings:
             try:
-                manifest = json.loads((self.storage.out_dir(job_id) / "manifest.json").read_text())
+                manifest = json.loads((self.storage.out_dir(job_id) / MANIFEST).read_text())
                 self._timings[job_id] = {k: float(v) for k, v in (manifest.get("timings_s") or {}).items()}
             except (OSError, ValueError):  # not written (yet), or not readable: try again next scrape
                 return {}

@@ -20,10 +20,12 @@ from jobs.schemas import JobRequest
 from jobs.settings import Settings, get_settings
 from jobs.storage import LocalStorage
 from jobs.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from kegnet.artifacts import MANIFEST
 from kegnet.errors import Cancelled, KegnetError
 from kegnet.hashing import sha256_file
 from kegnet.isolation import Isolation
 from kegnet.pipeline import resolve_device
+from kegnet.report import RunReport
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -109,9 +111,12 @@ class _Reporter:
         return self._cancel
 
 
-def list_artifacts(out_dir: Path) -> dict[str, dict[str, Any]]:
-    return {name: {"size": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
-            for name in ARTIFACT_NAMES if (out_dir / name).is_file()}
+def list_artifacts(out_dir: Path, report: RunReport) -> dict[str, dict[str, Any]]:
+    """The job's files as its report recorded them (the report hashed each one), and the report itself."""
+    files = {name: {"size": f.bytes, "sha256": f.sha256} for name, f in report.files.items()
+             if name in ARTIFACT_NAMES}
+    manifest = out_dir / MANIFEST
+    return {**files, MANIFEST: {"size": manifest.stat().st_size, "sha256": sha256_file(manifest)}}
 
 
 def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Settings) -> str:
@@ -151,7 +156,7 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
                 # The upload runs first in a limited child process (the validate stage): the API never ran it.
                 isolation=Isolation(settings.validate_memory_bytes, settings.validate_timeout_s),
             )
-            artifacts = list_artifacts(Path(result.out_dir))
+            artifacts = list_artifacts(Path(result.out_dir), result.report)
             metrics = {**reporter.metrics, **result.report.summary(), "device": device}
         done = _until_redis_answers(store.transition, job_id, SUCCEEDED, {RUNNING, CANCELLING}, stage="done",
                                     progress="1", artifacts=artifacts, metrics=metrics)
