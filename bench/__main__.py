@@ -323,6 +323,11 @@ def main() -> None:
     parser.add_argument("--entries", default=None, help="suite: comma-separated subset of bench/suite/teachers.py")
     parser.add_argument("--recipes", default=None, help="suite: comma-separated subset of the recipes (names as in "
                                                         "the table, e.g. kegnet/pairs+noise0.5,gaussian)")
+    parser.add_argument("--first-seed", type=int, default=0, help="suite: the first seed (convnets run one seed per "
+                                                                   "part: --seeds 1 --first-seed 1 is seed 1)")
+    parser.add_argument("--variants", type=json.loads, default=None,
+                        help='suite: configurations side by side, e.g. \'{"today": {}, "fit": {"compression": {"fit": '
+                             '"outputs"}}}\' (bench/suite/variants.py; one table of starts and students)')
     parser.add_argument("--report", action="store_true", help="suite: print the tables of --out (default "
                                                                    "bench/results/suite.json) without running")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<scenario>.json)")
@@ -343,7 +348,16 @@ def main() -> None:
             return
         names = args.recipes.split(",") if args.recipes else None
         recipes = [r for r in RECIPES if names is None or r.name in names]
-        result = run_suite(entries, args.seeds, args.device, out, recipes, extra=args.config)
+        if args.variants is not None:
+            from bench.suite.variants import run_variants
+
+            result = run_variants(entries, args.seeds, args.first_seed, args.device, args.variants,
+                                  recipes if names else None, out)
+            result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
+            out.write_text(json.dumps(result, indent=2))
+            return
+        result = run_suite(entries, args.seeds, args.device, out, recipes, extra=args.config,
+                           first_seed=args.first_seed)
         result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
         out.write_text(json.dumps(result, indent=2))
         return

@@ -248,10 +248,12 @@ def compress(
     method: str | None = typer.Option(None, help="kegnet (default) | gaussian | uniform | tucker-only"),
     preset: str = typer.Option("fast", help="fast (measured default) | paper (the paper's settings)"),
     layers: str | None = typer.Option(None, help="comma-separated layer names or globs"),
-    rank_method: str | None = typer.Option(None, help="evbmf | fraction | explicit | ratio"),
+    rank_method: str | None = typer.Option(
+        None, help="ratio (default: --target-ratio, 2x unless given) | evbmf | fraction | explicit"),
     ranks: str | None = typer.Option(None, help="explicit ranks: LAYER=IN:OUT,..."),
     rank_fraction: float | None = typer.Option(None, help="share of each layer's ranks kept (rank-method fraction)"),
-    target_ratio: float | None = typer.Option(None, help="whole-model compression ratio (rank-method ratio)"),
+    target_ratio: float | None = typer.Option(None, help="whole-model compression ratio (rank-method ratio; "
+                                                                "default 2)"),
     keep_slower: bool = typer.Option(False, "--keep-slower",
                                      help="keep factorizations that measured slower than their layer on this device"),
     generator_steps: int | None = typer.Option(None, help="override the preset's generator steps"),

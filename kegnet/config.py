@@ -64,13 +64,29 @@ class CompressionConfig(_Strict):
         description="module names or globs; default: every conv except the first, and every linear except the "
                     "head where linears hold more weights than those convs (ViTs, ConvNeXts, MLPs)",
     )
-    rank_method: RankMethod = "evbmf"
+    rank_method: RankMethod = Field(
+        "ratio", description="ratio (default): the ranks that reach target_ratio; evbmf: each layer's rank estimated "
+                             "from its weights' noise (on large trained layers it can keep almost nothing: 300x "
+                             "students); fraction: one channel fraction; explicit: ranks per layer",
+    )
+    allocation: Literal["balanced", "uniform"] = Field(
+        "balanced", description="rank_method=ratio: balanced gives every layer's modes the same share of lost "
+                                "spectral energy (small layers keep more of their channels); uniform keeps one "
+                                "channel fraction in every layer",
+    )
     rank_fraction: float = Field(0.5, gt=0, le=1.0, description="for rank_method=fraction")
     ranks: dict[LayerPattern, tuple[Rank, Rank]] = Field(
         default_factory=dict, max_length=256, description="(in_rank, out_rank) per layer, rank_method=explicit"
     )
-    target_ratio: float = Field(2.0, gt=1.0, le=1000.0, description="whole-model ratio for rank_method=ratio")
+    target_ratio: float = Field(2.0, gt=1.0, le=1000.0, description="whole-model ratio for rank_method=ratio; the "
+                                                                     "default 2x is a modest student, not a guess")
     n_iter_max: int = Field(100, ge=1, le=1000, description="HOOI iterations of partial_tucker")
+    fit: Literal["weights", "outputs"] = Field(
+        "weights", description="how factors start: weights = fit to the teacher's weights (HOSVD / truncated SVD); "
+                               "outputs = then refit, layer by layer, to reproduce the teacher's layer outputs on "
+                               "fit_samples synthetic samples (methods with samples only)",
+    )
+    fit_samples: int = Field(2048, ge=64, le=16384, description="synthetic samples for fit=outputs")
     keep_slower: bool = Field(
         False, description="keep factorizations that run slower than the layer they replace (measured on the "
                            "job's device at latency_batch); off: such layers are left as they are",
@@ -326,12 +342,21 @@ class ClassifierConfig(_Strict):
         return cls.model_validate(merged)
 
 
+class SequenceCompressionConfig(CompressionConfig):
+    """A sequence job's factorization: the classifier's fields with the defaults its benchmark measured (issue
+    13: EVBMF ranks; with ``rank_method: ratio``, one fraction in every layer). The classifier's defaults
+    changed with issue 21 on classifier teachers only."""
+
+    rank_method: RankMethod = "evbmf"
+    allocation: Literal["balanced", "uniform"] = "uniform"
+
+
 class SequenceJobConfig(_Strict):
     """A sequence-model job (``task: sequence``): the ``sequence`` section (generations and objectives), the
     Linear layers' factorization (``compression``: rank methods and target ratio) and the exports."""
 
     task: Literal["sequence"] = "sequence"
-    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    compression: SequenceCompressionConfig = Field(default_factory=SequenceCompressionConfig)
     sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     export_portable: bool = Field(True, description="write a torch.export program of the student (student.pt2)")
 

@@ -95,6 +95,9 @@ class ClassifyReport(_Section):
     evaluation: Evaluation | None = None
     generator_curve: list[dict[str, float]] = Field(default_factory=list)
     distill_curve: list[dict[str, Any]] = Field(default_factory=list)
+    # compression.fit = outputs: {"method", "samples", "recipe", "seconds", "layers": {name: {"before", "after"}
+    # relative output errors on the fit samples, or "skipped"}}; or {"method": "weights", "why"}.
+    fit: dict[str, Any] | None = None
     onnx_skipped: str | None = None
     onnx_check: dict[str, Any] | None = None
     program_skipped: str | None = None

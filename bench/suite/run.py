@@ -59,13 +59,13 @@ def config_for(entry: str, method: str = "kegnet", recipes: list[Recipe] | None 
     sections = {k: {**budget.get(k, {}), **extra.get(k, {})} for k in ("generator", "distill")}
     if recipes is not None:
         sections["distill"]["recipes"] = [r.model_dump() for r in recipes]
-    compression = {**ENTRIES[entry].compression, "keep_slower": True}
+    compression = {**ENTRIES[entry].compression, "keep_slower": True, **extra.get("compression", {})}
     return ClassifierConfig.from_preset("fast", method=method, compression=compression, export_portable=False,
                                       export_onnx=False, **sections)
 
 
 def run_entry(entry: str, seeds: int, device: str, recipes: list[Recipe],
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, first_seed: int = 0) -> dict[str, Any]:
     path, spec, task, teacher_info = suite_teacher(entry)
     x_test, y_test = task[2], task[3]
     out: dict[str, Any] = {"entry": entry, "task": ENTRIES[entry].task, "arch": spec.arch,
@@ -77,7 +77,7 @@ def run_entry(entry: str, seeds: int, device: str, recipes: list[Recipe],
         out["tucker_only"] = {"accuracy": accuracy(tucker.student, x_test, y_test),
                               "exam": tucker.report.classify.confidence.estimate,
                               "ratio": tucker.report.compression_ratio, "seconds": time.perf_counter() - t0}
-    for seed in range(min(seeds, MAX_SEEDS.get(kind_of(entry), seeds))):
+    for seed in range(first_seed, first_seed + min(seeds, MAX_SEEDS.get(kind_of(entry), seeds))):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             result = run_pipeline(path, spec, config_for(entry, recipes=recipes, extra=extra), tmp, device=device,
@@ -248,20 +248,25 @@ def confidence_table(entries: list[dict[str, Any]]) -> str:
 
 
 def run_suite(entries: list[str], seeds: int, device: str, out: Path,
-              recipes: list[Recipe] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              recipes: list[Recipe] | None = None, extra: dict[str, Any] | None = None,
+              first_seed: int = 0) -> dict[str, Any]:
+    """Every entry at ``seeds`` seeds from ``first_seed`` (capped per kind by ``MAX_SEEDS``: run other seeds of
+    a convnet as separate parts with ``first_seed``), resuming from ``out``."""
     recipes = recipes or RECIPES
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "seeds": seeds, "budgets": BUDGETS,
-                              "recipes": [r.name for r in recipes], "extra": extra, "entries": []}
+                              "recipes": [r.name for r in recipes], "extra": extra, "first_seed": first_seed,
+                              "entries": []}
     if out.exists():  # resume: entries already measured with the same recipes are kept
         old = json.loads(out.read_text())
-        if old.get("recipes") == result["recipes"] and old.get("seeds") == seeds and old.get("extra") == extra:
+        if old.get("recipes") == result["recipes"] and old.get("seeds") == seeds and old.get("extra") == extra \
+                and old.get("first_seed", 0) == first_seed:
             result["entries"] = [e for e in old["entries"] if e["entry"] in entries]
     done = {e["entry"] for e in result["entries"]}
     for name in entries:
         if name in done:
             continue
-        result["entries"].append(run_entry(name, seeds, device, recipes, extra))
+        result["entries"].append(run_entry(name, seeds, device, recipes, extra, first_seed))
         out.write_text(json.dumps(result, indent=2))
         print(f"{name} done", flush=True)
     result["entries"].sort(key=lambda e: entries.index(e["entry"]))

@@ -11,7 +11,7 @@ import copy
 import fnmatch
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from kegnet.compression import latency
+from kegnet.compression import allocation, latency
 from kegnet.compression.evbmf import evbmf_rank
 from kegnet.compression.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from kegnet.config import CompressionConfig
@@ -40,6 +40,9 @@ class LayerPlan:
     out_rank: int
     params_before: int
     params_after: int
+    # Share of the weight's spectral energy the ranks keep (the worse of the two channel modes; 1.0 = all),
+    # None for plans made before it was recorded or on the meta device.
+    kept_energy: float | None = None
 
 
 @dataclass
@@ -162,10 +165,15 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
         return _plan_compression(model, config)
 
 
+def needs_weights(config: CompressionConfig) -> bool:
+    """Whether the ranks depend on the weights' values (EVBMF, or the balanced allocation's spectra)."""
+    return config.rank_method == "evbmf" or (config.rank_method == "ratio" and config.allocation == "balanced")
+
+
 def check_layers(model: nn.Module, config: CompressionConfig) -> None:
     """What a plan checks without reading any weight (``model`` may be on the meta device): the layers named
-    exist and some can be factorized; with ranks that need no weights (all but ``evbmf``), the whole plan."""
-    if config.rank_method == "evbmf":
+    exist and some can be factorized; with ranks that need no weights, the whole plan."""
+    if needs_weights(config):
         _compressible(model, config, CompressionPlan())
     else:
         plan_compression(model, config)
@@ -191,18 +199,12 @@ def _compressible(model: nn.Module, config: CompressionConfig, plan: Compression
 def _plan_compression(model: nn.Module, config: CompressionConfig) -> CompressionPlan:
     plan = CompressionPlan()
     layers = _compressible(model, config, plan)
-    if config.rank_method == "ratio":
-        fraction = _fraction_for_ratio(model, layers, config.target_ratio)
-    for name, m in layers.items():
-        if config.rank_method == "evbmf":
-            ranks = _evbmf_ranks(m)
-        elif config.rank_method == "fraction":
-            ranks = _fraction_ranks(m, config.rank_fraction)
-        elif config.rank_method == "ratio":
-            ranks = _fraction_ranks(m, fraction)
-        else:
-            ranks = _explicit_ranks(name, config.ranks)
-        layer = _layer_plan(name, m, *ranks)
+    on_meta = any(p.is_meta for p in model.parameters())
+    tails = {} if on_meta else {name: allocation.energy_tails(m) for name, m in layers.items()}
+    for name, (r_in, r_out) in _ranks(model, layers, config, tails).items():
+        layer = _layer_plan(name, layers[name], r_in, r_out)
+        if name in tails:
+            layer = replace(layer, kept_energy=allocation.kept_energy(tails[name], layer.in_rank, layer.out_rank))
         if layer.params_after >= layer.params_before:
             plan.skipped[name] = (f"ranks ({layer.in_rank}, {layer.out_rank}) would not reduce its "
                                   f"{layer.params_before} parameters")
@@ -214,6 +216,41 @@ def _plan_compression(model: nn.Module, config: CompressionConfig) -> Compressio
         raise CompressionError("no layer gets smaller at these ranks; choose lower ranks (rank_method fraction or "
                                f"ratio) or other layers ({'; '.join(reasons[:6])}{more})")
     return plan
+
+
+def _ranks(model: nn.Module, layers: dict[str, nn.Module], config: CompressionConfig,
+           tails: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[int, int]]:
+    """Every layer's ``(in_rank, out_rank)`` by the config's rank method."""
+    if config.rank_method == "evbmf":
+        return {name: _evbmf_ranks(m) for name, m in layers.items()}
+    if config.rank_method == "fraction":
+        return {name: _fraction_ranks(m, config.rank_fraction) for name, m in layers.items()}
+    if config.rank_method == "explicit":
+        return {name: _explicit_ranks(name, config.ranks) for name in layers}
+    if config.allocation == "balanced":
+        return _balanced_ranks(model, layers, config.target_ratio, tails)
+    fraction = _fraction_for_ratio(model, layers, config.target_ratio)
+    return {name: _fraction_ranks(m, fraction) for name, m in layers.items()}
+
+
+def _balanced_ranks(model: nn.Module, layers: dict[str, nn.Module], target: float,
+                    tails: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[int, int]]:
+    """Ranks at which every layer keeps the same share of its energy, at the target ratio
+    (``kegnet.compression.allocation``)."""
+    total = sum(p.numel() for p in model.parameters())
+    before = {name: sum(p.numel() for p in m.parameters()) for name, m in layers.items()}
+    rest = total - sum(before.values())
+
+    def params_of(name: str, r_in: int, r_out: int) -> int | None:
+        after = _layer_plan(name, layers[name], r_in, r_out).params_after
+        return after if after < before[name] else None
+
+    eps = allocation.balanced_eps(tails, before, params_of, int(total / target) - rest)
+    if eps is None:
+        _fraction_for_ratio(model, layers, target)  # raises with the ratio these layers can reach
+        raise CompressionError(f"target ratio {target}x is out of reach by compressing these layers; add layers "
+                               "or lower target_ratio")
+    return allocation.ranks_at(tails, eps)
 
 
 SLOWER = "factorized it ran slower"
@@ -288,6 +325,11 @@ def replan_ratio(model: nn.Module, plan: CompressionPlan, config: CompressionCon
     try:
         again = plan_compression(model, config.model_copy(update={"layers": [p.name for p in plan.layers]}))
     except CompressionError as exc:
+        if "target_ratio" not in config.model_fields_set:
+            # Nobody asked for this ratio: a smaller reduction of faster layers beats a failed job (the job's
+            # warnings say the default ratio was not reached).
+            log.info("the default target ratio is out of reach with the layers kept (%s); keeping their ranks", exc)
+            return plan
         raise CompressionError(f"{len(slower)} layers ran slower factorized and are left alone, so {exc}; or set "
                                "keep_slower") from exc
     again.skipped = {**plan.skipped, **again.skipped}

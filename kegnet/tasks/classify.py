@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from kegnet import artifacts, export
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.compression import CompressionPlan, apply_plan, plan_compression
+from kegnet.compression.fit import fit_to_outputs
 from kegnet.compression.latency import model_latency
 from kegnet.compression.plan import check_layers, drop_slower_layers, replan_ratio
 from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe
@@ -70,6 +72,7 @@ class _Job(Run):
     generator_curve: list[dict[str, float]] = field(default_factory=list)
     # decompose
     agreements: list[float] | None = None
+    fit: dict[str, Any] | None = None  # compression.fit = outputs: per-layer output errors
     # finetune
     exam: Exam | None = None
     before: Grade | None = None  # the decomposed student's exam grade
@@ -198,9 +201,29 @@ def _decompose(job: _Job) -> None:
                  job.config.method)
     job.student = apply_plan(job.teacher, job.plan, n_iter_max=job.config.compression.n_iter_max, seed=job.seed,
                              should_cancel=job.report.should_cancel).to(job.device)
+    if job.config.compression.fit == "outputs":
+        _fit_outputs(job)
     ratio = count_parameters(job.teacher) / count_parameters(job.student)
     job.report("decompose", 1.0, f"{len(job.plan.layers)} layers factorized",
                ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers}, compression_ratio=ratio)
+
+
+def _fit_outputs(job: _Job) -> None:
+    """Refit the factorized layers to the teacher's layer outputs on the first recipe's samples (what
+    fine-tuning will see); a method without samples keeps the weight fit."""
+    cfg = job.config.compression
+    if job.sampler is None:
+        job.fit = {"method": "weights", "why": f"method {job.config.method} draws no samples to fit to"}
+        return
+    recipe = job.config.candidate_recipes(len(job.spec.input_shape) == 3, job.spec.num_classes)[0]
+    sampler = (job.sampler.with_codes(recipe.codes)
+               if recipe.source == "kegnet" and isinstance(job.sampler, KegNetSampler) else job.sampler)
+    job.report("decompose", 0.5, f"fitting {len(job.plan.layers)} layers to the teacher's outputs")
+    x, _ = sampler.sample_many(cfg.fit_samples, torch.Generator(device=job.device).manual_seed(job.seed + 31_337))
+    t0 = time.perf_counter()
+    layers = fit_to_outputs(job.teacher, job.student, job.plan, x, should_cancel=job.report.should_cancel)
+    job.fit = {"method": "outputs", "samples": cfg.fit_samples, "recipe": recipe.name,
+               "seconds": time.perf_counter() - t0, "layers": layers}
 
 
 # 5. distill --------------------------------------------------------------------------------------------
@@ -324,7 +347,7 @@ def _finish(job: _Job) -> TaskOutcome:
         confidence=assess({name: c.grade for name, c in job.candidates.items()}, job.chosen, job.before,
                           spec.num_classes, job.exam.sources if job.exam else {}),
         evaluation=job.evaluation, generator_curve=job.generator_curve,
-        distill_curve=result.curve if result else [], **job.exported)
+        distill_curve=result.curve if result else [], fit=job.fit, **job.exported)
     agreement = None if result is None else Agreement(
         measure=EXAM_MEASURE, before_finetune=result.initial_agreement, final=result.best_agreement,
         best_step=result.best_step)
@@ -347,6 +370,11 @@ def _warnings(job: _Job) -> list[str]:
                             f"{job.device.type} ({s[batch]:.3g} ms against {t[batch]:.3g} ms); set "
                             "compression.latency_batch to the batch you serve (layers slower there are not "
                             "factorized), or compress less")
+    comp, ratio = job.config.compression, count_parameters(job.teacher) / count_parameters(job.student)
+    if comp.rank_method == "ratio" and ratio < comp.target_ratio * 0.98:
+        warnings.append(f"the student is {ratio:.2f}x smaller, short of the {comp.target_ratio:g}x target: the layers "
+                        "that would have made up the rest ran slower factorized on this device (set "
+                        "compression.keep_slower to compress them anyway)")
     if job.plan.layers and all(p.in_rank == 1 and p.out_rank == 1 for p in job.plan.layers):
         warnings.append("every factorized layer has rank 1: the student keeps almost nothing of the teacher; "
                         "is the teacher trained? Choose ranks yourself (rank_method ratio or fraction)")

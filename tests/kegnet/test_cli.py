@@ -11,8 +11,8 @@ def test_cli_compresses_the_shared_mnist_teacher(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "kegnet", "compress", str(MNIST_TEACHER), "--arch", "lenet5",
            "--input-shape", "1,32,32", "--num-classes", "10", "--out", str(out), "--layers", "conv2,conv3",
-           "--num-generators", "2", "--generator-steps", "10", "--distill-steps", "20", "--device", "cpu",
-           "--keep-slower"]
+           "--num-generators", "2", "--generator-steps", "10", "--distill-steps", "20", "--rank-method", "evbmf",
+           "--device", "cpu", "--keep-slower"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(4.10x)" in proc.stdout and "agreement with the teacher: " in proc.stdout

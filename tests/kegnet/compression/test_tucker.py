@@ -100,6 +100,6 @@ def test_paper_evbmf_ranks_and_ratios_on_the_mnist_teacher() -> None:
     teacher = load_teacher(MNIST_TEACHER, LENET_SPEC)
     for layers, ranks, ratio in ((["conv3"], {"conv3": (7, 11)}, 3.62),
                                  (["conv2", "conv3"], {"conv2": (3, 4), "conv3": (7, 11)}, 4.10)):
-        plan = plan_compression(teacher, CompressionConfig(layers=layers))
+        plan = plan_compression(teacher, CompressionConfig(layers=layers, rank_method="evbmf"))
         assert {p.name: (p.in_rank, p.out_rank) for p in plan.layers} == ranks
         assert round(count_parameters(teacher) / count_parameters(apply_plan(teacher, plan)), 2) == ratio

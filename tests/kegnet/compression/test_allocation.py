@@ -1,0 +1,58 @@
+"""Balanced rank allocation: every layer keeps the same share of its spectral energy, at the target ratio."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from kegnet.compression import apply_plan, plan_compression
+from kegnet.compression.allocation import energy_tails, rank_for
+from kegnet.compression.plan import check_layers
+from kegnet.config import CompressionConfig
+from kegnet.metrics import count_parameters
+
+
+def _low_rank_plus_noise(out: int, inp: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, rank, generator=g) @ torch.randn(rank, inp, generator=g) + 0.01 * torch.randn(
+        out, inp, generator=g)
+
+
+def _model() -> nn.Sequential:
+    """A small layer with a flat spectrum (every channel matters) and a large one that is nearly rank 8."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 256),
+                          nn.ReLU(), nn.Linear(256, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))[0])
+        model[4].weight.copy_(_low_rank_plus_noise(256, 256, 8, 1))
+    return model
+
+
+def test_energy_tails_run_from_all_to_nothing() -> None:
+    t_in, t_out = energy_tails(nn.Conv2d(6, 10, 3))
+    for tail, full in ((t_in, 6), (t_out, 10)):
+        assert tail[0] == 1.0 and abs(tail[full]) < 1e-12
+        assert np.all(np.diff(tail) <= 1e-12)
+    assert rank_for(t_in, 1.0) == 1 and rank_for(t_in, 0.0) == 6
+
+
+def test_balanced_meets_the_ratio_and_spares_the_layer_that_needs_its_ranks() -> None:
+    model = _model()
+    layers = ["0", "2", "4"]
+    plans = {a: plan_compression(model, CompressionConfig(layers=layers, rank_method="ratio", target_ratio=3.0,
+                                                          allocation=a)) for a in ("balanced", "uniform")}
+    ratio = count_parameters(model) / count_parameters(apply_plan(model, plans["balanced"]))
+    assert 3.0 <= ratio < 3.3
+    # Balanced takes the whole reduction from the nearly rank-8 layer and leaves the two whose every
+    # direction matters whole; uniform cuts all three by one fraction (rank 2 of 16 in the first).
+    assert [p.name for p in plans["balanced"].layers] == ["4"]
+    assert {p.name: p.in_rank for p in plans["uniform"].layers}["0"] <= 2
+    assert plans["balanced"].layers[0].kept_energy > 0.999
+    assert min(p.kept_energy for p in plans["uniform"].layers) < 0.2
+
+
+def test_balanced_needs_weights_so_the_meta_check_skips_ranks() -> None:
+    with torch.device("meta"):
+        model = _model()
+    check_layers(model, CompressionConfig(layers=["0", "2", "4"], target_ratio=3.0))  # no error, no numpy
