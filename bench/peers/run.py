@@ -1,0 +1,143 @@
+"""``python -m bench peers``: data-free peers against the KegNet default, same teacher, student and time.
+
+For each suite entry (bench/suite/teachers.py) and seed, the KegNet default runs first (``run_pipeline``
+with the suite's config and the product's default recipe; its wall time is measured), unless ``seconds``
+is given. Each peer then gets that wall time, including building its student: the same plan and Tucker-2 /
+SVD factorization the pipeline makes from the entry's compression config (kegnet/tasks/classify.py's plan
+and decompose stages; the suite keeps slower layers, so no latency filter applies). The bench scores every
+student on the entry's real test split; the methods themselves only see the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.datasets import accuracy
+from bench.peers import dafl, deepinversion
+from bench.peers.common import PeerResult
+from bench.suite.run import config_for
+from bench.suite.teachers import ENTRIES, suite_teacher
+from kegnet import ClassifierConfig, ModelSpec, load_teacher, run_pipeline
+from kegnet.compression import apply_plan, plan_compression
+from kegnet.metrics import count_parameters
+from kegnet.pipeline import resolve_device
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dafl", "deepinversion")
+PAPERS = {"dafl": "Chen et al. 2019, Data-Free Learning of Student Networks (ICCV)",
+          "deepinversion": "Yin et al. 2020, Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion "
+                           "(CVPR)"}
+
+
+def build_student(teacher: nn.Module, config: ClassifierConfig, seed: int) -> nn.Module:
+    """The factorized student the pipeline starts from: plan on the teacher, then decompose."""
+    if not config.compression.keep_slower:
+        raise ValueError("peers compare at the plan itself: the config must keep slower layers")
+    plan = plan_compression(teacher, config.compression)
+    return apply_plan(teacher, plan, n_iter_max=config.compression.n_iter_max, seed=seed)
+
+
+def train_peer(method: str, teacher: nn.Module, student: nn.Module, spec: ModelSpec, seconds: float, *,
+               batch_size: int, device: torch.device, seed: int) -> PeerResult:
+    """Run one peer method on ``student`` (in place) for ``seconds``."""
+    shape = tuple(spec.input_shape)
+    if method == "dafl":
+        return dafl.train(teacher, student, shape, seconds, batch_size=batch_size, device=device, seed=seed)
+    if method == "deepinversion":
+        return deepinversion.train(teacher, student, shape, seconds, batch_size=batch_size,
+                                   num_classes=spec.num_classes, device=device, seed=seed)
+    raise ValueError(f"unknown peer {method!r}; known: {', '.join(METHODS)}")
+
+
+def run_kegnet(path: Path, spec: ModelSpec, config: ClassifierConfig, x: torch.Tensor, y: torch.Tensor,
+               device: torch.device, seed: int) -> dict[str, Any]:
+    """The KegNet default on this entry: real test accuracy, wall time, stage times, the student's size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = run_pipeline(path, spec, config, tmp, device=str(device), seed=seed)
+        seconds = time.perf_counter() - t0
+    report = result.report
+    return {"accuracy": accuracy(result.student, x, y), "seconds": seconds, "timings_s": report.timings_s,
+            "recipe": report.classify.recipe, "parameters": report.parameters.student,
+            "steps": {"generator": config.generator.steps, "student": config.distill.steps}}
+
+
+def run_peer(method: str, teacher: nn.Module, spec: ModelSpec, config: ClassifierConfig, seconds: float,
+             x: torch.Tensor, y: torch.Tensor, device: torch.device, seed: int) -> dict[str, Any]:
+    """One peer row: the student is built inside the peer's time, then trained for what is left."""
+    t0 = time.perf_counter()
+    student = build_student(teacher, config, seed).to(device)
+    built = time.perf_counter() - t0
+    result = train_peer(method, teacher, student, spec, max(seconds - built, 1e-3),
+                        batch_size=config.distill.batch_size, device=device, seed=seed)
+    return {"accuracy": accuracy(student, x, y), "seconds": time.perf_counter() - t0, "decompose_s": built,
+            "steps": result.steps, "settings": result.settings, "parameters": count_parameters(student)}
+
+
+def run_entry(entry: str, methods: list[str], seed: int, device: torch.device, seconds: float | None,
+              extra: dict[str, Any] | None) -> dict[str, Any]:
+    path, spec, task, teacher_info = suite_teacher(entry)
+    x, y = task[2], task[3]
+    config = config_for(entry, extra=extra)
+    row: dict[str, Any] = {"entry": entry, "seed": seed, "classes": spec.num_classes, "teacher": teacher_info,
+                           "peers": {}}
+    if seconds is None:
+        row["kegnet"] = run_kegnet(path, spec, config, x, y, device, seed)
+        seconds = row["kegnet"]["seconds"]
+        log.info("%s seed %d: kegnet %.4f in %.0f s", entry, seed, row["kegnet"]["accuracy"], seconds)
+    row["budget_s"] = seconds
+    teacher = load_teacher(path, spec).to(device)
+    for method in methods:
+        row["peers"][method] = run_peer(method, teacher, spec, config, seconds, x, y, device, seed)
+        log.info("%s seed %d: %s %.4f", entry, seed, method, row["peers"][method]["accuracy"])
+    return row
+
+
+def run_peers(entries: list[str], methods: list[str], seeds: int, device: str, out: Path,
+              seconds: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every entry × seed; the JSON is rewritten after each, so a long run can be read as it goes."""
+    unknown = [m for m in methods if m not in METHODS] + [e for e in entries if e not in ENTRIES]
+    if unknown:
+        raise ValueError(f"unknown methods or entries: {unknown}")
+    dev = resolve_device(device)
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": str(dev), "torch": torch.__version__,
+                              "threads": torch.get_num_threads(), "methods": methods, "papers": PAPERS,
+                              "seconds": seconds, "extra": extra, "rows": []}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # torch's first optimizer imports its compiler stack (seconds): not a cost of whichever row runs first.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    for entry in entries:
+        for seed in range(seeds):
+            result["rows"].append(run_entry(entry, methods, seed, dev, seconds, extra))
+            out.write_text(json.dumps(result, indent=2))
+            print(table(result["rows"], methods), flush=True)
+    return result
+
+
+def _steps(steps: dict[str, int]) -> str:
+    return ", ".join(f"{v:,} {k}" for k, v in steps.items())
+
+
+def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """Real test accuracy %, each cell with its seconds and the steps it reached."""
+    names = {"dafl": "DAFL (re-impl.)", "deepinversion": "DeepInversion (re-impl.)"}
+    lines = ["| teacher | seed | teacher acc. | kegnet default | " + " | ".join(names[m] for m in methods) + " |",
+             "|" + "---|" * (4 + len(methods))]
+    for r in rows:
+        k = r.get("kegnet")
+        cells = [f"{100 * k['accuracy']:.2f} ({k['seconds']:.0f} s; {_steps(k['steps'])})" if k else "-"]
+        for m in methods:
+            p = r["peers"][m]
+            cells.append(f"{100 * p['accuracy']:.2f} ({p['seconds']:.0f} s; {_steps(p['steps'])})")
+        lines.append(f"| {r['entry']} | {r['seed']} | {100 * r['teacher']['test_accuracy']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
