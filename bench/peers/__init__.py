@@ -2,6 +2,7 @@
 
 Each method gets the same teacher, the same factorized student (the suite entry's compression plan) and
 the same wall time as the KegNet default run of that entry; only the way samples are made differs. These
-are re-implementations, not the authors' code: ``dafl`` (Chen et al. 2019) and ``deepinversion`` (Yin et
-al. 2020). bench/peers/run.py is the driver; common.py holds what both methods share.
+are re-implementations, not the authors' code: ``dafl`` (Chen et al. 2019), ``deepinversion`` (Yin et
+al. 2020) and ``fast-dfkd`` (Fang et al. 2022). bench/peers/run.py is the driver; common.py holds what the
+methods share.
 """
