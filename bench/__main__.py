@@ -305,7 +305,7 @@ def _run_peers(args: argparse.Namespace) -> None:
     out = args.out or RESULTS / "peers.json"
     methods = args.methods.split(",") if args.methods else list(METHODS)
     result = run_peers(args.entries.split(","), methods, args.seeds, args.device, out, seconds=args.seconds,
-                       extra=args.config)
+                       extra=args.config, budgets=args.budgets)
     result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
@@ -343,6 +343,8 @@ def main() -> None:
                                                                    "bench/results/suite.json) without running")
     parser.add_argument("--seconds", type=float, default=None,
                         help="peers: wall time of each peer (default: that of the KegNet default, run first)")
+    parser.add_argument("--budgets", type=Path, default=None,
+                        help="peers: an earlier peers JSON whose KegNet rows and times are reused")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<scenario>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -89,13 +89,17 @@ def run_peer(method: str, teacher: nn.Module, spec: ModelSpec, config: Classifie
 
 
 def run_entry(entry: str, methods: list[str], seed: int, device: torch.device, seconds: float | None,
-              extra: dict[str, Any] | None) -> dict[str, Any]:
+              extra: dict[str, Any] | None, kegnet: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry and seed: the KegNet default (or ``kegnet``, its row from an earlier run, whose time is then
+    the budget; or only ``seconds``), then each peer at that time."""
     path, spec, task, teacher_info = suite_teacher(entry)
     x, y = task[2], task[3]
     config = config_for(entry, extra=extra)
     row: dict[str, Any] = {"entry": entry, "seed": seed, "classes": spec.num_classes, "teacher": teacher_info,
                            "peers": {}}
-    if seconds is None:
+    if kegnet is not None:
+        row["kegnet"], seconds = kegnet, kegnet["seconds"]
+    elif seconds is None:
         row["kegnet"] = run_kegnet(path, spec, config, x, y, device, seed)
         seconds = row["kegnet"]["seconds"]
         log.info("%s seed %d: kegnet %.4f in %.0f s", entry, seed, row["kegnet"]["accuracy"], seconds)
@@ -107,9 +111,18 @@ def run_entry(entry: str, methods: list[str], seed: int, device: torch.device, s
     return row
 
 
+def kegnet_rows(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """The KegNet default rows of an earlier ``peers`` JSON by (entry, seed), marked with where they came from
+    (a peer added later then gets the same budget without running KegNet again)."""
+    rows = json.loads(path.read_text())["rows"]
+    return {(r["entry"], r["seed"]): {**r["kegnet"], "from": str(path)} for r in rows if "kegnet" in r}
+
+
 def run_peers(entries: list[str], methods: list[str], seeds: int, device: str, out: Path,
-              seconds: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every entry × seed; the JSON is rewritten after each, so a long run can be read as it goes."""
+              seconds: float | None = None, extra: dict[str, Any] | None = None,
+              budgets: Path | None = None) -> dict[str, Any]:
+    """Every entry × seed; the JSON is rewritten after each, so a long run can be read as it goes. With
+    ``budgets`` (an earlier peers JSON), each entry's KegNet row and time come from there."""
     unknown = [m for m in methods if m not in METHODS] + [e for e in entries if e not in ENTRIES]
     if unknown:
         raise ValueError(f"unknown methods or entries: {unknown}")
@@ -120,9 +133,10 @@ def run_peers(entries: list[str], methods: list[str], seeds: int, device: str, o
     out.parent.mkdir(parents=True, exist_ok=True)
     # torch's first optimizer imports its compiler stack (seconds): not a cost of whichever row runs first.
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    earlier = kegnet_rows(budgets) if budgets is not None else {}
     for entry in entries:
         for seed in range(seeds):
-            result["rows"].append(run_entry(entry, methods, seed, dev, seconds, extra))
+            result["rows"].append(run_entry(entry, methods, seed, dev, seconds, extra, earlier.get((entry, seed))))
             out.write_text(json.dumps(result, indent=2))
             print(table(result["rows"], methods), flush=True)
     return result

@@ -1,12 +1,14 @@
 """Each peer runs a few steps on a tiny teacher within its time and returns the pipeline's student structure."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from bench.peers.run import METHODS, build_student, train_peer
+from bench.peers.run import METHODS, build_student, kegnet_rows, train_peer
 from kegnet import ModelSpec
 from kegnet.compression import LowRankLinear, Tucker2Conv2d
 from kegnet.metrics import count_parameters
@@ -59,3 +61,13 @@ def test_unknown_peer_is_refused(mlp_teacher: nn.Module) -> None:
     with pytest.raises(ValueError, match="unknown peer"):
         train_peer("nope", mlp_teacher, copy.deepcopy(mlp_teacher), spec, 1.0, batch_size=8,
                    device=torch.device("cpu"), seed=0)
+
+
+def test_budgets_reuse_the_kegnet_rows_of_an_earlier_run(tmp_path: Path) -> None:
+    earlier = tmp_path / "peers.json"
+    earlier.write_text(json.dumps({"rows": [
+        {"entry": "letter", "seed": 0, "kegnet": {"accuracy": 0.8, "seconds": 120.0}, "peers": {}},
+        {"entry": "letter", "seed": 1, "peers": {}},  # a --seconds run: no KegNet row to reuse
+    ]}))
+    rows = kegnet_rows(earlier)
+    assert rows == {("letter", 0): {"accuracy": 0.8, "seconds": 120.0, "from": str(earlier)}}
