@@ -145,8 +145,11 @@ def run_peers(entries: list[str], methods: list[str], seeds: int, device: str, o
     return result
 
 
-def _steps(steps: dict[str, int]) -> str:
-    return ", ".join(f"{v:,} {k}" for k, v in steps.items())
+def _cell(figures: dict[str, Any]) -> str:
+    """Accuracy %, then wall seconds, CPU seconds where recorded, and the steps reached."""
+    cpu = f", {figures['cpu_s']:.0f} CPU s" if "cpu_s" in figures else ""
+    steps = ", ".join(f"{v:,} {k}" for k, v in figures["steps"].items())
+    return f"{100 * figures['accuracy']:.2f} ({figures['seconds']:.0f} s{cpu}; {steps})"
 
 
 def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
@@ -157,10 +160,7 @@ def table(rows: list[dict[str, Any]], methods: list[str]) -> str:
              "|" + "---|" * (4 + len(methods))]
     for r in rows:
         k = r.get("kegnet")
-        cells = [f"{100 * k['accuracy']:.2f} ({k['seconds']:.0f} s; {_steps(k['steps'])})" if k else "-"]
-        for m in methods:
-            p = r["peers"][m]
-            cells.append(f"{100 * p['accuracy']:.2f} ({p['seconds']:.0f} s; {_steps(p['steps'])})")
+        cells = [_cell(k) if k else "-"] + [_cell(r["peers"][m]) for m in methods]
         lines.append(f"| {r['entry']} | {r['seed']} | {100 * r['teacher']['test_accuracy']:.2f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
