@@ -7,6 +7,8 @@ data, which the pipeline itself never sees. ``--scale`` multiplies every step bu
 GPU rows. Rows report parameters, ratio, real test accuracy, the latency of student and teacher at batch 1
 and 64 from the run report, and the seconds of every pipeline stage. ``python -m bench g2p --help``: the
 sequence-model benchmark (grapheme-to-phoneme on CMUdict, bench/g2p/run.py), with options of its own.
+``python -m bench peers --entries E1,E2 [--methods dafl,deepinversion] [--seconds S]``: data-free peers
+re-implemented from their papers, at the KegNet default's wall time on each suite entry (bench/peers/run.py).
 
 Within one seed, the KegNet generators are trained once and shared by the scenario's compression settings
 (they depend on the teacher only); the generator time is reported in every row that uses them.
@@ -295,6 +297,20 @@ def device_name(dev: torch.device) -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
+def _run_peers(args: argparse.Namespace) -> None:
+    from bench.peers.run import METHODS, run_peers
+
+    if not args.entries:
+        raise SystemExit("peers needs --entries (names in bench/suite/teachers.py)")
+    out = args.out or RESULTS / "peers.json"
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    result = run_peers(args.entries.split(","), methods, args.seeds, args.device, out, seconds=args.seconds,
+                       extra=args.config, budgets=args.budgets)
+    result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["g2p"]:  # the sequence-model benchmark has its own options (bench/g2p/run.py)
         from bench.g2p.run import main as g2p_main
@@ -302,7 +318,7 @@ def main() -> None:
         g2p_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale", "suite", "g2p"]))
+    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale", "suite", "g2p", "peers"]))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
@@ -330,11 +346,18 @@ def main() -> None:
                              '"outputs"}}}\' (bench/suite/variants.py; one table of starts and students)')
     parser.add_argument("--report", action="store_true", help="suite: print the tables of --out (default "
                                                                    "bench/results/suite.json) without running")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="peers: wall time of each peer (default: that of the KegNet default, run first)")
+    parser.add_argument("--budgets", type=Path, default=None,
+                        help="peers: an earlier peers JSON whose KegNet rows and times are reused")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<scenario>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)  # 1-2 on a shared 2-core host: oversubscription crawls
+    if args.scenario == "peers":
+        _run_peers(args)
+        return
     if args.scenario == "suite":
         from bench.suite.run import RECIPES, run_suite
         from bench.suite.teachers import ENTRIES
