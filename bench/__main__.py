@@ -251,7 +251,8 @@ def _confidence_detail(confidence: Any) -> dict[str, Any] | None:
     ``python -m bench calibration`` compares with the real accuracy."""
     if confidence is None:
         return None
-    keys = ("estimate", "level", "balanced", "kl", "per_source", "before_finetune", "chosen", "exam")
+    keys = ("estimate", "level", "agreement", "balanced", "kl", "per_source", "before_finetune", "chosen", "exam",
+            "generator_exam")
     return {k: v for k, v in confidence.model_dump().items() if k in keys}
 
 
