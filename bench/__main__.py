@@ -9,6 +9,8 @@ and 64 from the run report, and the seconds of every pipeline stage. ``python -m
 sequence-model benchmark (grapheme-to-phoneme on CMUdict, bench/g2p/run.py), with options of its own.
 ``python -m bench peers --entries E1,E2 [--methods dafl,deepinversion] [--seconds S]``: data-free peers
 re-implemented from their papers, at the KegNet default's wall time on each suite entry (bench/peers/run.py).
+``python -m bench calibration [--files F ...]``: the confidence estimate against the real accuracy of every
+recorded student (bench/calibration.py; reads bench/results only, runs nothing).
 
 Within one seed, the KegNet generators are trained once and shared by the scenario's compression settings
 (they depend on the teacher only); the generator time is reported in every row that uses them.
@@ -191,7 +193,7 @@ def _run_rows(sc: Scenario, rows: list[dict[str, Any]], teachers: list[torch.nn.
                 continue
             row: dict[str, Any] = {"setting": setting, "method": method, "accuracy": [], "agreement": [],
                                    "seconds": [], "timings_s": [], "peak_gpu_mb": [], "latency_ms": [],
-                                   "layers": []}
+                                   "layers": [], "confidence": []}
             for seed in range(seeds):
                 cfg = make_config(sc, setting, method, scale, extra)
                 if cfg.method == "tucker-only" and seed > 0:
@@ -233,6 +235,7 @@ def _run_rows(sc: Scenario, rows: list[dict[str, Any]], teachers: list[torch.nn.
                     timings["generators"], seconds = gen_s, seconds + gen_s
                 row["accuracy"].append(accuracy(result.student, x, y))
                 row["agreement"].append(report.agreement.final if report.agreement else None)
+                row["confidence"].append(_confidence_detail(report.classify.confidence))
                 row["seconds"].append(seconds)
                 row["timings_s"].append(timings)
                 row["peak_gpu_mb"].append(torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None)
@@ -243,6 +246,16 @@ def _run_rows(sc: Scenario, rows: list[dict[str, Any]], teachers: list[torch.nn.
                 row["parameters"] = report.parameters.student
             rows.append(row)
             print(_fmt(row), flush=True)
+
+
+def _confidence_detail(confidence: Any) -> dict[str, Any] | None:
+    """The run's exam grades (kegnet/distill/confidence.py) without the per-class table: what
+    ``python -m bench calibration`` compares with the real accuracy."""
+    if confidence is None:
+        return None
+    keys = ("estimate", "level", "agreement", "balanced", "kl", "per_source", "before_finetune", "chosen", "exam",
+            "generator_exam")
+    return {k: v for k, v in confidence.model_dump().items() if k in keys}
 
 
 def _pct(values: list[float]) -> str:
@@ -312,13 +325,18 @@ def _run_peers(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["calibration"]:  # reads recorded results only (bench/calibration.py)
+        from bench.calibration import main as calibration_main
+
+        calibration_main(sys.argv[2:])
+        return
     if sys.argv[1:2] == ["g2p"]:  # the sequence-model benchmark has its own options (bench/g2p/run.py)
         from bench.g2p.run import main as g2p_main
 
         g2p_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale", "suite", "g2p", "peers"]))
+    parser.add_argument("scenario", choices=sorted([*SCENARIOS, "scale", "suite", "g2p", "peers", "calibration"]))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")

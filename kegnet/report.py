@@ -70,9 +70,13 @@ class Teachers(_Section):
 class Confidence(_Section):
     """How sure we are without data (kegnet.distill.confidence); other keys give the detail."""
 
-    estimate: float
+    estimate: float = Field(description="min(agreement, balanced agreement) on the synthetic exam, 0-1")
     level: Literal["high", "medium", "low"]
     warnings: list[str] = Field(default_factory=list)
+    agreement: float | None = Field(None, description="the plain exam agreement (reports before 2026-12-05: "
+                                                      "absent; it was the estimate)")
+    generator_exam: bool | None = Field(None, description="the exam held generator samples; without them the "
+                                                          "level is at most medium")
 
 
 class Evaluation(_Section):
@@ -124,8 +128,8 @@ class ClassifyReport(_Section):
         if self.recipe:
             lines.append(f"sample recipe kept: {self.recipe}")
         if self.confidence:
-            lines.append(f"confidence estimate: {self.confidence.estimate:.4f} ({self.confidence.level}; agreement "
-                         "with the teacher on a synthetic exam, not an accuracy)")
+            lines.append(f"confidence estimate: {self.confidence.estimate:.4f} ({self.confidence.level}; the lower "
+                         "of plain and balanced agreement with the teacher on a synthetic exam, not an accuracy)")
             lines += [f"warning: {w}" for w in self.confidence.warnings]
         if self.evaluation:
             ev = self.evaluation

@@ -230,7 +230,7 @@ def exam_table(entries: list[dict[str, Any]]) -> str:
 def confidence_table(entries: list[dict[str, Any]]) -> str:
     """The default students by confidence level (kegnet/distill/confidence.py): how much of the teacher's real
     accuracy each level kept (student / teacher accuracy, %)."""
-    from kegnet.distill.confidence import level
+    from kegnet.distill.confidence import estimate_of, level
 
     kept: dict[str, list[float]] = {"high": [], "medium": [], "low": []}
     for e in entries:
@@ -239,8 +239,9 @@ def confidence_table(entries: list[dict[str, Any]]) -> str:
             if pick is None:
                 continue
             c = run["candidates"][pick]
-            kept[level(c["agreement"])].append(c["accuracy"] / e["teacher"]["test_accuracy"])
-    lines = ["| level (exam agreement) | runs | teacher accuracy kept, % (min - max) |", "|---|---|---|"]
+            kept[level(estimate_of(c["agreement"], c.get("balanced")))].append(
+                c["accuracy"] / e["teacher"]["test_accuracy"])
+    lines = ["| level (exam estimate) | runs | teacher accuracy kept, % (min - max) |", "|---|---|---|"]
     for name, values in kept.items():
         span = f"{100 * min(values):.1f} - {100 * max(values):.1f}" if values else "-"
         lines.append(f"| {name} | {len(values)} | {span} |")

@@ -1,9 +1,14 @@
 """How sure we are of a student without data: the manifest's ``confidence`` section, from exam grades.
 
-The estimate is the chosen student's agreement with the teacher on the synthetic exam
-(``kegnet.distill.exam``). Warnings name what a user should look at: a low estimate, fine-tuning that made
-the student worse than the plain decomposition, a recipe far below another, classes the student gets wrong
-on the exam, classes the exam has no sample of.
+The estimate is the lower of two grades of the chosen student on the synthetic exam (``kegnet.distill.exam``):
+its agreement with the teacher, and its balanced agreement (the mean over the teacher's classes). The lower
+of the two: plain agreement is flattered by a student right on the exam's commonest classes only, balanced
+agreement by a class with few samples. "High" also needs generator samples on the exam: on noise alone a
+student trained on noise is graded on its own kind of samples.
+
+Warnings name what a user should look at: a low estimate, an exam of noise only, fine-tuning that made the
+student worse than the plain decomposition, a recipe far below another, classes the student gets wrong on
+the exam, classes the exam has no sample of.
 """
 
 from __future__ import annotations
@@ -12,16 +17,28 @@ from typing import Any
 
 from kegnet.distill.exam import Grade
 
-# Thresholds on exam agreement (fractions). Calibrated on the robustness suite (docs/benchmarks.md).
-LOW = 0.80
-HIGH = 0.92
+# Thresholds on the estimate (fractions), fitted by ``python -m bench calibration`` on every recorded student
+# (docs/benchmarks.md, "confidence calibration"): "high" 0.02 above the best estimate of any student that lost
+# more than 2 points of real accuracy, "low" 0.02 above that of any student that lost more than 5.
+LOW = 0.87
+HIGH = 0.91
 FAR_BELOW = 0.05  # a candidate this far below the best is flagged
 WEAK_CLASS = 0.5  # a class whose exam samples agree less than this is named
 MIN_CLASS_SAMPLES = 10
 
 
-def level(agreement: float) -> str:
-    return "high" if agreement >= HIGH else "low" if agreement < LOW else "medium"
+def estimate_of(agreement: float, balanced: float | None = None) -> float:
+    """The estimate from a student's exam agreement and balanced agreement (agreement alone when the
+    balanced score is unknown)."""
+    return agreement if balanced is None else min(agreement, balanced)
+
+
+def level(estimate: float, generator_exam: bool = True) -> str:
+    """``high``, ``medium`` or ``low``; never ``high`` when the exam had no generator samples
+    (``generator_exam`` False: a job without generators, graded on noise only)."""
+    if estimate < LOW:
+        return "low"
+    return "high" if estimate >= HIGH and generator_exam else "medium"
 
 
 def assess(candidates: dict[str, Grade], chosen: str | None, before: Grade, num_classes: int,
@@ -30,11 +47,17 @@ def assess(candidates: dict[str, Grade], chosen: str | None, before: Grade, num_
     (empty when nothing was fine-tuned: the decomposed student is the result); ``before``: the decomposed
     student's grade, before any fine-tuning."""
     final = candidates[chosen] if chosen is not None else before
+    estimate = estimate_of(final.agreement, final.balanced)
+    generator_exam = any(name.startswith("kegnet/") for name in exam_sources)
     warnings: list[str] = []
-    if final.agreement < LOW:
+    if estimate < LOW:
         warnings.append(f"low estimate: the student agrees with the teacher on {100 * final.agreement:.1f}% of "
-                        "the synthetic exam; expect it to lose accuracy on real data. Try a lower compression "
-                        "ratio, more distill.steps, or compare recipes (distill.recipes)")
+                        f"the synthetic exam ({100 * final.balanced:.1f}% over the teacher's classes); expect it "
+                        "to lose accuracy on real data. Try a lower compression ratio, more distill.steps, or "
+                        "compare recipes (distill.recipes)")
+    if not generator_exam and estimate >= HIGH:
+        warnings.append("the exam held noise samples only (no generators in this job): the estimate says nothing "
+                        "about inputs like the teacher's data, so the level is at most medium")
     if chosen is not None and final.agreement < before.agreement - FAR_BELOW:
         warnings.append(f"fine-tuning lowered the exam agreement from {100 * before.agreement:.1f}% (the "
                         f"decomposed student) to {100 * final.agreement:.1f}%")
@@ -52,8 +75,9 @@ def assess(candidates: dict[str, Grade], chosen: str | None, before: Grade, num_
         warnings.append(f"the teacher predicts no exam sample as class {', '.join(map(str, unseen))}: the "
                         "student is unchecked there")
     return {
-        "estimate": final.agreement,
-        "level": level(final.agreement),
+        "estimate": estimate,
+        "level": level(estimate, generator_exam),
+        "agreement": final.agreement,
         "kl": final.kl,
         "chosen": chosen,
         "per_class": final.to_dict()["per_class"],
@@ -65,5 +89,6 @@ def assess(candidates: dict[str, Grade], chosen: str | None, before: Grade, num_
                        for name, g in candidates.items()},
         "exam": {"samples": sum(exam_sources.values()), "sources": exam_sources},
         "thresholds": {"low": LOW, "high": HIGH, "far_below": FAR_BELOW},
+        "generator_exam": generator_exam,
         "warnings": warnings,
     }

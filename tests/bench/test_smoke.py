@@ -32,6 +32,10 @@ def test_mnist_bench_smoke(tmp_path: Path) -> None:
     gen_times = [[t["generators"] for t in rows[(s, "kegnet")]["timings_s"]] for s in ("3.62x", "4.10x")]
     assert gen_times[0] == gen_times[1]
     assert result["command"].startswith("python -m bench mnist")
+    # Each seed keeps the exam's grades, which python -m bench calibration compares with the real accuracy.
+    conf = rows[("4.10x", "kegnet")]["confidence"][1]
+    assert conf["estimate"] == min(conf["agreement"], conf["balanced"]) and conf["generator_exam"]
+    assert conf["level"] in ("high", "medium", "low") and set(conf["per_source"]) >= {"kegnet/one_hot", "gaussian"}
 
 
 def test_variants_set_their_config_and_ensembles_key_their_generators() -> None:

@@ -131,8 +131,10 @@ def test_recipes_give_one_student_each_and_the_exam_picks_one(tmp_path: Path, sm
     conf = result.report.classify.confidence.model_dump()
     names = ["kegnet/pairs+noise0.5", "kegnet/one_hot", "gaussian"]
     assert list(result.candidates) == names == list(conf["candidates"])
-    best = max(c["agreement"] for c in conf["candidates"].values())
-    assert conf["chosen"] == result.report.classify.recipe and conf["estimate"] >= best - 0.005  # ties go by KL
+    best = max(c["balanced"] for c in conf["candidates"].values())
+    chosen = conf["candidates"][conf["chosen"]]
+    assert conf["chosen"] == result.report.classify.recipe and chosen["balanced"] >= best - 0.005  # ties go by KL
+    assert conf["estimate"] == min(chosen["agreement"], chosen["balanced"]) and conf["generator_exam"]
     assert result.student is result.candidates[conf["chosen"]]
     assert conf["exam"]["samples"] >= 64 and set(conf["exam"]["sources"]) >= {"kegnet/one_hot", "gaussian"}
 

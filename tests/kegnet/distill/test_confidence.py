@@ -1,9 +1,10 @@
 """The manifest's confidence section: estimate, level, and warnings a user can act on."""
 
-from kegnet.distill.confidence import assess
+from kegnet.distill.confidence import HIGH, LOW, assess, estimate_of, level
 from kegnet.distill.exam import Grade
 
-SOURCES = {"gaussian": 50, "uniform": 50}
+SOURCES = {"kegnet/one_hot": 50, "gaussian": 25, "uniform": 25}
+NOISE_ONLY = {"gaussian": 50, "uniform": 50}
 
 
 def _grade(agreement: float, per_class: dict[int, tuple[float, int]] | None = None) -> Grade:
@@ -15,6 +16,29 @@ def test_a_good_student_has_a_high_level_and_no_warning() -> None:
     assert c["estimate"] == 0.97 and c["level"] == "high" and c["warnings"] == []
     assert c["chosen"] == "kegnet/pairs" and c["candidates"]["kegnet/pairs"]["chosen"]
     assert c["exam"]["samples"] == 100 and c["before_finetune"]["agreement"] == 0.7
+    assert c["agreement"] == 0.97 and c["generator_exam"]
+    assert c["thresholds"] == {"low": LOW, "high": HIGH, "far_below": 0.05}
+
+
+def test_the_estimate_is_the_lower_of_plain_and_balanced_agreement() -> None:
+    # 97% overall, but the student is right on a third of the teacher's rarer class only.
+    lopsided = Grade(0.97, 0.1, {0: (1.0, 90), 1: (0.7, 10)})
+    c = assess({"kegnet/simplex": lopsided}, "kegnet/simplex", _grade(0.7), 2, SOURCES)
+    assert c["estimate"] == estimate_of(0.97, 0.85) == 0.85 and c["balanced"] == 0.85
+    assert c["agreement"] == 0.97 and c["level"] == "low" and "low estimate" in c["warnings"][0]
+    # The other way round: a class with few samples flatters the balanced score, plain agreement decides.
+    flattered = Grade(0.88, 0.1, {0: (0.88, 99), 1: (1.0, 1)})
+    assert assess({"kegnet/simplex": flattered}, "kegnet/simplex", _grade(0.7), 2, SOURCES)["estimate"] == 0.88
+
+
+def test_levels_at_the_thresholds_and_never_high_on_noise_alone() -> None:
+    assert level(HIGH) == "high" and level(HIGH - 1e-6) == "medium"
+    assert level(LOW) == "medium" and level(LOW - 1e-6) == "low"
+    assert level(0.999, generator_exam=False) == "medium" and level(LOW - 1e-6, generator_exam=False) == "low"
+    assert estimate_of(0.9) == 0.9  # older records without a balanced score
+    c = assess({"gaussian": _grade(0.97)}, "gaussian", _grade(0.7), 2, NOISE_ONLY)
+    assert c["estimate"] == 0.97 and c["level"] == "medium" and not c["generator_exam"]
+    assert "noise samples only" in " | ".join(c["warnings"])
 
 
 def test_low_estimates_regressions_laggards_weak_and_unseen_classes_are_flagged() -> None:
@@ -31,5 +55,5 @@ def test_low_estimates_regressions_laggards_weak_and_unseen_classes_are_flagged(
 
 
 def test_without_fine_tuning_the_decomposed_student_is_what_is_assessed() -> None:
-    c = assess({}, None, _grade(0.85), 2, SOURCES)
-    assert c["estimate"] == 0.85 and c["level"] == "medium" and c["chosen"] is None and c["candidates"] == {}
+    c = assess({}, None, _grade(0.89), 2, SOURCES)
+    assert c["estimate"] == 0.89 and c["level"] == "medium" and c["chosen"] is None and c["candidates"] == {}
