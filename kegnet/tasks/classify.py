@@ -9,9 +9,11 @@ Each stage is one function below that reads and fills a ``_Job``; kegnet.pipelin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from torch import nn
 
 from kegnet import artifacts, export
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
-from kegnet.compression import CompressionPlan, apply_plan, plan_compression
+from kegnet.compression import CompressionPlan, apply_plan, plan_compression, quantize
 from kegnet.compression.latency import model_latency
 from kegnet.compression.plan import check_layers, drop_slower_layers, replan_ratio
 from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe
@@ -33,8 +35,9 @@ from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, g
 from kegnet.errors import CompressionError, KegnetError
 from kegnet.evaluation import evaluate, read_eval_set
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
+from kegnet.generation.samplers import MixedSampler
 from kegnet.metrics import count_macs, count_parameters
-from kegnet.report import Agreement, ClassifyReport, Sizes, Speed, Teachers
+from kegnet.report import Agreement, ClassifyReport, Quantization, Sizes, Speed, Teachers
 from kegnet.spec import ModelSpec
 from kegnet.tasks.base import Run, Stage, Task, TaskOutcome, TeacherSource
 
@@ -63,6 +66,7 @@ class _Job(Run):
     eval_set: tuple[torch.Tensor, torch.Tensor] | None = None  # the user's labelled data: reported only
     # plan
     plan: CompressionPlan | None = None
+    unfactorized: str | None = None  # why no layer is factorized (quantize int8: the teacher is quantized)
     layer_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     # generators
     sampler: Sampler | None = None
@@ -80,6 +84,7 @@ class _Job(Run):
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     exported: dict[str, Any] = field(default_factory=dict)  # onnx_skipped, onnx_check, program_skipped
+    quantization: Quantization | None = None
 
 
 # 1. load ------------------------------------------------------------------------------------------------
@@ -128,14 +133,24 @@ def _plan(job: _Job) -> None:
     """Layers and ranks on the teacher, then drop the factorizations that run slower on this device."""
     job.report("plan", 0.0, "choosing layers and ranks")
     cfg = job.config.compression
-    job.plan = plan_compression(job.teacher, cfg)
+    try:
+        job.plan = plan_compression(job.teacher, cfg)
+    except CompressionError as exc:
+        if cfg.quantize != "int8":
+            raise
+        job.plan, job.unfactorized = CompressionPlan(), str(exc)
     job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
     job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg,
                                            should_cancel=job.report.should_cancel)
-    if not job.plan.layers:
-        raise CompressionError(
-            f"every factorization ran slower than its layer on {job.device.type} at batch {cfg.latency_batch}, so "
-            "none is worth making; set compression.keep_slower to compress anyway, or raise latency_batch")
+    if not job.plan.layers and job.unfactorized is None:
+        job.unfactorized = (f"every factorization ran slower than its layer on {job.device.type} at batch "
+                            f"{cfg.latency_batch}, so none is worth making")
+        if cfg.quantize != "int8":
+            raise CompressionError(f"{job.unfactorized}; set compression.keep_slower to compress anyway, raise "
+                                   "latency_batch, or quantize the teacher instead (compression.quantize int8)")
+    if job.unfactorized is not None:  # quantize int8: the student is the teacher, quantized at export
+        job.report("plan", 1.0, f"no layer to factorize ({job.unfactorized}): the teacher will be quantized")
+        return
     job.plan = replan_ratio(job.teacher, job.plan, cfg)  # the target ratio, from the layers kept
     job.report("plan", 1.0, f"{len(job.plan.layers)} layers to factorize",
                ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers})
@@ -219,7 +234,8 @@ def _distill(job: _Job) -> None:
                           job.seed + 7919, dev)
     job.before = grade(job.student, job.exam)
     image = len(job.spec.input_shape) == 3
-    recipes = job.config.candidate_recipes(image, job.spec.num_classes) if dcfg.steps > 0 else []
+    # Nothing factorized (quantize int8): the student is the teacher, nothing to fine-tune.
+    recipes = job.config.candidate_recipes(image, job.spec.num_classes) if dcfg.steps > 0 and job.plan.layers else []
     base = job.student
     for i, recipe in enumerate(recipes):
         student = base if len(recipes) == 1 else copy.deepcopy(base)
@@ -282,11 +298,50 @@ def _export(job: _Job) -> None:
             log.warning("no ONNX file: %s", skipped)
         else:
             job.exported["onnx_check"] = export.check_onnx(out / artifacts.ONNX, student, spec.input_shape, job.seed)
+    if cfg.quantize == "int8":
+        job.report("export", 0.5, "quantizing to int8 on synthetic samples")
+        job.quantization = _quantize(job)
     result = job.distill_result
     export.plot_curves(job.generator_curve, result.curve if result else [], out / artifacts.CURVES)
     if isinstance(job.sampler, KegNetSampler) and len(spec.input_shape) == 3:
         export.plot_samples(job.sampler, spec.num_classes, out / artifacts.SAMPLES, seed=job.seed)
     job.report("export", 1.0, "artifacts written")
+
+
+def _calibration(job: _Job) -> tuple[torch.Tensor, str]:
+    """``quantize_samples`` synthetic samples of the kept recipe's mix (the first recipe's when none was trained;
+    Gaussian noise for methods without samples), drawn apart from the exam, and the name of their source."""
+    image = len(job.spec.input_shape) == 3
+    recipes = job.config.candidate_recipes(image, job.spec.num_classes)
+    recipe = job.candidates[job.chosen].recipe if job.chosen else (recipes[0] if recipes else None)
+    kegnet = job.sampler if isinstance(job.sampler, KegNetSampler) else None
+    gaussian = NoiseSampler("gaussian", job.spec.input_shape, job.device)
+    sampler: Sampler = gaussian
+    if recipe is not None and recipe.source == "kegnet" and kegnet is not None:
+        sampler = kegnet.with_codes(recipe.codes)
+        if recipe.noise_share:
+            sampler = MixedSampler(sampler, gaussian, recipe.noise_share)
+    elif recipe is not None:
+        sampler = NoiseSampler(recipe.source, job.spec.input_shape, job.device)
+    source = recipe.name if recipe is not None and sampler is not gaussian else "gaussian"
+    rng = torch.Generator(device=job.device).manual_seed(job.seed + 15_485_863)
+    return sampler.sample_many(job.config.compression.quantize_samples, rng)[0].cpu(), source
+
+
+def _quantize(job: _Job) -> Quantization:
+    """``student.int8.onnx`` from ``student.onnx`` (kegnet.compression.quantize), or why there is none."""
+    assert job.exam is not None
+    missing = job.exported["onnx_skipped"] or quantize.missing_runtime()
+    if missing:
+        return Quantization(kept=False, reason=f"no student.onnx to quantize: {missing}")
+    cfg = job.config.compression
+    calibration, source = _calibration(job)
+    exam = Exam(job.exam.x.cpu(), job.exam.teacher_logits.cpu(), job.exam.sources)
+    return quantize.quantize_job(
+        job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
+        max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
+        repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
+        should_cancel=job.report.should_cancel)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:
@@ -324,7 +379,7 @@ def _finish(job: _Job) -> TaskOutcome:
         confidence=assess({name: c.grade for name, c in job.candidates.items()}, job.chosen, job.before,
                           spec.num_classes, job.exam.sources if job.exam else {}),
         evaluation=job.evaluation, generator_curve=job.generator_curve,
-        distill_curve=result.curve if result else [], **job.exported)
+        distill_curve=result.curve if result else [], quantization=job.quantization, **job.exported)
     agreement = None if result is None else Agreement(
         measure=EXAM_MEASURE, before_finetune=result.initial_agreement, final=result.best_agreement,
         best_step=result.best_step)
@@ -347,6 +402,11 @@ def _warnings(job: _Job) -> list[str]:
                             f"{job.device.type} ({s[batch]:.3g} ms against {t[batch]:.3g} ms); set "
                             "compression.latency_batch to the batch you serve (layers slower there are not "
                             "factorized), or compress less")
+    if job.unfactorized is not None:
+        warnings.append(f"no layer was factorized ({job.unfactorized}): the student is the teacher itself, "
+                        "kept for its int8 model")
+    if job.quantization is not None and not job.quantization.kept:
+        warnings.append(f"kept the fp32 model only: no int8 model, {job.quantization.reason}")
     if job.plan.layers and all(p.in_rank == 1 and p.out_rank == 1 for p in job.plan.layers):
         warnings.append("every factorized layer has rank 1: the student keeps almost nothing of the teacher; "
                         "is the teacher trained? Choose ranks yourself (rank_method ratio or fraction)")
@@ -361,13 +421,26 @@ def _check(spec: ModelSpec, config: ClassifierConfig, teachers: int, has_eval_se
 
 
 def _check_model(model: nn.Module, spec: ModelSpec, config: ClassifierConfig) -> None:
-    """The compression plan names layers of this teacher (the latency filter runs later, in the job)."""
-    plan_compression(model, config.compression)
+    """The compression plan names layers of this teacher (the latency filter runs later, in the job); with
+    quantize int8 a teacher with no layer to factorize is quantized instead."""
+    with _unless_int8(config):
+        plan_compression(model, config.compression)
 
 
 def _check_structure(model: nn.Module, spec: ModelSpec, config: ClassifierConfig) -> None:
     """The layers the plan names exist and some can be factorized (the whole plan when no rank needs weights)."""
-    check_layers(model, config.compression)
+    with _unless_int8(config):
+        check_layers(model, config.compression)
+
+
+@contextlib.contextmanager
+def _unless_int8(config: ClassifierConfig) -> Iterator[None]:
+    """A plan's ``CompressionError`` stands, unless the job quantizes: then the plan stage quantizes the teacher."""
+    try:
+        yield
+    except CompressionError:
+        if config.compression.quantize != "int8":
+            raise
 
 
 def _cost(model: nn.Module, spec: ModelSpec, config: ClassifierConfig, teachers: int) -> JobCost:
