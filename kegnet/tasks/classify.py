@@ -32,7 +32,7 @@ from kegnet.distill import DistillResult, distill
 from kegnet.distill.confidence import assess
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
 from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
-from kegnet.errors import CompressionError, KegnetError
+from kegnet.errors import CompressionError, KegnetError, NothingToFactorize
 from kegnet.evaluation import evaluate, read_eval_set
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.generation.samplers import MixedSampler
@@ -135,7 +135,7 @@ def _plan(job: _Job) -> None:
     cfg = job.config.compression
     try:
         job.plan = plan_compression(job.teacher, cfg)
-    except CompressionError as exc:
+    except NothingToFactorize as exc:
         if cfg.quantize != "int8":
             raise
         job.plan, job.unfactorized = CompressionPlan(), str(exc)
@@ -435,10 +435,11 @@ def _check_structure(model: nn.Module, spec: ModelSpec, config: ClassifierConfig
 
 @contextlib.contextmanager
 def _unless_int8(config: ClassifierConfig) -> Iterator[None]:
-    """A plan's ``CompressionError`` stands, unless the job quantizes: then the plan stage quantizes the teacher."""
+    """A plan with no layer to factorize is refused, unless the job quantizes: then the plan stage quantizes the
+    teacher (a layer name that matches nothing is refused either way)."""
     try:
         yield
-    except CompressionError:
+    except NothingToFactorize:
         if config.compression.quantize != "int8":
             raise
 
