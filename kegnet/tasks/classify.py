@@ -308,24 +308,25 @@ def _export(job: _Job) -> None:
     job.report("export", 1.0, "artifacts written")
 
 
-def _calibration(job: _Job) -> tuple[torch.Tensor, str]:
-    """``quantize_samples`` synthetic samples of the kept recipe's mix (the first recipe's when none was trained;
-    Gaussian noise for methods without samples), drawn apart from the exam, and the name of their source."""
-    image = len(job.spec.input_shape) == 3
-    recipes = job.config.candidate_recipes(image, job.spec.num_classes)
-    recipe = job.candidates[job.chosen].recipe if job.chosen else (recipes[0] if recipes else None)
-    kegnet = job.sampler if isinstance(job.sampler, KegNetSampler) else None
-    gaussian = NoiseSampler("gaussian", job.spec.input_shape, job.device)
+CALIBRATION_SEED = 15_485_863  # added to the job's seed: calibration draws apart from the exam's and training's
+
+
+def calibration_set(recipe: Recipe | None, kegnet: KegNetSampler | None, input_shape: tuple[int, ...], n: int,
+                    seed: int, device: torch.device) -> tuple[torch.Tensor, str]:
+    """``n`` synthetic calibration samples (on the CPU) of ``recipe``'s mix, and the name of their source:
+    the generators asked for its codes with its share of Gaussian noise, or its noise alone; Gaussian noise
+    where there is no recipe (tucker-only) or no generator."""
+    gaussian = NoiseSampler("gaussian", input_shape, device)
     sampler: Sampler = gaussian
     if recipe is not None and recipe.source == "kegnet" and kegnet is not None:
         sampler = kegnet.with_codes(recipe.codes)
         if recipe.noise_share:
             sampler = MixedSampler(sampler, gaussian, recipe.noise_share)
-    elif recipe is not None:
-        sampler = NoiseSampler(recipe.source, job.spec.input_shape, job.device)
+    elif recipe is not None and recipe.source != "kegnet":
+        sampler = NoiseSampler(recipe.source, input_shape, device)
     source = recipe.name if recipe is not None and sampler is not gaussian else "gaussian"
-    rng = torch.Generator(device=job.device).manual_seed(job.seed + 15_485_863)
-    return sampler.sample_many(job.config.compression.quantize_samples, rng)[0].cpu(), source
+    rng = torch.Generator(device=device).manual_seed(seed + CALIBRATION_SEED)
+    return sampler.sample_many(n, rng)[0].cpu(), source
 
 
 def _quantize(job: _Job) -> Quantization:
@@ -335,7 +336,11 @@ def _quantize(job: _Job) -> Quantization:
     if missing:
         return Quantization(kept=False, reason=f"no student.onnx to quantize: {missing}")
     cfg = job.config.compression
-    calibration, source = _calibration(job)
+    # The kept recipe's mix; where none was trained (nothing factorized, no steps), the one that would have been.
+    recipes = job.config.candidate_recipes(len(job.spec.input_shape) == 3, job.spec.num_classes)
+    recipe = job.candidates[job.chosen].recipe if job.chosen else (recipes[0] if recipes else None)
+    calibration, source = calibration_set(recipe, job.sampler if isinstance(job.sampler, KegNetSampler) else None,
+                                          job.spec.input_shape, cfg.quantize_samples, job.seed, job.device)
     exam = Exam(job.exam.x.cpu(), job.exam.teacher_logits.cpu(), job.exam.sources)
     return quantize.quantize_job(
         job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
