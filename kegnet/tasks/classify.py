@@ -4,6 +4,9 @@ The teacher (or a teacher ensemble) is the only input. The compression is planne
 latency) before the generators train, so a bad plan fails in seconds, not after the longest stage; KegNet
 generators then make the samples, the planned layers are factorized (Tucker-2 / SVD), one student per sample
 recipe is fine-tuned by distillation and graded on a common synthetic exam, and the best is exported.
+With ``compression.quantize: int8`` the export stage also quantizes ``student.onnx`` on the job's synthetic
+samples (kegnet.compression.quantize), and a teacher with no layer worth factorizing is not an error: the
+student is the teacher itself, and its int8 model is the point of the job.
 Each stage is one function below that reads and fills a ``_Job``; kegnet.pipeline runs them.
 """
 
@@ -139,9 +142,10 @@ def _plan(job: _Job) -> None:
         if cfg.quantize != "int8":
             raise
         job.plan, job.unfactorized = CompressionPlan(), str(exc)
-    job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
-    job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg,
-                                           should_cancel=job.report.should_cancel)
+    if job.plan.layers:
+        job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
+        job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg,
+                                               should_cancel=job.report.should_cancel)
     if not job.plan.layers and job.unfactorized is None:
         job.unfactorized = (f"every factorization ran slower than its layer on {job.device.type} at batch "
                             f"{cfg.latency_batch}, so none is worth making")
@@ -409,7 +413,7 @@ def _warnings(job: _Job) -> list[str]:
                             "factorized), or compress less")
     if job.unfactorized is not None:
         warnings.append(f"no layer was factorized ({job.unfactorized}): the student is the teacher itself, "
-                        "kept for its int8 model")
+                        "written to be quantized (compression.quantize int8)")
     if job.quantization is not None and not job.quantization.kept:
         warnings.append(f"kept the fp32 model only: no int8 model, {job.quantization.reason}")
     if job.plan.layers and all(p.in_rank == 1 and p.out_rank == 1 for p in job.plan.layers):
