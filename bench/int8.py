@@ -90,7 +90,7 @@ def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> flo
 
 
 def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
-        extra: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any], job: bool = True) -> dict[str, Any]:
     teacher, spec, (x_train, _, x_test, y_test) = TEACHERS[name].build()
     teacher = teacher.eval()
     sections = {k: dict(v) for k, v in TEACHERS[name].config.items()}
@@ -98,28 +98,34 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
         sections[key] = {**sections.get(key, {}), **value}
     sections["compression"] = {**sections.get("compression", {}), "quantize": "int8", "quantize_samples": SAMPLES}
     cfg = ClassifierConfig.from_preset("fast", **sections)
-    t0 = time.perf_counter()
-    result = run_pipeline(teacher, spec, cfg, work / "job", device="cpu", seed=seed)
-    job_seconds = time.perf_counter() - t0
-    report = result.report
     cpu = torch.device("cpu")
-    kegnet = (KegNetSampler(result.generators, spec.num_classes, cfg.generator.noise_dim, cpu)
-              if result.generators else None)
+    paths = {"teacher": work / "teacher.onnx", "fp32": work / "job" / "student.onnx"}
+    export.export_onnx(teacher, spec.input_shape, paths["teacher"])
+    kegnet, info = None, {}
+    if job:
+        t0 = time.perf_counter()
+        result = run_pipeline(teacher, spec, cfg, work / "job", device="cpu", seed=seed)
+        report = result.report
+        info = {"job_seconds": time.perf_counter() - t0, "compression_ratio": report.compression_ratio,
+                "recipe": report.classify.recipe, "warnings": report.warnings,
+                "job_int8": report.classify.quantization.model_dump(mode="json")}
+        kegnet = (KegNetSampler(result.generators, spec.num_classes, cfg.generator.noise_dim, cpu)
+                  if result.generators else None)
+    else:  # --no-job: the teacher's own ONNX file, quantized with noise and real samples only
+        paths = {"fp32": paths["teacher"]}
     recipes = cfg.candidate_recipes(True, spec.num_classes)
-    recipe = next((r for r in recipes if r.name == report.classify.recipe), recipes[0])
+    recipe = next((r for r in recipes if r.name == info.get("recipe")), recipes[0])
     # The job's exam, drawn again with its seed, grades every row's calibration methods.
     exam = build_exam(teacher, exam_sources(kegnet, spec.input_shape, cpu), cfg.distill.holdout_samples,
                       seed + 7919, cpu)
     rng = torch.Generator().manual_seed(seed)
     calibrations = {
-        "int8": calibration_set(recipe, kegnet, spec.input_shape, SAMPLES, seed, cpu),
+        **({"int8": calibration_set(recipe, kegnet, spec.input_shape, SAMPLES, seed, cpu)} if job else {}),
         "int8-gaussian": (torch.randn(SAMPLES, *spec.input_shape, generator=rng), "gaussian"),
         "int8-real": (x_train[torch.randperm(len(x_train), generator=rng)[:SAMPLES]], "real training split"),
     }
-    paths = {"teacher": work / "teacher.onnx", "fp32": work / "job" / "student.onnx"}
-    export.export_onnx(teacher, spec.input_shape, paths["teacher"])
     quantize.prepare(paths["fp32"], work / "prepared.onnx")
-    rows: dict[str, dict[str, Any]] = {"teacher": {"calibration": "-"}, "fp32": {"calibration": "-"}}
+    rows: dict[str, dict[str, Any]] = {name: {"calibration": "-"} for name in paths}
     for row, (x_cal, source) in calibrations.items():
         (work / row).mkdir()
         method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, exam, threads)
@@ -133,10 +139,7 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
                                      seed=seed)
     for row in rows:
         rows[row] |= latency[row]
-    return {"teacher": name, "about": TEACHERS[name].about, "seed": seed, "job_seconds": job_seconds,
-            "compression_ratio": report.compression_ratio, "recipe": report.classify.recipe,
-            "job_int8": report.classify.quantization.model_dump(mode="json") if report.classify.quantization else None,
-            "warnings": report.warnings, "rows": rows}
+    return {"teacher": name, "about": TEACHERS[name].about, "seed": seed, **info, "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -162,17 +165,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per model and batch")
     parser.add_argument("--budget-s", type=float, default=10.0, help="seconds of timing per batch size")
     parser.add_argument("--config", type=json.loads, default={}, help="JSON config sections over the teacher's")
+    parser.add_argument("--no-job", action="store_true", help="no compression job: the teacher's ONNX file "
+                        "quantized with Gaussian and real calibration only (no generators, so no int8 row)")
     parser.add_argument("--out", type=Path, help="JSON of the rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
-        result = run(args.teacher, args.seed, args.threads, Path(tmp), args.repeats, args.budget_s, args.config)
+        result = run(args.teacher, args.seed, args.threads, Path(tmp), args.repeats, args.budget_s, args.config,
+                     not args.no_job)
     result |= {"command": "python -m bench.int8 " + shlex.join(sys.argv[1:]), "machine": platform.processor()
                or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     print(table(result))
-    print(f"job: ratio {result['compression_ratio']:.2f}x, recipe {result['recipe']}, {result['job_seconds']:.0f}s; "
-          f"warnings: {result['warnings']}")
+    if "job_seconds" in result:
+        print(f"job: ratio {result['compression_ratio']:.2f}x, recipe {result['recipe']}, "
+              f"{result['job_seconds']:.0f}s; warnings: {result['warnings']}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 
