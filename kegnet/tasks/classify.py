@@ -405,7 +405,7 @@ def _warnings(job: _Job) -> list[str]:
     assert job.plan is not None
     warnings = []
     t, s = job.latency["teacher"], job.latency["student"]
-    for batch in ("batch1_ms", "batch64_ms"):
+    for batch in ("batch1_ms", "batch64_ms") if job.plan.layers else ():  # else the student is the teacher
         if s.get(batch, 0.0) > t.get(batch, float("inf")) * (1 + job.config.compression.latency_tolerance):
             warnings.append(f"the student is slower than the teacher at {batch[:-3].replace('batch', 'batch ')} on "
                             f"{job.device.type} ({s[batch]:.3g} ms against {t[batch]:.3g} ms); set "
