@@ -256,6 +256,8 @@ def compress(
                                                                 "default 2)"),
     keep_slower: bool = typer.Option(False, "--keep-slower",
                                      help="keep factorizations that measured slower than their layer on this device"),
+    quantize: str | None = typer.Option(None, help="int8: also write student.int8.onnx, calibrated on the job's "
+                                                   "synthetic samples (none: the default)"),
     generator_steps: int | None = typer.Option(None, help="override the preset's generator steps"),
     num_generators: int | None = typer.Option(None, help="override the preset's number of generators"),
     distill_steps: int | None = typer.Option(None, help="override the preset's student steps"),
@@ -281,7 +283,8 @@ def compress(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     spec, config = _options(checkpoints, arch, arch_kwargs, input_shape, num_classes, sequence, preset,
                             _overrides_of(method, layers, ranks, rank_method, rank_fraction, target_ratio,
-                                          keep_slower, generator_steps, num_generators, distill_steps, config_json))
+                                          keep_slower, quantize, generator_steps, num_generators, distill_steps,
+                                          config_json))
     if threads:
         import torch
 
@@ -341,7 +344,7 @@ def _run(checkpoints: list[Path], spec: ModelSpec, config: Any, out: Path, **opt
 
 
 def _overrides(method: str | None, layers: str | None, ranks: str | None, rank_method: str | None,
-               rank_fraction: float | None, target_ratio: float | None, keep_slower: bool,
+               rank_fraction: float | None, target_ratio: float | None, keep_slower: bool, quantize: str | None,
                generator_steps: int | None, num_generators: int | None, distill_steps: int | None,
                config_json: str | None) -> dict[str, Any]:
     """The config sections the options set, over ``--config``'s JSON; sections left empty are not sent, so a
@@ -353,7 +356,7 @@ def _overrides(method: str | None, layers: str | None, ranks: str | None, rank_m
         comp["ranks"] = _parse_ranks(ranks)
         comp.setdefault("rank_method", "explicit")
     for key, value in (("rank_method", rank_method), ("rank_fraction", rank_fraction),
-                       ("target_ratio", target_ratio), ("keep_slower", keep_slower or None)):
+                       ("target_ratio", target_ratio), ("keep_slower", keep_slower or None), ("quantize", quantize)):
         if value is not None:
             comp[key] = value
     gen = {k: v for k, v in (("steps", generator_steps), ("num_generators", num_generators)) if v is not None}

@@ -207,6 +207,8 @@ def _add_submit(app: Any, url_opt: Any, key_opt: Any) -> None:
                                               "SequenceJobConfig for a sequence model)"),
         seed: int = typer.Option(0),
         device: str = typer.Option("auto", help="auto|cpu|cuda"),
+        quantize: str = typer.Option(None, help="int8: also an INT8 model (student.int8.onnx), calibrated on the "
+                                                "job's synthetic samples; sets compression.quantize"),
         idempotency_key: str = typer.Option(None),
         eval_set: Path = typer.Option(None, exists=True, dir_okay=False,
                                       help="labelled safetensors file (x, y): accuracy reported, never trained on"),
@@ -218,6 +220,8 @@ def _add_submit(app: Any, url_opt: Any, key_opt: Any) -> None:
         try:
             spec, model, config = _submission(checkpoints, arch, input_shape, num_classes, sequence, arch_kwargs,
                                               spec_file, config_file)
+            if quantize is not None:
+                config = _with_quantize(config, quantize)
         except ValueError as exc:  # bad JSON or shapes: one line, exit 2
             _fail(exc)
         with KegnetClient(url, api_key) as client:
@@ -270,6 +274,15 @@ def _submission(checkpoints: list[Path], arch: str | None, input_shape: str | No
             model["num_classes"] = num_classes
     config = _json("--config-file", config_file.read_text()) if config_file else spec.get("config")
     return spec, model, config
+
+
+def _with_quantize(config: Any, quantize: str) -> dict[str, Any]:
+    """``config`` (a JSON object, or None) with ``compression.quantize`` set; the server validates the value."""
+    if config is not None and not isinstance(config, dict):
+        raise ValueError("the config must be a JSON object to add --quantize to it")
+    config = dict(config or {})
+    config["compression"] = {**config.get("compression", {}), "quantize": quantize}
+    return config
 
 
 def _add_job_commands(app: Any, url_opt: Any, key_opt: Any) -> None:

@@ -104,6 +104,16 @@ class CompressionConfig(_Strict):
     latency_repeats: int = Field(15, ge=3, le=1000, description="timed runs per latency measurement (the median "
                                                                  "is kept), within latency_budget_s")
     latency_budget_s: float = Field(2.0, gt=0, le=60.0, description="seconds one latency measurement may take")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: also write student.int8.onnx, post-training static INT8 of student.onnx "
+                            "calibrated on the job's synthetic samples (kegnet.compression.quantize); where no "
+                            "layer is worth factorizing, the teacher itself is quantized instead of failing",
+    )
+    quantize_samples: int = Field(512, ge=64, le=8192, description="synthetic calibration samples (int8)")
+    quantize_max_drop: float = Field(
+        0.01, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher on the synthetic exam "
+                                          "(fp32 ONNX -> int8) for which the int8 model is kept",
+    )
 
     @model_validator(mode="after")
     def _explicit_needs_ranks(self) -> CompressionConfig:
@@ -314,6 +324,12 @@ class ClassifierConfig(_Strict):
             raise ValueError("distill.recipes lists the same recipe twice")
         return self
 
+    @model_validator(mode="after")
+    def _int8_needs_onnx(self) -> ClassifierConfig:
+        if self.compression.quantize == "int8" and not self.export_onnx:
+            raise ValueError("compression.quantize 'int8' quantizes student.onnx: set export_onnx true")
+        return self
+
     def candidate_recipes(self, image: bool, num_classes: int) -> list[Recipe]:
         """The recipes a job trains students from: ``distill.recipes``; else the method's noise; else
         ``label_codes`` with ``noise_share``, or for ``auto`` the ``auto_recipe`` for the input kind (``image``:
@@ -359,6 +375,12 @@ class SequenceJobConfig(_Strict):
     compression: SequenceCompressionConfig = Field(default_factory=SequenceCompressionConfig)
     sequence: SequenceConfig = Field(default_factory=SequenceConfig)
     export_portable: bool = Field(True, description="write a torch.export program of the student (student.pt2)")
+
+    @model_validator(mode="after")
+    def _no_int8(self) -> SequenceJobConfig:
+        if self.compression.quantize != "none":
+            raise ValueError("compression.quantize is for classifiers; a sequence job takes 'none'")
+        return self
 
     @classmethod
     def from_preset(cls, preset: Preset, **overrides: object) -> SequenceJobConfig:

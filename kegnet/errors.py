@@ -22,5 +22,10 @@ class CompressionError(KegnetError):
     """The requested compression cannot be applied (unknown layer, impossible ranks...)."""
 
 
+class NothingToFactorize(CompressionError):  # noqa: N818 - a CompressionError, named for its case
+    """The layers named exist, but none can be factorized or gets smaller at the ranks chosen (with
+    ``compression.quantize: int8`` the job then quantizes the teacher itself)."""
+
+
 class Cancelled(Exception):  # noqa: N818 - reads better at the raise site than CancelledError
     """Raised inside the pipeline when the caller's cancel check returns True."""

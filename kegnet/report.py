@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kegnet.artifacts import MANIFEST
+from kegnet.artifacts import INT8_ONNX, MANIFEST
 from kegnet.hashing import sha256_file
 
 REPORT_FORMAT = "kegnet.run-report"
@@ -87,6 +87,36 @@ class Evaluation(_Section):
     student_accuracy: float
 
 
+class Quantization(_Section):
+    """The INT8 model of ``compression.quantize: int8`` (kegnet.compression.quantize): how it was calibrated,
+    how it compares with the fp32 ONNX model it came from, and whether the job kept it."""
+
+    kept: bool = Field(description="student.int8.onnx was written (not slower, agreement within the bound)")
+    file: str | None = Field(None, description="'student.int8.onnx' when kept")
+    reason: str | None = Field(None, description="why it was not kept (the job then keeps fp32 only)")
+    method: str | None = Field(None, description="the calibration method kept: minmax, entropy or percentile")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="source (a sample recipe or "
+                                        "'gaussian'; never data), samples, method, and every method's exam grade")
+    exam_agreement: dict[str, float] = Field(default_factory=dict, description="fp32, int8, drop, max_drop: "
+                                             "top-class agreement with the teacher on the synthetic exam")
+    latency_ms: dict[str, dict[str, float]] = Field(default_factory=dict, description="fp32 and int8 in "
+                                                    "onnxruntime on the CPU, timed in turns: batch1_ms, "
+                                                    "batch1_min_ms, batch64_ms, batch64_min_ms")
+    threads: int = Field(1, description="onnxruntime's intra-op threads while timing")
+    bytes: dict[str, int] = Field(default_factory=dict, description="fp32 and int8 file sizes")
+    settings: dict[str, str] = Field(default_factory=dict, description="format, weights, activations, runtime")
+
+    def line(self) -> str:
+        if not self.kept:
+            return f"no int8 model: {self.reason}"
+        lat, agree, size = self.latency_ms, self.exam_agreement, self.bytes
+        return (f"int8 model ({self.method} calibration on {self.calibration.get('samples')} "
+                f"{self.calibration.get('source')} samples): {size['fp32'] / size['int8']:.2f}x smaller, batch 1 / 64 "
+                f"{lat['int8']['batch1_ms']:.3g} / {lat['int8']['batch64_ms']:.3g} ms against "
+                f"{lat['fp32']['batch1_ms']:.3g} / {lat['fp32']['batch64_ms']:.3g} ms (fp32), exam agreement "
+                f"{agree['int8']:.4f} against {agree['fp32']:.4f}")
+
+
 class ClassifyReport(_Section):
     """A classifier job's own section."""
 
@@ -105,6 +135,7 @@ class ClassifyReport(_Section):
     onnx_skipped: str | None = None
     onnx_check: dict[str, Any] | None = None
     program_skipped: str | None = None
+    quantization: Quantization | None = Field(None, description="compression.quantize int8 only")
 
     def summary(self) -> dict[str, Any]:
         c, e = self.confidence, self.evaluation
@@ -116,6 +147,7 @@ class ClassifyReport(_Section):
             # Only with a user-supplied labelled set: measured on it, reported only.
             "eval_samples": e.samples if e else None, "eval_teacher_accuracy": e.teacher_accuracy if e else None,
             "eval_student_accuracy": e.student_accuracy if e else None,
+            "int8_kept": self.quantization.kept if self.quantization else None,
         }
 
     def lines(self) -> list[str]:
@@ -136,6 +168,8 @@ class ClassifyReport(_Section):
             lines.append(f"evaluation accuracy on your {ev.samples} labelled samples: teacher "
                          f"{ev.teacher_accuracy:.4f}, student {ev.student_accuracy:.4f} (reported only, never "
                          "used for training or selection)")
+        if self.quantization:
+            lines.append(self.quantization.line())
         return lines
 
 
@@ -151,8 +185,12 @@ class ClassifyReport(_Section):
         else:
             load = f'from kegnet import load_student; student = load_student("{out}")'
             predict = "classes = student(x).argmax(1)"
+        int8 = ""
+        if INT8_ONNX in files:
+            int8 = (f'\n  # or the int8 model: student = onnxruntime.InferenceSession("{out / INT8_ONNX}"); '
+                    'classes = student.run(None, {"x": x.numpy()})[0].argmax(1)')
         return (f"  {load}\n  x = ...  # a float32 tensor of shape (N, {shape}), preprocessed exactly as for the "
-                f"teacher\n  {predict}")
+                f"teacher\n  {predict}{int8}")
 
 
 class SequenceReport(_Section):

@@ -24,7 +24,7 @@ from kegnet.compression import allocation, latency
 from kegnet.compression.evbmf import evbmf_rank
 from kegnet.compression.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
 from kegnet.config import CompressionConfig
-from kegnet.errors import Cancelled, CompressionError
+from kegnet.errors import Cancelled, CompressionError, NothingToFactorize
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _compressible(model: nn.Module, config: CompressionConfig, plan: Compression
         else:
             layers[name] = m
     if not layers:
-        raise CompressionError("no layer can be compressed; name Conv2d or Linear layers in 'layers'")
+        raise NothingToFactorize("no layer can be compressed; name Conv2d or Linear layers in 'layers'")
     return layers
 
 
@@ -213,7 +213,7 @@ def _plan_compression(model: nn.Module, config: CompressionConfig) -> Compressio
     if not plan.layers:
         reasons = [f"{n}: {why}" for n, why in plan.skipped.items()]
         more = f"; and {len(reasons) - 6} more" if len(reasons) > 6 else ""
-        raise CompressionError("no layer gets smaller at these ranks; choose lower ranks (rank_method fraction or "
+        raise NothingToFactorize("no layer gets smaller at these ranks; choose lower ranks (rank_method fraction or "
                                f"ratio) or other layers ({'; '.join(reasons[:6])}{more})")
     return plan
 

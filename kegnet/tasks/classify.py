@@ -4,15 +4,20 @@ The teacher (or a teacher ensemble) is the only input. The compression is planne
 latency) before the generators train, so a bad plan fails in seconds, not after the longest stage; KegNet
 generators then make the samples, the planned layers are factorized (Tucker-2 / SVD), one student per sample
 recipe is fine-tuned by distillation and graded on a common synthetic exam, and the best is exported.
+With ``compression.quantize: int8`` the export stage also quantizes ``student.onnx`` on the job's synthetic
+samples (kegnet.compression.quantize), and a teacher with no layer worth factorizing is not an error: the
+student is the teacher itself, and its int8 model is the point of the job.
 Each stage is one function below that reads and fills a ``_Job``; kegnet.pipeline runs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ from torch import nn
 
 from kegnet import artifacts, export
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
-from kegnet.compression import CompressionPlan, apply_plan, plan_compression
+from kegnet.compression import CompressionPlan, apply_plan, plan_compression, quantize
 from kegnet.compression.fit import fit_to_outputs
 from kegnet.compression.latency import model_latency
 from kegnet.compression.plan import check_layers, drop_slower_layers, replan_ratio
@@ -32,11 +37,12 @@ from kegnet.distill import DistillResult, distill
 from kegnet.distill.confidence import assess
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
 from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
-from kegnet.errors import CompressionError, KegnetError
+from kegnet.errors import CompressionError, KegnetError, NothingToFactorize
 from kegnet.evaluation import evaluate, read_eval_set
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
+from kegnet.generation.samplers import MixedSampler
 from kegnet.metrics import count_macs, count_parameters
-from kegnet.report import Agreement, ClassifyReport, Sizes, Speed, Teachers
+from kegnet.report import Agreement, ClassifyReport, Quantization, Sizes, Speed, Teachers
 from kegnet.spec import ModelSpec
 from kegnet.tasks.base import Run, Stage, Task, TaskOutcome, TeacherSource
 
@@ -65,6 +71,7 @@ class _Job(Run):
     eval_set: tuple[torch.Tensor, torch.Tensor] | None = None  # the user's labelled data: reported only
     # plan
     plan: CompressionPlan | None = None
+    unfactorized: str | None = None  # why no layer is factorized (quantize int8: the teacher is quantized)
     layer_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     # generators
     sampler: Sampler | None = None
@@ -83,6 +90,7 @@ class _Job(Run):
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     exported: dict[str, Any] = field(default_factory=dict)  # onnx_skipped, onnx_check, program_skipped
+    quantization: Quantization | None = None
 
 
 # 1. load ------------------------------------------------------------------------------------------------
@@ -131,14 +139,25 @@ def _plan(job: _Job) -> None:
     """Layers and ranks on the teacher, then drop the factorizations that run slower on this device."""
     job.report("plan", 0.0, "choosing layers and ranks")
     cfg = job.config.compression
-    job.plan = plan_compression(job.teacher, cfg)
-    job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
-    job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg,
-                                           should_cancel=job.report.should_cancel)
-    if not job.plan.layers:
-        raise CompressionError(
-            f"every factorization ran slower than its layer on {job.device.type} at batch {cfg.latency_batch}, so "
-            "none is worth making; set compression.keep_slower to compress anyway, or raise latency_batch")
+    try:
+        job.plan = plan_compression(job.teacher, cfg)
+    except NothingToFactorize as exc:
+        if cfg.quantize != "int8":
+            raise
+        job.plan, job.unfactorized = CompressionPlan(), str(exc)
+    if job.plan.layers:
+        job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
+        job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg,
+                                               should_cancel=job.report.should_cancel)
+    if not job.plan.layers and job.unfactorized is None:
+        job.unfactorized = (f"every factorization ran slower than its layer on {job.device.type} at batch "
+                            f"{cfg.latency_batch}, so none is worth making")
+        if cfg.quantize != "int8":
+            raise CompressionError(f"{job.unfactorized}; set compression.keep_slower to compress anyway, raise "
+                                   "latency_batch, or quantize the teacher instead (compression.quantize int8)")
+    if job.unfactorized is not None:  # quantize int8: the student is the teacher, quantized at export
+        job.report("plan", 1.0, f"no layer to factorize ({job.unfactorized}): the teacher will be quantized")
+        return
     job.plan = replan_ratio(job.teacher, job.plan, cfg)  # the target ratio, from the layers kept
     job.report("plan", 1.0, f"{len(job.plan.layers)} layers to factorize",
                ranks={p.name: [p.in_rank, p.out_rank] for p in job.plan.layers})
@@ -242,7 +261,8 @@ def _distill(job: _Job) -> None:
                           job.seed + 7919, dev)
     job.before = grade(job.student, job.exam)
     image = len(job.spec.input_shape) == 3
-    recipes = job.config.candidate_recipes(image, job.spec.num_classes) if dcfg.steps > 0 else []
+    # Nothing factorized (quantize int8): the student is the teacher, nothing to fine-tune.
+    recipes = job.config.candidate_recipes(image, job.spec.num_classes) if dcfg.steps > 0 and job.plan.layers else []
     base = job.student
     for i, recipe in enumerate(recipes):
         student = base if len(recipes) == 1 else copy.deepcopy(base)
@@ -305,11 +325,55 @@ def _export(job: _Job) -> None:
             log.warning("no ONNX file: %s", skipped)
         else:
             job.exported["onnx_check"] = export.check_onnx(out / artifacts.ONNX, student, spec.input_shape, job.seed)
+    if cfg.quantize == "int8":
+        job.report("export", 0.5, "quantizing to int8 on synthetic samples")
+        job.quantization = _quantize(job)
     result = job.distill_result
     export.plot_curves(job.generator_curve, result.curve if result else [], out / artifacts.CURVES)
     if isinstance(job.sampler, KegNetSampler) and len(spec.input_shape) == 3:
         export.plot_samples(job.sampler, spec.num_classes, out / artifacts.SAMPLES, seed=job.seed)
     job.report("export", 1.0, "artifacts written")
+
+
+CALIBRATION_SEED = 15_485_863  # added to the job's seed: calibration draws apart from the exam's and training's
+
+
+def calibration_set(recipe: Recipe | None, kegnet: KegNetSampler | None, input_shape: tuple[int, ...], n: int,
+                    seed: int, device: torch.device) -> tuple[torch.Tensor, str]:
+    """``n`` synthetic calibration samples (on the CPU) of ``recipe``'s mix, and the name of their source:
+    the generators asked for its codes with its share of Gaussian noise, or its noise alone; Gaussian noise
+    where there is no recipe (tucker-only) or no generator."""
+    gaussian = NoiseSampler("gaussian", input_shape, device)
+    sampler: Sampler = gaussian
+    if recipe is not None and recipe.source == "kegnet" and kegnet is not None:
+        sampler = kegnet.with_codes(recipe.codes)
+        if recipe.noise_share:
+            sampler = MixedSampler(sampler, gaussian, recipe.noise_share)
+    elif recipe is not None and recipe.source != "kegnet":
+        sampler = NoiseSampler(recipe.source, input_shape, device)
+    source = recipe.name if recipe is not None and sampler is not gaussian else "gaussian"
+    rng = torch.Generator(device=device).manual_seed(seed + CALIBRATION_SEED)
+    return sampler.sample_many(n, rng)[0].cpu(), source
+
+
+def _quantize(job: _Job) -> Quantization:
+    """``student.int8.onnx`` from ``student.onnx`` (kegnet.compression.quantize), or why there is none."""
+    assert job.exam is not None
+    missing = job.exported["onnx_skipped"] or quantize.missing_runtime()
+    if missing:
+        return Quantization(kept=False, reason=f"no student.onnx to quantize: {missing}")
+    cfg = job.config.compression
+    # The kept recipe's mix; where none was trained (nothing factorized, no steps), the one that would have been.
+    recipes = job.config.candidate_recipes(len(job.spec.input_shape) == 3, job.spec.num_classes)
+    recipe = job.candidates[job.chosen].recipe if job.chosen else (recipes[0] if recipes else None)
+    calibration, source = calibration_set(recipe, job.sampler if isinstance(job.sampler, KegNetSampler) else None,
+                                          job.spec.input_shape, cfg.quantize_samples, job.seed, job.device)
+    exam = Exam(job.exam.x.cpu(), job.exam.teacher_logits.cpu(), job.exam.sources)
+    return quantize.quantize_job(
+        job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
+        max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
+        repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
+        should_cancel=job.report.should_cancel)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:
@@ -347,7 +411,8 @@ def _finish(job: _Job) -> TaskOutcome:
         confidence=assess({name: c.grade for name, c in job.candidates.items()}, job.chosen, job.before,
                           spec.num_classes, job.exam.sources if job.exam else {}),
         evaluation=job.evaluation, generator_curve=job.generator_curve,
-        distill_curve=result.curve if result else [], fit=job.fit, **job.exported)
+        distill_curve=result.curve if result else [], fit=job.fit, quantization=job.quantization,
+        **job.exported)
     agreement = None if result is None else Agreement(
         measure=EXAM_MEASURE, before_finetune=result.initial_agreement, final=result.best_agreement,
         best_step=result.best_step)
@@ -364,17 +429,22 @@ def _warnings(job: _Job) -> list[str]:
     assert job.plan is not None
     warnings = []
     t, s = job.latency["teacher"], job.latency["student"]
-    for batch in ("batch1_ms", "batch64_ms"):
+    for batch in ("batch1_ms", "batch64_ms") if job.plan.layers else ():  # else the student is the teacher
         if s.get(batch, 0.0) > t.get(batch, float("inf")) * (1 + job.config.compression.latency_tolerance):
             warnings.append(f"the student is slower than the teacher at {batch[:-3].replace('batch', 'batch ')} on "
                             f"{job.device.type} ({s[batch]:.3g} ms against {t[batch]:.3g} ms); set "
                             "compression.latency_batch to the batch you serve (layers slower there are not "
                             "factorized), or compress less")
     comp, ratio = job.config.compression, count_parameters(job.teacher) / count_parameters(job.student)
-    if comp.rank_method == "ratio" and ratio < comp.target_ratio * 0.98:
+    if job.plan.layers and comp.rank_method == "ratio" and ratio < comp.target_ratio * 0.98:
         warnings.append(f"the student is {ratio:.2f}x smaller, short of the {comp.target_ratio:g}x target: the layers "
                         "that would have made up the rest ran slower factorized on this device (set "
                         "compression.keep_slower to compress them anyway)")
+    if job.unfactorized is not None:
+        warnings.append(f"no layer was factorized ({job.unfactorized}): the student is the teacher itself, "
+                        "written to be quantized (compression.quantize int8)")
+    if job.quantization is not None and not job.quantization.kept:
+        warnings.append(f"kept the fp32 model only: no int8 model, {job.quantization.reason}")
     if job.plan.layers and all(p.in_rank == 1 and p.out_rank == 1 for p in job.plan.layers):
         warnings.append("every factorized layer has rank 1: the student keeps almost nothing of the teacher; "
                         "is the teacher trained? Choose ranks yourself (rank_method ratio or fraction)")
@@ -389,13 +459,27 @@ def _check(spec: ModelSpec, config: ClassifierConfig, teachers: int, has_eval_se
 
 
 def _check_model(model: nn.Module, spec: ModelSpec, config: ClassifierConfig) -> None:
-    """The compression plan names layers of this teacher (the latency filter runs later, in the job)."""
-    plan_compression(model, config.compression)
+    """The compression plan names layers of this teacher (the latency filter runs later, in the job); with
+    quantize int8 a teacher with no layer to factorize is quantized instead."""
+    with _unless_int8(config):
+        plan_compression(model, config.compression)
 
 
 def _check_structure(model: nn.Module, spec: ModelSpec, config: ClassifierConfig) -> None:
     """The layers the plan names exist and some can be factorized (the whole plan when no rank needs weights)."""
-    check_layers(model, config.compression)
+    with _unless_int8(config):
+        check_layers(model, config.compression)
+
+
+@contextlib.contextmanager
+def _unless_int8(config: ClassifierConfig) -> Iterator[None]:
+    """A plan with no layer to factorize is refused, unless the job quantizes: then the plan stage quantizes the
+    teacher (a layer name that matches nothing is refused either way)."""
+    try:
+        yield
+    except NothingToFactorize:
+        if config.compression.quantize != "int8":
+            raise
 
 
 def _cost(model: nn.Module, spec: ModelSpec, config: ClassifierConfig, teachers: int) -> JobCost:

@@ -299,3 +299,11 @@ def test_long_silent_stages_print_a_line_every_heartbeat() -> None:
     lines = stream.getvalue().splitlines()
     assert any(line.startswith("plan: timing 14 layers… ") and line.endswith(" s") for line in lines), lines
     assert any(line.startswith("decompose… ") for line in lines), lines  # the stage after generators
+
+
+def test_quantize_option_is_validated_with_the_config(tmp_path: Path, capsys) -> None:
+    code, err = _cli(capsys, *_mlp_args(tmp_path, "--input-shape", "8", "--quantize", "int4"))
+    assert code == 2 and "compression.quantize" in err and err.count("\n") == 1
+    code, err = _cli(capsys, *_mlp_args(tmp_path, "--input-shape", "8", "--quantize", "int8",
+                                        "--config", '{"export_onnx": false}'))
+    assert code == 2 and "set export_onnx true" in err

@@ -58,3 +58,27 @@ def test_submit_command_passes_eval_set(tmp_path: Path, monkeypatch) -> None:
                                       "--num-classes", "3", "--eval-set", str(evals)])
     assert result.exit_code == 0, result.output
     assert seen["eval_set"] == evals and seen["model"]["input_shape"] == [8]
+
+
+def test_submit_quantize_sets_compression_quantize_over_the_config_file(tmp_path: Path, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from kegnet.client import register_client_commands
+
+    ckpt, config = tmp_path / "t.safetensors", tmp_path / "c.json"
+    ckpt.write_bytes(b"c")
+    config.write_text(json.dumps({"distill": {"steps": 5}, "compression": {"layers": ["fc1"]}}))
+    seen: dict = {}
+
+    def submit(self, checkpoint, model, config=None, **kwargs):
+        seen["config"] = config
+        return {"id": "0" * 32, "status": "queued"}
+
+    monkeypatch.setattr(KegnetClient, "submit", submit)
+    app = typer.Typer()
+    register_client_commands(app)
+    result = CliRunner().invoke(app, ["submit", str(ckpt), "--arch", "mlp", "--input-shape", "8",
+                                      "--num-classes", "3", "--config-file", str(config), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == {"distill": {"steps": 5}, "compression": {"layers": ["fc1"], "quantize": "int8"}}

@@ -11,7 +11,18 @@ import pytest
 from kegnet import run_pipeline
 from kegnet.artifacts import MANIFEST
 from kegnet.hashing import sha256_file
-from kegnet.report import REPORT_FORMAT, REPORT_VERSION, Agreement, RunReport, SequenceReport, Sizes, Speed
+from kegnet.report import (
+    REPORT_FORMAT,
+    REPORT_VERSION,
+    Agreement,
+    ClassifyReport,
+    FileInfo,
+    Quantization,
+    RunReport,
+    SequenceReport,
+    Sizes,
+    Speed,
+)
 from tests.conftest import tiny_config
 
 # The keys the API has always given a classifier job's metrics (service: a job's ``metrics``).
@@ -124,3 +135,21 @@ def test_a_sequence_report_has_its_own_headline_and_no_latency_keys(tmp_path: Pa
     report.write(tmp_path)
     assert set(report.files) == {"student.safetensors"} and report.files["student.safetensors"].bytes == 1
     assert RunReport.read(tmp_path) == report and report.section is report.sequence
+
+
+def test_the_int8_section_reads_back_and_tells_the_user(tmp_path: Path) -> None:
+    latency = {"fp32": {"batch1_ms": 2.0, "batch64_ms": 40.0}, "int8": {"batch1_ms": 1.0, "batch64_ms": 10.0}}
+    kept = Quantization(kept=True, file="student.int8.onnx", method="entropy",
+                        calibration={"source": "kegnet/simplex", "samples": 512, "method": "entropy"},
+                        exam_agreement={"fp32": 0.99, "int8": 0.985, "drop": 0.005, "max_drop": 0.01},
+                        latency_ms=latency, bytes={"fp32": 4000, "int8": 1000})
+    section = ClassifyReport(plan={"layers": [], "skipped": {}}, macs=Sizes(teacher=1, student=1), quantization=kept)
+    assert ("int8 model (entropy calibration on 512 kegnet/simplex samples): 4.00x smaller, batch 1 / 64 1 / 10 ms "
+            "against 2 / 40 ms (fp32), exam agreement 0.9850 against 0.9900") in section.lines()
+    assert section.summary()["int8_kept"] is True
+    files = {n: {"sha256": "0" * 64, "bytes": 1} for n in ("student.onnx", "student.int8.onnx")}
+    usage = section.usage(tmp_path, {"input_shape": [1, 8, 8]}, {n: FileInfo(**f) for n, f in files.items()})
+    assert f'InferenceSession("{tmp_path / "student.int8.onnx"}")' in usage
+    refused = Quantization(kept=False, reason="it ran slower than the fp32 model at batch 1")
+    assert ClassifyReport.model_validate({**section.model_dump(), "quantization": refused.model_dump()}).lines()[-1] \
+        == "no int8 model: it ran slower than the fp32 model at batch 1"

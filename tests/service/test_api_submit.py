@@ -42,6 +42,12 @@ def test_submit_accepted_and_queued(client, keys, ckpt, enqueued):
     assert got["checkpoint_sha256"] == job["checkpoint_sha256"]
 
 
+def test_int8_is_asked_for_in_the_config(client, keys, ckpt, enqueued):
+    r = submit(client, keys["alice"], ckpt, spec=spec_json(config={"compression": {"quantize": "int8"}}))
+    assert r.status_code == 202, r.text
+    assert r.json()["request"]["config"]["compression"]["quantize"] == "int8"
+
+
 def test_torch_save_state_dict_accepted(client, keys, tmp_path):
     r = submit(client, keys["alice"], write_mlp_torch(tmp_path / "t.pt"))
     assert r.status_code == 202, r.text
@@ -136,6 +142,8 @@ def test_file_just_over_limit_413(client, keys, tmp_path, settings):
     (spec_json(model={**MLP_MODEL, "arch": "../../etc"}), "arch"),
     (spec_json(device="tpu"), "device"),
     (spec_json(surprise=1), "surprise"),
+    (spec_json(config={"compression": {"quantize": "int4"}}), "quantize"),
+    (spec_json(config={"compression": {"quantize": "int8"}, "export_onnx": False}), "export_onnx"),
 ])
 def test_bad_spec_422(client, keys, ckpt, enqueued, spec, needle):
     r = submit(client, keys["alice"], ckpt, spec=spec)

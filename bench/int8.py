@@ -1,0 +1,188 @@
+"""``python -m bench.int8 TEACHER [--seed S] [--threads N] [--out FILE]``: data-free INT8 on real test data (issue 22).
+
+One job with ``compression.quantize: int8`` (the product's path: the student, or the teacher where no layer is
+worth factorizing), then the job's ``student.onnx`` quantized three ways, each with its calibration method
+chosen on the job's synthetic exam (kegnet.compression.quantize.best_method):
+
+- ``int8``: the job's own synthetic samples (the kept recipe's mix, the same draw as the job's);
+- ``int8-gaussian``: standard Gaussian noise;
+- ``int8-real``: the real training split (the ceiling: bench only, never the product).
+
+Rows report real test accuracy (onnxruntime), agreement with the teacher on the synthetic exam, file bytes and
+milliseconds at batch 1 and 64, every model timed in turns in one onnxruntime process (``--threads`` intra-op
+threads). Real data appears only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.datasets import load_image_split, shared_dir
+from bench.scenarios import LENET
+from bench.suite.teachers import suite_teacher
+from kegnet import ClassifierConfig, ModelSpec, export, load_teacher, run_pipeline
+from kegnet.compression import quantize
+from kegnet.distill.exam import build_exam, exam_sources, grade
+from kegnet.generation import KegNetSampler
+from kegnet.tasks.classify import calibration_set
+
+log = logging.getLogger("bench.int8")
+
+Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train x, y, test x, y
+
+
+@dataclass
+class Teacher:
+    build: Callable[[], tuple[nn.Module, ModelSpec, Split]]
+    config: dict[str, Any]  # ClassifierConfig sections on top of "fast"
+    about: str
+
+
+def _mnist_lenet() -> tuple[nn.Module, ModelSpec, Split]:
+    teacher = load_teacher(shared_dir() / "teachers" / "kegnet-mnist-lenet5.pth.tar", LENET)
+    return teacher, LENET, (*load_image_split("mnist", "train"), *load_image_split("mnist", "test"))
+
+
+def _suite(name: str) -> Callable[[], tuple[nn.Module, ModelSpec, Split]]:
+    def build() -> tuple[nn.Module, ModelSpec, Split]:
+        path, spec, split, _ = suite_teacher(name)
+        return load_teacher(path, spec), spec, split
+
+    return build
+
+
+# The CPU budget of bench/scenarios.py's library teachers: 2 generators x 200 steps, 600 student steps.
+_LIBRARY_BUDGET: dict[str, Any] = {
+    "generator": {"num_generators": 2, "steps": 200, "batch_size": 64},
+    "distill": {"steps": 600, "batch_size": 64, "eval_every": 100, "holdout_samples": 512},
+}
+TEACHERS: dict[str, Teacher] = {
+    # keep_slower, as in bench/scenarios.py's paper rows: 4.10x whatever the layers' speed on this CPU.
+    "mnist-lenet5": Teacher(_mnist_lenet, {"compression": {"layers": ["conv2", "conv3"], "keep_slower": True}},
+                            "the paper's LeNet-5 MNIST teacher at 4.10x (EVBMF Tucker-2 on conv2+conv3), fast preset"),
+    "fashion-lcnet": Teacher(_suite("fashion-lcnet"),
+                             {**_LIBRARY_BUDGET, "compression": {"rank_method": "ratio", "target_ratio": 2.5,
+                                                                 "n_iter_max": 1}},
+                             "timm lcnet_050 trained on Fashion-MNIST (bench/suite); ranks for 2.5x, latency "
+                             "filter on; the library CPU budget"),
+}
+SAMPLES = 512  # calibration samples of every row (the job's default)
+
+
+def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> float:
+    model = quantize.OnnxModel(path, threads)
+    hits = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(1000), y.split(1000), strict=True))
+    return hits / len(y)
+
+
+def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
+        extra: dict[str, Any], job: bool = True) -> dict[str, Any]:
+    teacher, spec, (x_train, _, x_test, y_test) = TEACHERS[name].build()
+    teacher = teacher.eval()
+    sections = {k: dict(v) for k, v in TEACHERS[name].config.items()}
+    for key, value in extra.items():
+        sections[key] = {**sections.get(key, {}), **value}
+    sections["compression"] = {**sections.get("compression", {}), "quantize": "int8", "quantize_samples": SAMPLES}
+    cfg = ClassifierConfig.from_preset("fast", **sections)
+    cpu = torch.device("cpu")
+    paths = {"teacher": work / "teacher.onnx", "fp32": work / "job" / "student.onnx"}
+    export.export_onnx(teacher, spec.input_shape, paths["teacher"])
+    kegnet, info = None, {}
+    if job:
+        t0 = time.perf_counter()
+        result = run_pipeline(teacher, spec, cfg, work / "job", device="cpu", seed=seed)
+        report = result.report
+        info = {"job_seconds": time.perf_counter() - t0, "compression_ratio": report.compression_ratio,
+                "recipe": report.classify.recipe, "warnings": report.warnings,
+                "job_int8": report.classify.quantization.model_dump(mode="json")}
+        kegnet = (KegNetSampler(result.generators, spec.num_classes, cfg.generator.noise_dim, cpu)
+                  if result.generators else None)
+    else:  # --no-job: the teacher's own ONNX file, quantized with noise and real samples only
+        paths = {"fp32": paths["teacher"]}
+    recipes = cfg.candidate_recipes(True, spec.num_classes)
+    recipe = next((r for r in recipes if r.name == info.get("recipe")), recipes[0])
+    # The job's exam, drawn again with its seed, grades every row's calibration methods.
+    exam = build_exam(teacher, exam_sources(kegnet, spec.input_shape, cpu), cfg.distill.holdout_samples,
+                      seed + 7919, cpu)
+    rng = torch.Generator().manual_seed(seed)
+    calibrations = {
+        **({"int8": calibration_set(recipe, kegnet, spec.input_shape, SAMPLES, seed, cpu)} if job else {}),
+        "int8-gaussian": (torch.randn(SAMPLES, *spec.input_shape, generator=rng), "gaussian"),
+        "int8-real": (x_train[torch.randperm(len(x_train), generator=rng)[:SAMPLES]], "real training split"),
+    }
+    quantize.prepare(paths["fp32"], work / "prepared.onnx")
+    rows: dict[str, dict[str, Any]] = {name: {"calibration": "-"} for name in paths}
+    for row, (x_cal, source) in calibrations.items():
+        (work / row).mkdir()
+        method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, exam, threads)
+        paths[row] = work / row / f"{method}.onnx"
+        rows[row] = {"calibration": source, "method": method, "exam_agreement": grades[method].agreement,
+                     "methods": {m: g.agreement for m, g in grades.items()}}
+    rows["fp32"]["exam_agreement"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam).agreement
+    for row, path in paths.items():
+        rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
+    latency = quantize.time_in_turns(paths, spec.input_shape, threads=threads, repeats=repeats, budget_s=budget_s,
+                                     seed=seed)
+    for row in rows:
+        rows[row] |= latency[row]
+    return {"teacher": name, "about": TEACHERS[name].about, "seed": seed, **info, "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    fp32 = rows["fp32"]
+    lines = ["| row | calibration | method | test acc. % | exam agreement % | bytes | smaller than student.onnx | "
+             "batch 1 ms | batch 64 ms | speed-up 1 / 64 |", "|---" * 10 + "|"]
+    for name, r in rows.items():
+        exam = f"{100 * r['exam_agreement']:.2f}" if "exam_agreement" in r else "-"
+        lines.append(
+            f"| {name} | {r['calibration']} | {r.get('method', '-')} | {100 * r['test_accuracy']:.2f} | {exam} | "
+            f"{r['bytes']:,} | {fp32['bytes'] / r['bytes']:.2f}x | {r['batch1_ms']:.3f} | {r['batch64_ms']:.2f} | "
+            f"{fp32['batch1_min_ms'] / r['batch1_min_ms']:.2f}x / "
+            f"{fp32['batch64_min_ms'] / r['batch64_min_ms']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.int8", description=__doc__.split("\n\n")[0])
+    parser.add_argument("teacher", choices=sorted(TEACHERS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
+    parser.add_argument("--repeats", type=int, default=50, help="timed runs per model and batch")
+    parser.add_argument("--budget-s", type=float, default=10.0, help="seconds of timing per batch size")
+    parser.add_argument("--config", type=json.loads, default={}, help="JSON config sections over the teacher's")
+    parser.add_argument("--no-job", action="store_true", help="no compression job: the teacher's ONNX file "
+                        "quantized with Gaussian and real calibration only (no generators, so no int8 row)")
+    parser.add_argument("--out", type=Path, help="JSON of the rows")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
+        result = run(args.teacher, args.seed, args.threads, Path(tmp), args.repeats, args.budget_s, args.config,
+                     not args.no_job)
+    result |= {"command": "python -m bench.int8 " + shlex.join(sys.argv[1:]), "machine": platform.processor()
+               or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    print(table(result))
+    if "job_seconds" in result:
+        print(f"job: ratio {result['compression_ratio']:.2f}x, recipe {result['recipe']}, "
+              f"{result['job_seconds']:.0f}s; warnings: {result['warnings']}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Data-free INT8: post-training static quantization of an exported ONNX model, calibrated on synthetic samples.
+
+onnxruntime's ``quantize_static`` writes a QDQ model (QuantizeLinear/DequantizeLinear around each quantized
+op): weights int8 per output channel, activations uint8 with ranges from calibration. Calibration data are the
+job's own synthetic samples (never data). The calibration method (MinMax, Entropy, Percentile) is not fixed:
+each is tried and the one whose model agrees best with the teacher on the job's synthetic exam is kept
+(kegnet.distill.exam.choose). Then the checks of the latency filter: the int8 model must not run slower than
+the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of exam agreement; otherwise
+the job keeps fp32 only and says why.
+
+Weights are 7-bit (``reduce_range``): onnxruntime's advice for x86 CPUs without VNNI, whose 8-bit dot products
+can saturate; it costs little accuracy and is safe on every CPU. onnxruntime is an optional extra
+(``kegnet[onnx]``), imported only when a model is quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kegnet.distill.exam import Exam, Grade, choose, grade
+from kegnet.errors import Cancelled
+from kegnet.report import Quantization
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "entropy", "percentile")
+SETTINGS = {"format": "QDQ", "weights": "int8, per channel, 7-bit range (reduce_range)", "activations": "uint8"}
+CALIBRATION_BATCH = 64
+BATCHES = (1, 64)
+
+
+def missing_runtime() -> str | None:
+    """Why no model can be quantized here (onnxruntime absent), or None."""
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'kegnet[onnx]')"
+    return None
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3  # its warnings about unused initializers are not the user's concern
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel(nn.Module):
+    """An onnxruntime session behind ``nn.Module``'s call, so the exam grades it like a torch student."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        super().__init__()
+        self.session = _session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[:1]
+        return torch.from_numpy(logits).to(x.device)
+
+
+def _calibration_reader(name: str, samples: np.ndarray) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Batches(CalibrationDataReader):
+        """The calibration samples, ``CALIBRATION_BATCH`` at a time, under the model's input name."""
+
+        def __init__(self) -> None:
+            self._batches: Iterator[np.ndarray] = iter(np.split(samples, range(CALIBRATION_BATCH, len(samples),
+                                                                               CALIBRATION_BATCH)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            return None if batch is None else {name: batch}
+
+    return _Batches()
+
+
+def prepare(fp32: Path, path: Path) -> None:
+    """onnxruntime's pre-processing: shape inference and graph optimization (BatchNorm folded into the convs,
+    so that no QDQ pair sits between them)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32), str(path))
+
+
+def quantize(prepared: Path, path: Path, calibration: torch.Tensor, method: str) -> None:
+    """Write ``path``: ``prepared`` (see ``prepare``) quantized to INT8, ranges from ``calibration`` by ``method``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    name = _session(prepared, 1).get_inputs()[0].name
+    reader = _calibration_reader(name, calibration.detach().float().cpu().numpy())
+    with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+        quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method])
+
+
+def best_method(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam, threads: int = 1,
+                should_cancel: Callable[[], bool] | None = None) -> tuple[str, dict[str, Grade]]:
+    """Quantize with every calibration method into ``work/<method>.onnx``; the method whose model agrees best
+    with the teacher on ``exam``, and every method's grade."""
+    grades: dict[str, Grade] = {}
+    for method in METHODS:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("cancelled while quantizing")
+        quantize(prepared, work / f"{method}.onnx", calibration, method)
+        grades[method] = grade(OnnxModel(work / f"{method}.onnx", threads), exam)
+    return choose(grades), grades
+
+
+def time_in_turns(paths: dict[str, Path], input_shape: tuple[int, ...], *, threads: int = 1,
+                  batches: tuple[int, ...] = BATCHES, repeats: int = 15, budget_s: float = 2.0,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """Milliseconds per run of each model at each batch (median and fastest), runs alternating between the
+    models so that all see the same machine: ``{name: {"batch1_ms", "batch1_min_ms", ...}}``."""
+    sessions = {name: _session(p, threads) for name, p in paths.items()}
+    out: dict[str, dict[str, float]] = {name: {} for name in paths}
+    rng = np.random.default_rng(seed)
+    for b in batches:
+        x = rng.standard_normal((b, *input_shape), dtype=np.float32)
+        feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+        for name, s in sessions.items():  # warm-up
+            s.run(None, feeds[name])
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        start = time.perf_counter()
+        while min(len(t) for t in times.values()) < 3 or (
+                len(times[next(iter(times))]) < repeats and time.perf_counter() - start < budget_s):
+            for name, s in sessions.items():
+                t0 = time.perf_counter()
+                s.run(None, feeds[name])
+                times[name].append(time.perf_counter() - t0)
+        for name, t in times.items():
+            out[name] |= {f"batch{b}_ms": 1e3 * statistics.median(t), f"batch{b}_min_ms": 1e3 * min(t)}
+    return out
+
+
+def _verdict(fp32: Grade, int8: Grade, latency: dict[str, dict[str, float]], max_drop: float,
+             tolerance: float) -> str | None:
+    """Why the int8 model is not kept (slower than fp32, or too far from the teacher), or None."""
+    drop = fp32.agreement - int8.agreement
+    if drop > max_drop:
+        return (f"its agreement with the teacher on the synthetic exam fell by {drop:.4f} ({fp32.agreement:.4f} -> "
+                f"{int8.agreement:.4f}), more than compression.quantize_max_drop {max_drop:g}")
+    for b in BATCHES:
+        f, i = latency["fp32"][f"batch{b}_min_ms"], latency["int8"][f"batch{b}_min_ms"]
+        if i > f * (1 + tolerance):
+            return f"it ran slower than the fp32 model at batch {b} in onnxruntime ({i:.3g} ms against {f:.3g} ms)"
+    return None
+
+
+def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, exam: Exam,
+                 input_shape: tuple[int, ...], *, max_drop: float, tolerance: float, threads: int = 1,
+                 repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
+                 should_cancel: Callable[[], bool] | None = None) -> Quantization:
+    """The job's INT8 step: ``fp32`` (``student.onnx``) quantized with the best calibration method, checked, and
+    written to ``out`` only when it is not slower and agrees within ``max_drop``; the report says why not."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        prepare(fp32, work / "prepared.onnx")
+        method, grades = best_method(work / "prepared.onnx", work, calibration, exam, threads, should_cancel)
+        chosen = work / f"{method}.onnx"
+        fp32_grade = grade(OnnxModel(fp32, threads), exam)
+        latency = time_in_turns({"fp32": fp32, "int8": chosen}, input_shape, threads=threads, repeats=repeats,
+                                budget_s=budget_s, seed=seed)
+        why_not = _verdict(fp32_grade, grades[method], latency, max_drop, tolerance)
+        sizes = {"fp32": fp32.stat().st_size, "int8": chosen.stat().st_size}
+        if why_not is None:
+            shutil.move(str(chosen), str(out))
+            out.chmod(0o644)
+        else:
+            log.warning("no %s: %s", out.name, why_not)
+    return Quantization(
+        kept=why_not is None, file=out.name if why_not is None else None, reason=why_not, method=method,
+        calibration={"source": source, "samples": len(calibration), "method": method,
+                     "methods": {m: _grade_figures(g) for m, g in grades.items()}},
+        exam_agreement={"fp32": fp32_grade.agreement, "int8": grades[method].agreement,
+                        "drop": fp32_grade.agreement - grades[method].agreement, "max_drop": max_drop},
+        latency_ms=latency, threads=threads, bytes=sizes,
+        settings={**SETTINGS, "runtime": f"onnxruntime {ort.__version__}"})
+
+
+def _grade_figures(g: Grade) -> dict[str, float]:
+    return {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl}
+
+
+__all__ = ["METHODS", "OnnxModel", "best_method", "missing_runtime", "prepare", "quantize", "quantize_job",
+           "time_in_turns"]

@@ -1,0 +1,68 @@
+"""INT8 of an exported ONNX model, calibrated on synthetic samples: on the paper's trained LeNet-5 (a random
+network's logits sit too close together for top-class agreement to mean anything)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kegnet import export, load_teacher
+from kegnet.compression import quantize
+from kegnet.distill.exam import build_exam, exam_sources
+from tests.conftest import LENET_SPEC, MNIST_TEACHER, needs_shared
+
+pytest.importorskip("onnxruntime")
+pytestmark = needs_shared(MNIST_TEACHER)
+
+
+@pytest.fixture(scope="module")
+def lenet(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path, object, torch.Tensor]:
+    """The teacher, its student.onnx, a synthetic exam (noise sources) and Gaussian calibration samples."""
+    torch.set_num_threads(1)
+    teacher = load_teacher(MNIST_TEACHER, LENET_SPEC).eval()
+    fp32 = tmp_path_factory.mktemp("lenet") / "student.onnx"
+    assert export.export_onnx(teacher, LENET_SPEC.input_shape, fp32, traced=True) is None  # the faster exporter
+    cpu = torch.device("cpu")
+    exam = build_exam(teacher, exam_sources(None, LENET_SPEC.input_shape, cpu), 256, 1, cpu)
+    calibration = torch.randn(128, *LENET_SPEC.input_shape, generator=torch.Generator().manual_seed(2))
+    return teacher, fp32, exam, calibration
+
+
+def test_the_int8_model_is_written_smaller_and_agrees(lenet) -> None:
+    teacher, fp32, exam, calibration = lenet
+    out = fp32.with_name("student.int8.onnx")
+    q = quantize.quantize_job(fp32, out, calibration, "gaussian", exam, LENET_SPEC.input_shape, max_drop=1.0,
+                              tolerance=10.0, repeats=3, budget_s=0.05)
+    assert q.kept and q.file == "student.int8.onnx" and out.is_file() and q.reason is None
+    assert q.bytes["int8"] == out.stat().st_size and q.bytes["fp32"] == fp32.stat().st_size
+    assert out.stat().st_size * 3 < fp32.stat().st_size  # int8 weights: about 4x fewer bytes
+    assert q.method in quantize.METHODS and set(q.calibration["methods"]) == set(quantize.METHODS)
+    assert q.calibration["source"] == "gaussian" and q.calibration["samples"] == 128
+    assert set(q.latency_ms) == {"fp32", "int8"} and q.latency_ms["int8"]["batch64_ms"] > 0
+    # It loads in onnxruntime and predicts what the fp32 model predicts on samples it was not calibrated on.
+    x = torch.randn(200, *LENET_SPEC.input_shape, generator=torch.Generator().manual_seed(3))
+    int8, fp = quantize.OnnxModel(out)(x), quantize.OnnxModel(fp32)(x)
+    assert int8.shape == (200, 10)
+    assert (int8.argmax(1) == fp.argmax(1)).float().mean() >= 0.95
+    assert q.exam_agreement["fp32"] == pytest.approx(1.0, abs=0.01)  # the fp32 file is the teacher itself
+    assert q.exam_agreement["drop"] == pytest.approx(q.exam_agreement["fp32"] - q.exam_agreement["int8"])
+
+
+def test_the_job_keeps_fp32_only_when_the_agreement_bound_is_not_met(lenet, tmp_path: Path) -> None:
+    _, fp32, exam, calibration = lenet
+    out = tmp_path / "student.int8.onnx"
+    # A bound no model can meet: the int8 model would have to agree better than the fp32 one by a whole exam.
+    q = quantize.quantize_job(fp32, out, calibration, "gaussian", exam, LENET_SPEC.input_shape, max_drop=-1.0,
+                              tolerance=10.0, repeats=3, budget_s=0.05)
+    assert not q.kept and q.file is None and not out.exists()
+    assert "agreement with the teacher on the synthetic exam fell" in q.reason
+    assert list(tmp_path.iterdir()) == []  # no working files left behind
+    assert q.bytes["int8"] < q.bytes["fp32"]  # still measured, for the report
+
+
+def test_time_in_turns_reports_each_model_and_batch(lenet) -> None:
+    _, fp32, _, _ = lenet
+    t = quantize.time_in_turns({"a": fp32, "b": fp32}, LENET_SPEC.input_shape, repeats=3, budget_s=0.01)
+    assert set(t) == {"a", "b"}
+    assert set(t["a"]) == {"batch1_ms", "batch1_min_ms", "batch64_ms", "batch64_min_ms"}
+    assert 0 < t["a"]["batch1_min_ms"] <= t["a"]["batch1_ms"]

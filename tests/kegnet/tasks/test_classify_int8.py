@@ -1,0 +1,80 @@
+"""``compression.quantize: int8`` through the whole classifier job: student.int8.onnx, its report, and the
+teacher quantized where no layer is worth factorizing."""
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+from pydantic import ValidationError
+
+from kegnet import ClassifierConfig, CompressionError, load_teacher, run_pipeline
+from kegnet.config import SequenceJobConfig
+from kegnet.tasks.classify import TASK
+from tests.conftest import LENET_SPEC, MNIST_TEACHER, needs_shared, tiny_config
+
+# Loose checks (a tiny budget's student, timings of a busy machine): these tests are about the files and
+# the report; tests/kegnet/compression/test_quantize.py checks the bound and the agreement.
+LOOSE = {"quantize": "int8", "quantize_samples": 64, "quantize_max_drop": 1.0, "latency_tolerance": 1.0}
+
+
+def _int8_report(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["classify"]["quantization"]
+
+
+@needs_shared(MNIST_TEACHER)
+def test_a_job_writes_the_int8_student_and_reports_it(tmp_path: Path) -> None:
+    teacher = load_teacher(MNIST_TEACHER, LENET_SPEC)
+    cfg = tiny_config(compression={"layers": ["conv3"], **LOOSE}).model_copy(update={"export_portable": False})
+    result = run_pipeline(teacher, LENET_SPEC, cfg, tmp_path, device="cpu", seed=0)
+    q = _int8_report(tmp_path)
+    files = json.loads((tmp_path / "manifest.json").read_text())["files"]
+    assert q["kept"] == (tmp_path / "student.int8.onnx").is_file() == ("student.int8.onnx" in files)
+    assert q["calibration"]["source"] == result.report.classify.recipe  # the kept recipe's mix, never data
+    assert q["calibration"]["samples"] == 64 and q["method"] in ("minmax", "entropy", "percentile")
+    assert q["bytes"]["fp32"] == files["student.onnx"]["bytes"]
+    if q["kept"]:
+        session = ort.InferenceSession(str(tmp_path / "student.int8.onnx"))
+        x = torch.randn(4, *LENET_SPEC.input_shape)
+        assert session.run(None, {"x": x.numpy()})[0].shape == (4, 10)
+        assert files["student.int8.onnx"]["bytes"] < files["student.onnx"]["bytes"]
+        assert any(line.startswith("int8 model (") for line in result.report.lines())
+        assert "student.int8.onnx" in result.report.usage(tmp_path)
+    else:
+        assert any(w.startswith("kept the fp32 model only") for w in result.report.warnings)
+
+
+def test_with_no_layer_worth_factorizing_the_teacher_is_quantized(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    # Ranks above every layer's: no factorization makes a layer smaller, so the plan has nothing to do.
+    nothing = {"rank_method": "explicit", "ranks": {"*": [64, 64]}}
+    with pytest.raises(CompressionError, match="no layer gets smaller"):
+        run_pipeline(small_cnn, small_cnn_spec, tiny_config(compression=nothing), tmp_path / "fp32", device="cpu")
+    cfg = tiny_config(compression={**nothing, **LOOSE}).model_copy(update={"export_portable": False})
+    TASK.check_model(small_cnn, small_cnn_spec, cfg)  # validation lets it through too
+    result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0)
+    report = result.report
+    assert report.compression_ratio == 1.0 and report.classify.plan["layers"] == []
+    assert report.classify.distill_curve == [] and report.agreement is None  # nothing to fine-tune
+    assert any(w.startswith("no layer was factorized (no layer gets smaller") for w in report.warnings)
+    assert report.classify.quantization is not None and report.classify.quantization.exam_agreement["fp32"] == 1.0
+    x = torch.randn(3, *small_cnn_spec.input_shape)
+    with torch.no_grad():
+        assert torch.equal(result.student(x), small_cnn(x))  # the student is the teacher
+
+
+def test_int8_config_is_validated() -> None:
+    assert ClassifierConfig().compression.quantize == "none"
+    with pytest.raises(ValidationError, match="set export_onnx true"):
+        ClassifierConfig.from_preset("fast", compression={"quantize": "int8"}, export_onnx=False)
+    with pytest.raises(ValidationError, match="is for classifiers"):
+        SequenceJobConfig(compression={"quantize": "int8"})
+    for bad in ({"quantize": "int4"}, {"quantize_samples": 10**6}, {"quantize_max_drop": -0.1}):
+        with pytest.raises(ValidationError):
+            ClassifierConfig.from_preset("fast", compression=bad)
+
+
+def test_a_layer_name_that_matches_nothing_still_fails_with_int8(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    with pytest.raises(CompressionError, match="'conv9' matches no"):
+        run_pipeline(small_cnn, small_cnn_spec, tiny_config(compression={"layers": ["conv9"], **LOOSE}), tmp_path,
+                     device="cpu")
