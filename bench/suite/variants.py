@@ -24,7 +24,7 @@ import torch
 from bench.datasets import accuracy
 from bench.suite.run import config_for
 from bench.suite.teachers import suite_teacher
-from kegnet import run_pipeline
+from kegnet import KegnetError, run_pipeline
 from kegnet.config import Recipe
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,12 @@ def run_variant_entry(entry: str, seeds: int, first_seed: int, device: str, vari
             key = json.dumps(cfg.generator.model_dump(), sort_keys=True)
             gens, gen_s = shared.get(key, (None, 0.0))
             start_cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"steps": 0})})
-            with tempfile.TemporaryDirectory() as tmp:
-                start = run_pipeline(path, spec, start_cfg, tmp, device=device, seed=seed, generators=gens)
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    start = run_pipeline(path, spec, start_cfg, tmp, device=device, seed=seed, generators=gens)
+            except KegnetError as exc:  # the job a user would get fails: a row that says why
+                out["variants"][name].append({"seed": seed, "error": str(exc)})
+                continue
             if gens is None and start.generators is not None:
                 gens, gen_s = start.generators, start.report.timings_s.get("generators", 0.0)
                 shared[key] = (gens, gen_s)
@@ -94,7 +98,12 @@ def variant_table(entries: list[dict[str, Any]]) -> str:
     lines = ["| teacher | teacher acc. | variant | ratio | start (no fine-tuning) | default student | exam estimate "
              "| job s | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        for name, runs in e["variants"].items():
+        for name, all_runs in e["variants"].items():
+            runs = [r for r in all_runs if "error" not in r]
+            for r in all_runs:
+                if "error" in r:
+                    lines.append(f"| {e['entry']} | {100 * e['teacher_accuracy']:.2f} | {name} | job fails (seed "
+                                 f"{r['seed']}): {r['error'][:140]} | | | | | |")
             if not runs:
                 continue
             lines.append(f"| {e['entry']} | {100 * e['teacher_accuracy']:.2f} | {name} | {runs[0]['ratio']:.2f}x | "
