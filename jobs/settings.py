@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     transfer_attempts: int = Field(4, ge=1, le=20)
     transfer_rate_bytes_s: int | None = Field(None, ge=1024)
 
+    @field_validator("worker_secret", "api_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # ``KEGNET_WORKER_SECRET=`` in an env file means "not set", as an absent line does.
+        return None if value == "" else value
+
     @field_validator("worker_secret")
     @classmethod
     def _long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
