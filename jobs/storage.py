@@ -13,8 +13,6 @@ from kegnet.artifacts import ARTIFACT_NAMES
 from kegnet.config import MAX_TEACHERS
 
 CHUNK = 1024 * 1024
-
-
 EVAL_SET_NAME = "eval.safetensors"
 
 
