@@ -79,7 +79,7 @@ class OverHttp:
     @property
     def transfer(self) -> ApiTransfer:
         if self._transfer is None:
-            raise RuntimeError("publish is called inside workspace()")
+            raise RuntimeError("publish must be called inside workspace()")
         return self._transfer
 
     @contextlib.contextmanager
@@ -90,12 +90,12 @@ class OverHttp:
         s = self.settings
         self._transfer = ApiTransfer(self.api_url, job["id"], self.credential, attempts=s.transfer_attempts,
                                      rate_bytes_s=s.transfer_rate_bytes_s)
-        # Names the same as in the API's storage: a run sees the same file names on both kinds of worker.
         root = Path(tempfile.mkdtemp(prefix=f"kegnet-job-{job['id'][:8]}-", dir=self.tmp_root))
         try:
             checkpoints = []
             for i, recorded in enumerate(job["checkpoints"]):
-                # The hash the API recorded at submission (read from Redis): a file changed since then is refused.
+                # The API's own names (the same run on both kinds of worker), and the hash it recorded at
+                # submission: a file changed since then is refused.
                 dest = root / checkpoint_name(i)
                 self.transfer.download(f"checkpoints/{i}", dest, recorded["sha256"], self.settings.max_upload_bytes)
                 checkpoints.append(dest)
