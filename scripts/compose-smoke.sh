@@ -97,12 +97,14 @@ bash scripts/wheelhouse.sh "$KEGNET_BASE_IMAGE" 2> >(grep -v "^WARNING: Location
 say "wheelhouse ready in $(( $(date +%s) - t )) s"
 
 # 5. The stack's settings: a throwaway env file, fast heartbeats so a lost worker is noticed in seconds, and
-#    a fresh worker secret (the workers fetch and return each job's files through the API).
+#    a fresh worker secret (the workers fetch and return each job's files through the API), and room for the
+#    four jobs one key submits at once on two workers.
 cat >"$WORK/smoke.env" <<EOF
 KEGNET_REDIS_URL=redis://redis:6379/0
 KEGNET_DATA_DIR=/data
 KEGNET_WORKER_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 KEGNET_AUTH_DISABLED=false
+KEGNET_MAX_ACTIVE_JOBS_PER_KEY=4
 KEGNET_HEARTBEAT_INTERVAL_S=1
 KEGNET_HEARTBEAT_STALE_S=10
 KEGNET_REAPER_INTERVAL_S=2
