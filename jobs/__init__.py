@@ -4,6 +4,7 @@ A job is a stored request to compress one model: its spec (``schemas.JobRequest`
 (``storage``), its state, events, caps and idempotency claims in Redis (``store``), the settings both
 processes read (``settings``), when a job counts as lost (``reaper.reap_once``), and the names the two
 processes agree on: the Celery task and queue that carry a job id, and the artifacts a job leaves
-(``queue``). Nothing here knows about HTTP or runs Celery; ``service`` and ``worker`` import from here and
+(``queue``), and the credential that lets a worker on another host move one job's files through the API
+(``credentials``). Nothing here knows about HTTP or runs Celery; ``service`` and ``worker`` import from here and
 never from each other.
 """

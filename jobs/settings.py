@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kegnet.config import MAX_TEACHERS
@@ -76,6 +76,33 @@ class Settings(BaseSettings):
     # CPU threads for torch in a job (None: torch's default). On a shared or busy CPU host, 1-2 threads
     # avoid oversubscription, which was measured to slow small models down by ~100x.
     torch_threads: int | None = Field(None, ge=1, le=256)
+
+    # Workers on other hosts (README "Workers on other hosts"). The API signs each job a credential with this
+    # secret (jobs/credentials.py) and sends it in the job's message; a worker presents it to the API's
+    # internal endpoints. Unset on the API: those endpoints answer 404 and jobs carry no credential.
+    worker_secret: SecretStr | None = None
+    # Set on a worker: it fetches the job's inputs from this API and uploads the artifacts back, and needs no
+    # shared volume (data_dir is then never opened). Unset: the shared-volume worker of one host.
+    api_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    # The worker's transfers: attempts per file (a restarting API), and an optional rate cap in bytes/s for a
+    # shared or metered link between the hosts.
+    transfer_attempts: int = Field(4, ge=1, le=20)
+    transfer_rate_bytes_s: int | None = Field(None, ge=1024)
+
+    @field_validator("worker_secret", "api_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # ``KEGNET_WORKER_SECRET=`` in an env file means "not set", as an absent line does.
+        return None if value == "" else value
+
+    @field_validator("worker_secret")
+    @classmethod
+    def _long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
+        # An HMAC key a person could guess or brute-force protects nothing: ask for 32 characters or more
+        # (e.g. `python -c "import secrets; print(secrets.token_urlsafe(32))"`).
+        if secret is not None and len(secret.get_secret_value()) < 32:
+            raise ValueError("KEGNET_WORKER_SECRET must be at least 32 characters")
+        return secret
 
     @property
     def celery_broker_url(self) -> str:

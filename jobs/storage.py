@@ -9,17 +9,57 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from kegnet.artifacts import ARTIFACT_NAMES
 from kegnet.config import MAX_TEACHERS
 
 CHUNK = 1024 * 1024
+EVAL_SET_NAME = "eval.safetensors"
+
+
+def checkpoint_name(index: int) -> str:
+    """The ``index``-th teacher file's name: ``teacher.ckpt`` (the only one of a one-teacher job), then
+    ``teacher.1.ckpt``, ``teacher.2.ckpt``... Made here from an int, never from client text."""
+    if not (isinstance(index, int) and 0 <= index < MAX_TEACHERS):
+        raise ValueError("invalid checkpoint index")
+    return "teacher.ckpt" if index == 0 else f"teacher.{index}.ckpt"
 
 
 class UploadTooLarge(Exception):  # noqa: N818
     pass
 
 
+class PartFile:
+    """A temp file written chunk by chunk (an upload as it arrives), hashed and bounded as it goes. Whoever
+    opens one calls ``finish`` (the path, sha256 and size) or ``abort`` (removed)."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path, self.max_bytes = path, max_bytes
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._out: BinaryIO = path.open("wb")
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``; ``UploadTooLarge`` past ``max_bytes`` (the caller aborts)."""
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise UploadTooLarge
+        self._digest.update(chunk)
+        self._out.write(chunk)
+
+    def finish(self) -> tuple[Path, str, int]:
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        return self.path, self._digest.hexdigest(), self.size
+
+    def abort(self) -> None:
+        self._out.close()
+        self.path.unlink(missing_ok=True)
+
+
 class Storage(Protocol):
-    """What the API and the worker need from file storage (a shared directory today; could be S3)."""
+    """What the API needs from file storage (a directory; could be S3). A worker on the same host reads and
+    writes the same directory; a worker elsewhere goes through the API's internal endpoints."""
 
     def checkpoint_path(self, job_id: str, index: int = 0) -> Path: ...
     def out_dir(self, job_id: str) -> Path: ...
@@ -27,6 +67,8 @@ class Storage(Protocol):
     def commit_checkpoint(self, tmp: Path, job_id: str, index: int = 0) -> Path: ...
     def eval_set_path(self, job_id: str) -> Path: ...
     def commit_eval_set(self, tmp: Path, job_id: str) -> Path: ...
+    def new_part(self, max_bytes: int) -> PartFile: ...
+    def commit_artifact(self, tmp: Path, job_id: str, name: str) -> Path: ...
     def discard(self, tmp: Path) -> None: ...
     def delete_job(self, job_id: str) -> None: ...
 
@@ -49,45 +91,45 @@ class LocalStorage:
         return self.root / "jobs" / job_id
 
     def checkpoint_path(self, job_id: str, index: int = 0) -> Path:
-        """The job's ``index``-th teacher: ``teacher.ckpt`` (the only one of a one-teacher job), then
-        ``teacher.1.ckpt``, ``teacher.2.ckpt``... Names are made here from an int, never from client text."""
-        if not (isinstance(index, int) and 0 <= index < MAX_TEACHERS):
-            raise ValueError("invalid checkpoint index")
-        return self.job_dir(job_id) / ("teacher.ckpt" if index == 0 else f"teacher.{index}.ckpt")
+        """The job's ``index``-th teacher (``checkpoint_name``)."""
+        return self.job_dir(job_id) / checkpoint_name(index)
 
     def out_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "out"
 
+    def new_part(self, max_bytes: int) -> PartFile:
+        """A new temp upload in ``tmp/``, named with this instance's tag (``clear_orphan_uploads``)."""
+        name = f"{self.tmp_tag}-{uuid.uuid4().hex}" if self.tmp_tag else uuid.uuid4().hex
+        return PartFile(self.root / "tmp" / f"{name}.part", max_bytes)
+
     def save_stream(self, src: BinaryIO, max_bytes: int) -> tuple[Path, str, int]:
         """Copy ``src`` into a new temp file, hashing as it goes; raise ``UploadTooLarge`` past ``max_bytes``."""
-        name = f"{self.tmp_tag}-{uuid.uuid4().hex}" if self.tmp_tag else uuid.uuid4().hex
-        tmp = self.root / "tmp" / f"{name}.part"
-        digest = hashlib.sha256()
-        size = 0
+        part = self.new_part(max_bytes)
         try:
-            with tmp.open("wb") as out:
-                while chunk := src.read(CHUNK):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise UploadTooLarge
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+            while chunk := src.read(CHUNK):
+                part.write(chunk)
+            return part.finish()
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            part.abort()
             raise
-        return tmp, digest.hexdigest(), size
 
     def commit_checkpoint(self, tmp: Path, job_id: str, index: int = 0) -> Path:
         return self._commit(tmp, self.checkpoint_path(job_id, index))
 
     def eval_set_path(self, job_id: str) -> Path:
         """The job's labelled evaluation set (optional): one fixed name, never the client's."""
-        return self.job_dir(job_id) / "eval.safetensors"
+        return self.job_dir(job_id) / EVAL_SET_NAME
 
     def commit_eval_set(self, tmp: Path, job_id: str) -> Path:
         return self._commit(tmp, self.eval_set_path(job_id))
+
+    def commit_artifact(self, tmp: Path, job_id: str, name: str) -> Path:
+        """A whole, checked artifact from a remote worker, renamed into the job's output directory: a reader
+        sees the old file or the new one, never part of one. ``name`` must be one of ``ARTIFACT_NAMES``."""
+        if name not in ARTIFACT_NAMES:
+            raise ValueError("invalid artifact name")
+        known = ARTIFACT_NAMES[ARTIFACT_NAMES.index(name)]  # our constant, not the caller's string
+        return self._commit(tmp, self.out_dir(job_id) / known)
 
     @staticmethod
     def _commit(tmp: Path, dest: Path) -> Path:

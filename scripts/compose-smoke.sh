@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # docker compose, run for real: build the image offline, start redis + api + worker with compose, and drive
 # the stack over HTTP (scripts/compose_smoke.py: a job to succeeded and its student checked, the worker killed
-# mid-job, Redis restarted, two workers at once, down). Prints every step with its time.
+# mid-job, Redis restarted, four jobs on two workers that share no volume with the API, a worker killed
+# during its upload, down). Prints every step with its time.
 #
 #   sudo bash scripts/compose-smoke.sh          # root: it may install packages and start dockerd
 #
@@ -95,11 +96,15 @@ t=$(date +%s)
 bash scripts/wheelhouse.sh "$KEGNET_BASE_IMAGE" 2> >(grep -v "^WARNING: Location" >&2)
 say "wheelhouse ready in $(( $(date +%s) - t )) s"
 
-# 5. The stack's settings: a throwaway env file, fast heartbeats so a lost worker is noticed in seconds.
+# 5. The stack's settings: a throwaway env file, fast heartbeats so a lost worker is noticed in seconds, and
+#    a fresh worker secret (the workers fetch and return each job's files through the API), and room for the
+#    four jobs one key submits at once on two workers.
 cat >"$WORK/smoke.env" <<EOF
 KEGNET_REDIS_URL=redis://redis:6379/0
 KEGNET_DATA_DIR=/data
+KEGNET_WORKER_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 KEGNET_AUTH_DISABLED=false
+KEGNET_MAX_ACTIVE_JOBS_PER_KEY=4
 KEGNET_HEARTBEAT_INTERVAL_S=1
 KEGNET_HEARTBEAT_STALE_S=10
 KEGNET_REAPER_INTERVAL_S=2

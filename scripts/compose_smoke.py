@@ -13,14 +13,19 @@ with what was seen. The steps:
 4. The worker container killed mid-job: that job ends ``failed`` with the reaper's "worker lost" message,
    while the restarted worker runs the next job to ``succeeded``.
 5. Redis restarted: the finished jobs and their artifacts are still there (its AOF volume).
-6. ``--scale <worker>=2``: two jobs run at the same time, on two containers, and both succeed.
-7. ``/metrics`` counts those jobs by state (succeeded and failed); ``/`` serves the web page with its CSP.
-8. ``down -v``: no container of the project is left.
+6. ``--scale <worker>=2``: two workers in separate containers that mount no volume and sit only on the
+   internal network with Redis and the API; four jobs run across them (two at a time), all succeed, and
+   every downloaded artifact's sha256 is the manifest's.
+7. A worker killed during its upload (a one-off worker with a slow link): the job ends ``failed`` with the
+   reaper's message, the API saw the upload cut off, and no partial file is left in its storage.
+8. ``/metrics`` counts those jobs by state (succeeded and failed); ``/`` serves the web page with its CSP.
+9. ``down -v``: no container of the project is left.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
@@ -41,6 +46,8 @@ from kegnet.demo import CONFIG, MODEL, accuracy, load_digits_split, train_teache
 
 # A job that is still in its generator stage minutes after it starts: the one the worker dies under.
 LONG_CONFIG = {**CONFIG, "generator": {**CONFIG["generator"], "steps": 20000}}
+# The one-off worker killed mid-upload sends this many bytes/s: curves.png (~50 kB, uploaded first) takes ~6 s.
+SLOW_LINK = 8192
 TIMINGS: list[tuple[str, float]] = []
 
 
@@ -89,6 +96,25 @@ class Stack:
     def logs(self, container: str) -> str:
         done = subprocess.run(["docker", "logs", container], capture_output=True, text=True, timeout=60)
         return done.stdout + done.stderr
+
+
+def inspect(target: str, fmt: str, kind: str = "container") -> Any:
+    """``docker <kind> inspect -f '{{json <fmt>}}'``, parsed."""
+    done = subprocess.run(["docker", kind, "inspect", "-f", f"{{{{json {fmt}}}}}", target], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def check_isolated(containers: list[str], api: str) -> None:
+    """Each worker mounts nothing (so nothing in common with the API or each other) and is only on networks
+    with no route out, where it reaches Redis and the API."""
+    api_mounts = {m.get("Name") or m["Source"] for m in inspect(api, ".Mounts")}
+    for c in containers:
+        mounts = inspect(c, ".Mounts")
+        check(not mounts, f"worker {c[:12]} mounts {mounts} (the API mounts {sorted(api_mounts)})")
+        networks = list(inspect(c, ".NetworkSettings.Networks"))
+        internal = [inspect(n, ".Internal", "network") for n in networks]
+        check(bool(networks) and all(internal), f"worker {c[:12]} is on {networks} (internal: {internal})")
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float, poll: float = 0.5) -> Any:
@@ -140,6 +166,19 @@ def check_student(client: KegnetClient, job_id: str, out: Path, teacher: torch.n
     check(ratio > 1.5, f"compression ratio {ratio:.2f}")
     check(acc_s >= acc_t - 0.05, f"student {acc_s:.2%} against teacher {acc_t:.2%} on held-out digits")
     return f"{ratio:.2f}x smaller, held-out accuracy {acc_s:.2%} (teacher {acc_t:.2%})"
+
+
+def check_against_manifest(client: KegnetClient, job_id: str, out: Path) -> int:
+    """Download every artifact (the client checks each against the job's listing) and check each file's
+    sha256 against the one the run's manifest recorded. Returns how many files were checked."""
+    files = {p.name: p for p in client.download(job_id, out)}
+    recorded = json.loads(files["manifest.json"].read_text())["files"]
+    check(set(recorded) == set(files) - {"manifest.json"}, f"{job_id}: manifest lists {sorted(recorded)}, "
+                                                           f"downloaded {sorted(files)}")
+    for name, info in recorded.items():
+        digest = hashlib.sha256(files[name].read_bytes()).hexdigest()
+        check(digest == info["sha256"], f"{job_id}/{name}: sha256 {digest}, the manifest says {info['sha256']}")
+    return len(files)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,26 +239,51 @@ def main(argv: list[str] | None = None) -> int:
         check(after == before, f"before {before}, after {after}")
         check(len(client.download(first, out / "again", ["manifest.json"])) == 1, "manifest gone")
 
-    with step(f"--scale {args.service}=2: two jobs at once on two workers, both succeed"):
+    with step(f"--scale {args.service}=2: four jobs across two isolated workers; sha256s as in the manifests"):
         stack.run("up", "-d", "--no-deps", "--scale", f"{args.service}=2", args.service)
         wait_for("two live workers", lambda: len(ready_workers(url)) >= 2, timeout)
-        pair = [client.submit(ckpt, MODEL, CONFIG, seed=s, device="auto")["id"] for s in (3, 4)]
-        wait_for("both jobs running at once",
-                 lambda: all(client.status(j)["status"] == "running" for j in pair), timeout)
-        for j in pair:
+        workers = stack.containers(args.service)
+        check_isolated(workers, stack.containers("api")[0])
+        batch = [client.submit(ckpt, MODEL, CONFIG, seed=s, device="auto")["id"] for s in (3, 4, 5, 6)]
+        wait_for("two jobs running at once",
+                 lambda: sum(client.status(j)["status"] == "running" for j in batch) == 2, timeout)
+        for j in batch:
             expect_succeeded(wait_finished(client, j, timeout))
-        ran_on = {j: [c for c in stack.containers(args.service) if f"job {j} started on" in stack.logs(c)]
-                  for j in pair}
-        check(all(len(c) == 1 for c in ran_on.values()) and ran_on[pair[0]] != ran_on[pair[1]],
+        checked = sum(check_against_manifest(client, j, out / f"batch-{j}") for j in batch)
+        ran_on = {j: [c for c in workers if f"job {j} started on" in stack.logs(c)] for j in batch}
+        check(all(len(c) == 1 for c in ran_on.values()) and {c[0] for c in ran_on.values()} == set(workers),
               f"containers per job: {ran_on}")
-        print(f"[smoke]   {pair[0]} on {ran_on[pair[0]][0][:12]}, {pair[1]} on {ran_on[pair[1]][0][:12]}")
+        print(f"[smoke]   {len(batch)} jobs on {len(workers)} workers (no mounts, internal network only); "
+              f"{checked} artifacts match their manifests")
+
+    with step("a worker killed during its upload: job failed by the reaper, no partial file"):
+        stack.run("up", "-d", "--no-deps", "--scale", f"{args.service}=0", args.service)
+        slow = stack.run("run", "-d", "--no-deps", "-e", f"KEGNET_TRANSFER_RATE_BYTES_S={SLOW_LINK}",
+                         args.service).strip().splitlines()[-1]
+        try:
+            cut = client.submit(ckpt, MODEL, CONFIG, seed=7, device="auto")["id"]
+            wait_for(f"job {cut} to upload", lambda: client.status(cut)["stage"] == "upload", timeout)
+            time.sleep(2)  # into its first file
+            subprocess.run(["docker", "kill", slow], check=True, capture_output=True)
+            lost = wait_finished(client, cut, timeout)
+        finally:
+            subprocess.run(["docker", "rm", "-f", slow], capture_output=True)
+        check(lost["status"] == "failed" and lost["error"] == LOST, f"job is {lost['status']}: {lost.get('error')}")
+        api = stack.containers("api")[0]
+        seen = wait_for("the API to log the cut", lambda: re.search(rf"upload of {cut}/(\S+) interrupted",
+                                                                     stack.logs(api)), 30)
+        left = stack.run("exec", "-T", "api", "sh", "-c",
+                         f"ls /data/tmp; ls /data/jobs/{cut}/out 2>/dev/null || true").split()
+        check(not any(n.endswith(".part") for n in left) and seen.group(1) not in left,
+              f"{seen.group(1)} was cut off; the API's storage holds {left}")
+        print(f"[smoke]   {cut}: {seen.group(1)} cut off; failed: {lost['error']}; left in storage: {left}")
     client.close()
 
     with step("/metrics counts the jobs by state; the web page is served"):
         counts = jobs_by_state(httpx.get(f"{url}/metrics", timeout=10).text)
-        succeeded = {first, nxt, *pair}
-        check(counts.get("succeeded", 0) >= len(succeeded) and counts.get("failed", 0) >= 1,
-              f"/metrics says {counts}; expected at least {len(succeeded)} succeeded and 1 failed")
+        succeeded = {first, nxt, *batch}
+        check(counts.get("succeeded", 0) >= len(succeeded) and counts.get("failed", 0) >= 2,
+              f"/metrics says {counts}; expected at least {len(succeeded)} succeeded and 2 failed")
         page = httpx.get(f"{url}/", timeout=10)
         check(page.status_code == 200 and "script-src 'self'" in page.headers.get("content-security-policy", ""),
               f"GET / answered {page.status_code} without the page's CSP")

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from jobs import credentials
 from jobs.instances import instance_tag, new_instance_id
 from jobs.queue import QUEUE, TASK_NAME
 from jobs.reaper import reap_once
@@ -24,13 +25,15 @@ from kegnet.tasks import load_all
 from service.keys import KeyStore
 from service.limits import BodySizeLimitMiddleware
 from service.metrics import RefusalCounter, make_registry
-from service.routers import artifacts, health, jobs, web
+from service.routers import artifacts, health, internal, jobs, web
 
 log = logging.getLogger(__name__)
 
 
 def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
-    """Send the task by name, so the API never imports the worker (or touches a GPU)."""
+    """Send the task by name, so the API never imports the worker (or touches a GPU). With a worker secret
+    set, the message also carries the job's worker credential (jobs/credentials.py) for workers on other
+    hosts."""
     from celery import Celery
 
     sender = Celery("kegnet-api", broker=settings.celery_broker_url)
@@ -38,9 +41,17 @@ def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
                        broker_connection_retry_on_startup=False, broker_connection_timeout=5)
 
     def enqueue(job_id: str) -> None:
-        sender.send_task(TASK_NAME, args=[job_id], queue=QUEUE, ignore_result=True)
+        sender.send_task(TASK_NAME, args=task_args(settings, job_id), queue=QUEUE, ignore_result=True)
 
     return enqueue
+
+
+def task_args(settings: Settings, job_id: str) -> list[str]:
+    """The task's arguments: the job id, and its worker credential where workers may be remote."""
+    if settings.worker_secret is None:
+        return [job_id]
+    ttl = credentials.lifetime_s(settings.queued_stale_s, settings.hard_time_limit_s)
+    return [job_id, credentials.mint(settings.worker_secret.get_secret_value(), job_id, ttl)]
 
 
 def recover(store: JobStore, storage: LocalStorage) -> None:
@@ -146,6 +157,7 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[str], None] 
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(internal.router)
     app.include_router(web.api)
     app.include_router(web.router)
     app.mount("/static", web.static_files(), name="static")

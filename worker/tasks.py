@@ -1,7 +1,11 @@
-"""``compress_job(job_id)``: run the KegNet pipeline for one stored job and record the outcome in Redis."""
+"""``compress_job(job_id, credential)``: run the KegNet pipeline for one stored job and record the outcome in Redis.
+
+The job's files come from ``worker.files``: the API's storage directory on this host, or, with
+``KEGNET_API_URL`` set, downloaded from the API and uploaded back with the job's worker credential."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -18,7 +22,6 @@ from celery.signals import task_failure
 from jobs.queue import ARTIFACT_NAMES, TASK_NAME
 from jobs.schemas import JobRequest
 from jobs.settings import Settings, get_settings
-from jobs.storage import LocalStorage
 from jobs.store import CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from kegnet.artifacts import MANIFEST
 from kegnet.errors import Cancelled, KegnetError
@@ -27,11 +30,13 @@ from kegnet.isolation import Isolation
 from kegnet.pipeline import resolve_device
 from kegnet.report import RunReport
 from worker.celery_app import app
+from worker.files import JobFiles, job_files
+from worker.transfer import TransferError
 
 log = logging.getLogger(__name__)
 
 # How long the final status write waits for Redis to come back (a restart) before giving up; the result
-# files are on the shared volume by then, so waiting is far cheaper than redoing the job.
+# files are with the API by then, so waiting is far cheaper than redoing the job.
 FINAL_WRITE_PATIENCE_S = 300.0
 
 
@@ -119,7 +124,7 @@ def list_artifacts(out_dir: Path, report: RunReport) -> dict[str, dict[str, Any]
     return {**files, MANIFEST: {"size": manifest.stat().st_size, "sha256": sha256_file(manifest)}}
 
 
-def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Settings) -> str:
+def run_job(job_id: str, store: JobStore, files: JobFiles, settings: Settings) -> str:
     """The task's body, separate from Celery so it can be tested directly. Returns the final status."""
     job = store.get(job_id)
     if job is None:
@@ -142,22 +147,24 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
                 torch.set_num_threads(settings.torch_threads)
             from kegnet.pipeline import run_pipeline  # heavy; imported in the child only
 
-            out_dir = storage.out_dir(job_id)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            paths = [storage.checkpoint_path(job_id, i) for i in range(len(job["checkpoints"]))]
-            result = run_pipeline(
-                paths[0] if len(paths) == 1 else paths, request.model, request.config, out_dir,
-                device=device, seed=request.seed, progress=reporter.progress,
-                should_cancel=reporter.should_cancel, max_parameters=settings.max_parameters,
-                max_bytes=settings.max_upload_bytes,  # the API's budget, applied again to the stored files
-                # Labelled data the user sent (validated by the API): real accuracy in the report, never trained on.
-                eval_set=storage.eval_set_path(job_id) if job.get("eval_set") else None,
-                max_eval_samples=settings.max_eval_samples,
-                # The upload runs first in a limited child process (the validate stage): the API never ran it.
-                isolation=Isolation(settings.validate_memory_bytes, settings.validate_timeout_s),
-            )
-            artifacts = list_artifacts(Path(result.out_dir), result.report)
-            metrics = {**reporter.metrics, **result.report.summary(), "device": device}
+            with files.workspace(job) as ws:
+                result = run_pipeline(
+                    ws.checkpoints[0] if len(ws.checkpoints) == 1 else ws.checkpoints, request.model,
+                    request.config, ws.out_dir, device=device, seed=request.seed, progress=reporter.progress,
+                    should_cancel=reporter.should_cancel, max_parameters=settings.max_parameters,
+                    max_bytes=settings.max_upload_bytes,  # the API's budget, applied again to the stored files
+                    # Labelled data the user sent (validated by the API): real accuracy in the report, never
+                    # trained on.
+                    eval_set=ws.eval_set, max_eval_samples=settings.max_eval_samples,
+                    # The upload runs first in a limited child process (the validate stage): the API never ran it.
+                    isolation=Isolation(settings.validate_memory_bytes, settings.validate_timeout_s),
+                )
+                artifacts = list_artifacts(Path(result.out_dir), result.report)
+                metrics = {**reporter.metrics, **result.report.summary(), "device": device}
+                if files.uploads:  # shown while the artifacts travel; not worth failing the job over
+                    with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                        store.update_running(job_id, stage="upload", heartbeat=repr(time.time()))
+                files.publish(ws, artifacts)
         done = _until_redis_answers(store.transition, job_id, SUCCEEDED, {RUNNING, CANCELLING}, stage="done",
                                     progress="1", artifacts=artifacts, metrics=metrics)
         return SUCCEEDED if done else (store.get(job_id) or {}).get("status", "missing")
@@ -167,6 +174,10 @@ def run_job(job_id: str, store: JobStore, storage: LocalStorage, settings: Setti
         return CANCELLED
     except KegnetError as exc:
         return _fail(store, job_id, str(exc))
+    except TransferError as exc:
+        log.warning("job %s: %s", job_id, exc)
+        return _fail(store, job_id, f"the job's files could not be moved between this worker and the API: {exc}; "
+                                    "resubmit the job")
     except SoftTimeLimitExceeded:
         return _fail(store, job_id, f"the job ran past the time limit of {settings.soft_time_limit_s} s; "
                                     "lower the generator/distillation steps or batch size and resubmit")
@@ -183,10 +194,12 @@ def _fail(store: JobStore, job_id: str, message: str) -> str:
 
 
 @app.task(name=TASK_NAME, bind=True)
-def compress_job(self: Any, job_id: str) -> str:
+def compress_job(self: Any, job_id: str, credential: str | None = None) -> str:
+    """``credential``: the job's worker credential (jobs/credentials.py), sent when the API has a worker secret;
+    only a worker with ``KEGNET_API_URL`` uses it."""
     settings = get_settings()
     store = JobStore.from_url(settings.redis_url, settings.key_prefix, settings.max_events_per_job)
-    status = run_job(job_id, store, LocalStorage(settings.data_dir), settings)
+    status = run_job(job_id, store, job_files(settings, credential), settings)
     log.info("job %s finished: %s", job_id, status)
     return status
 

@@ -46,14 +46,29 @@ def test_redis_is_durable_and_never_evicts(compose):
     assert "healthcheck" in redis
 
 
-def test_healthchecks_and_shared_volume(compose):
+def test_healthchecks_and_env(compose):
     services = compose["services"]
     for name in ("redis", "api", "worker"):
         assert services[name]["healthcheck"]["test"], name
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
-    assert services["api"]["volumes"] == services["worker"]["volumes"]
     assert services["api"]["env_file"] == services["worker"]["env_file"] == "${KEGNET_ENV_FILE:-.env}"
     assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_workers_share_no_volume_with_the_api_and_reach_only_redis_and_it(compose):
+    """The API owns the job files; the workers fetch and return them over HTTP (README "Workers on other
+    hosts"), on an internal network that holds only Redis, the API and themselves (and Flower)."""
+    services = compose["services"]
+    assert services["api"]["volumes"] == ["kegnet-data:/data"]
+    for name in ("worker", "worker-cpu"):
+        worker = services[name]
+        assert "volumes" not in worker, name
+        assert worker["environment"]["KEGNET_API_URL"] == "http://api:8000"
+        assert worker["networks"] == ["backend"]
+    assert compose["networks"]["backend"] == {"internal": True}
+    on_backend = {n for n, svc in services.items() if "backend" in svc.get("networks", [])}
+    assert on_backend == {"redis", "api", "worker", "worker-cpu", "flower"}
+    assert not any("kegnet-data:/data" in svc.get("volumes", []) for n, svc in services.items() if n != "api")
 
 
 def test_env_example_names_real_settings():

@@ -18,6 +18,7 @@ from tests.service.svc_helpers import (
     write_eval_set,
     write_mlp_safetensors,
 )
+from worker.files import SharedVolume
 from worker.tasks import resolve_device, run_job
 
 
@@ -40,7 +41,7 @@ def make_job(env, tmp_path: Path, config: dict | None = None) -> str:
 def test_success_records_artifacts_metrics_and_events(env, tmp_path):
     settings, store, storage = env
     job_id = make_job(env, tmp_path)
-    assert run_job(job_id, store, storage, settings) == "succeeded"
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "succeeded"
     job = store.get(job_id)
     assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] == ""
     assert {"student.safetensors", "student.pt2", "manifest.json"} <= set(job["artifacts"])
@@ -59,7 +60,7 @@ def test_cancel_flag_stops_the_pipeline(env, tmp_path):
     settings, store, storage = env
     job_id = make_job(env, tmp_path, {**TINY_CONFIG, "generator": {"num_generators": 1, "steps": 2000}})
     store.r.hset(f"{store.p}:job:{job_id}", "cancel_requested", "1")  # set before the first check
-    assert run_job(job_id, store, storage, settings) == "cancelled"
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "cancelled"
     assert store.get(job_id)["status"] == "cancelled"
 
 
@@ -67,7 +68,7 @@ def test_user_error_becomes_failed_with_message(env, tmp_path):
     settings, store, storage = env
     config = {**TINY_CONFIG, "compression": {"layers": ["no_such_layer"]}}
     job_id = make_job(env, tmp_path, config)
-    assert run_job(job_id, store, storage, settings) == "failed"
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "failed"
     assert "no_such_layer" in store.get(job_id)["error"]
 
 
@@ -75,8 +76,8 @@ def test_job_not_queued_is_skipped(env, tmp_path):
     settings, store, storage = env
     job_id = make_job(env, tmp_path)
     store.request_cancel(job_id)
-    assert run_job(job_id, store, storage, settings) == "cancelled"
-    assert run_job("f" * 32, store, storage, settings) == "missing"
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "cancelled"
+    assert run_job("f" * 32, store, SharedVolume(storage), settings) == "missing"
 
 
 def test_soft_time_limit_is_a_clear_failure(env, tmp_path, monkeypatch):
@@ -90,7 +91,7 @@ def test_soft_time_limit_is_a_clear_failure(env, tmp_path, monkeypatch):
     monkeypatch.setattr(kegnet.pipeline, "run_pipeline", slow)
     settings, store, storage = env
     job_id = make_job(env, tmp_path)
-    assert run_job(job_id, store, storage, settings) == "failed"
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "failed"
     assert "time limit" in store.get(job_id)["error"]
 
 
@@ -103,7 +104,7 @@ def test_crash_is_failed_without_internals(env, tmp_path, monkeypatch):
     monkeypatch.setattr(kegnet.pipeline, "run_pipeline", boom)
     settings, store, storage = env
     job_id = make_job(env, tmp_path)
-    assert run_job(job_id, store, storage, settings) == "failed"
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "failed"
     assert "/secret" not in store.get(job_id)["error"]
 
 
@@ -142,7 +143,7 @@ def test_several_checkpoints_run_as_a_teacher_ensemble(env, tmp_path):
     for i in range(2):
         write_mlp_safetensors(tmp_path / f"t{i}.safetensors", seed=i)
         storage.commit_checkpoint(tmp_path / f"t{i}.safetensors", job["id"], i)
-    assert run_job(job["id"], store, storage, settings) == "succeeded", store.get(job["id"])["error"]
+    assert run_job(job["id"], store, SharedVolume(storage), settings) == "succeeded", store.get(job["id"])["error"]
     manifest = json.loads((storage.out_dir(job["id"]) / "manifest.json").read_text())
     assert manifest["classify"]["teachers"]["count"] == 2 and manifest["classify"]["teachers"]["weighting"] == "entropy"
     assert store.get(job["id"])["metrics"]["teachers"] == 2
@@ -153,7 +154,7 @@ def test_worker_applies_the_upload_budget_to_stored_files(env, tmp_path):
     settings, store, storage = env
     settings = settings.model_copy(update={"max_upload_bytes": 1024})
     job_id = make_job(env, tmp_path)  # a 1,068-byte safetensors file, over a 1,024-byte budget
-    assert run_job(job_id, store, storage, settings) == "failed"
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "failed"
     assert "above this service's limit of 1,024" in store.get(job_id)["error"]
 
 
@@ -165,7 +166,7 @@ def test_eval_set_and_confidence_reach_the_job_metrics(env, tmp_path):
                        eval_set={"sha256": "1" * 64, "size": eval_file.stat().st_size})
     storage.commit_checkpoint(write_mlp_safetensors(tmp_path / "t.safetensors"), job["id"])
     storage.commit_eval_set(eval_file, job["id"])
-    assert run_job(job["id"], store, storage, settings) == "succeeded", store.get(job["id"])["error"]
+    assert run_job(job["id"], store, SharedVolume(storage), settings) == "succeeded", store.get(job["id"])["error"]
     metrics = store.get(job["id"])["metrics"]
     manifest = json.loads((storage.out_dir(job["id"]) / "manifest.json").read_text())
     assert metrics["recipe"] == manifest["classify"]["recipe"] and metrics["recipe"]
@@ -191,7 +192,7 @@ def test_a_job_without_eval_set_passes_none_and_reports_no_eval_metrics(env, tmp
 
     monkeypatch.setattr(kegnet.pipeline, "run_pipeline", record)
     settings, store, storage = env
-    assert run_job(make_job(env, tmp_path), store, storage, settings) == "failed"
+    assert run_job(make_job(env, tmp_path), store, SharedVolume(storage), settings) == "failed"
     assert seen["eval_set"] is None and seen["max_eval_samples"] == settings.max_eval_samples
     section = ClassifyReport(plan={"layers": [], "skipped": {}}, macs=Sizes(teacher=2, student=1),
                              confidence={"estimate": 0.5, "level": "low", "warnings": ["low estimate: ..."]})
