@@ -82,9 +82,10 @@ class CompressionConfig(_Strict):
                                                                      "default 2x is a modest student, not a guess")
     n_iter_max: int = Field(100, ge=1, le=1000, description="HOOI iterations of partial_tucker")
     fit: Literal["weights", "outputs"] = Field(
-        "weights", description="how factors start: weights = fit to the teacher's weights (HOSVD / truncated SVD); "
-                               "outputs = then refit, layer by layer, to reproduce the teacher's layer outputs on "
-                               "fit_samples synthetic samples (methods with samples only)",
+        "outputs", description="how factors start: weights = fit to the teacher's weights (HOSVD / truncated SVD); "
+                               "outputs (default) = then refit, layer by layer, to reproduce the teacher's layer "
+                               "outputs on fit_samples synthetic samples while staying near its weights (methods "
+                               "with samples; tucker-only keeps the weight fit)",
     )
     fit_samples: int = Field(2048, ge=64, le=16384, description="synthetic samples for fit=outputs")
     keep_slower: bool = Field(
@@ -365,6 +366,7 @@ class SequenceCompressionConfig(CompressionConfig):
 
     rank_method: RankMethod = "evbmf"
     allocation: Literal["balanced", "uniform"] = "uniform"
+    fit: Literal["weights", "outputs"] = "weights"
 
 
 class SequenceJobConfig(_Strict):
@@ -415,7 +417,8 @@ PRESETS: dict[str, ClassifierConfig] = {
             num_generators=5, steps=20_000, batch_size=256, lr=1e-3, alpha=1.0, beta=0.0,
             smoothness=0.0, activation=0.0, batchnorm_prior=0.0, decoder_layers=1, teacher_mode="train",
         ),
-        compression=CompressionConfig(keep_slower=True),  # the paper compresses its layers whatever their speed
+        # The paper compresses its layers whatever their speed, at EVBMF ranks, from a weight fit.
+        compression=CompressionConfig(keep_slower=True, rank_method="evbmf", fit="weights"),
         distill=DistillConfig(
             steps=40_000, batch_size=64, lr=1e-4, schedule="constant", temperature=1.0,
             transfer="fixed", samples_per_generator=6400, label_codes="one_hot", student_dropout=True,
