@@ -70,9 +70,9 @@ class CompressionConfig(_Strict):
                              "students); fraction: one channel fraction; explicit: ranks per layer",
     )
     allocation: Literal["balanced", "uniform"] = Field(
-        "balanced", description="rank_method=ratio: balanced gives every layer's modes the same share of lost "
-                                "spectral energy (small layers keep more of their channels); uniform keeps one "
-                                "channel fraction in every layer",
+        "uniform", description="rank_method=ratio: uniform (default) keeps one channel fraction in every layer; "
+                               "balanced gives every layer's modes the same share of lost spectral energy (measured "
+                               "worse on timm lcnet_050, docs/benchmarks.md issue 21)",
     )
     rank_fraction: float = Field(0.5, gt=0, le=1.0, description="for rank_method=fraction")
     ranks: dict[LayerPattern, tuple[Rank, Rank]] = Field(

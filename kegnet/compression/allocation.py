@@ -6,7 +6,9 @@ layer to keep at least ``1 - eps`` of its spectral energy (the squared singular 
 unfolding along that mode), and finds by bisection the smallest ``eps`` whose student meets the target
 ratio. The sum of the tails along the two modes bounds a Tucker-2 truncation's relative error (HOSVD), and
 the tail of one spectrum is exactly a truncated SVD's, so ``eps`` is a common, comparable error per layer:
-a large, redundant layer gives up many ranks for it, a small one few.
+a large, redundant layer gives up many ranks for it, a small one few. Measured on timm lcnet_050 (issue 21,
+docs/benchmarks.md) it did worse than one fraction after fine-tuning, so it is an option, not the default:
+the weights' energy is not what the student's accuracy needs.
 """
 
 from __future__ import annotations
