@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.linalg import solve_triangular
 from torch import nn
 
 from kegnet.compression.layers import LowRankConv1x1, LowRankLinear, Tucker2Conv2d
-from kegnet.compression.plan import CompressionPlan
+from kegnet.compression.plan import CompressionPlan, blas_threads
 from kegnet.errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def fit_to_outputs(teacher: nn.Module, student: nn.Module, plan: CompressionPlan
         if why:
             errors[p.name] = {"skipped": why}
             continue
-        with torch.no_grad():
+        with torch.no_grad(), blas_threads():
             errors[p.name] = _fit_layer(teacher.get_submodule(p.name), layer, teacher, student, inputs, batch_size,
                                         anchor)
         log.debug("fit %s to outputs: relative error %.4f -> %.4f", p.name, errors[p.name]["before"],
@@ -124,13 +126,15 @@ def _fit_layer(original: nn.Module, layer: nn.Module, teacher: nn.Module, studen
     energy = residual = 0.0
     for start in range(0, len(inputs), batch_size):
         x = inputs[start:start + batch_size]
-        y = _targets(_capture(teacher, original, x, "output"), bias, linear).double()
+        y = _targets(_capture(teacher, original, x, "output"), bias, linear)
         own = _capture(student, layer, x, "input")
-        f = _features(layer, own).double()
+        residual += float(((_targets(layer(own), bias, linear) - y).double() ** 2).sum())
+        # The sums in numpy float64 (its BLAS, threads limited by the caller): torch's CPU BLAS gave results
+        # that differed in the last bits from one run to the next, and a job must repeat itself exactly.
+        f, y = _numpy(_features(layer, own)), _numpy(y)
         gram = f.T @ f if gram is None else gram + f.T @ f
         cross = f.T @ y if cross is None else cross + f.T @ y
         energy += float((y**2).sum())
-        residual += float(((_targets(layer(own), bias, linear).double() - y) ** 2).sum())
     assert gram is not None and cross is not None
     first, last = _anchored_fit(gram, cross, _teacher_map(original, layer), layer.last.weight.shape[1], anchor)
     w = first @ last.T  # (d, C_out): the fitted map
@@ -139,18 +143,22 @@ def _fit_layer(original: nn.Module, layer: nn.Module, teacher: nn.Module, studen
     return {"before": residual / max(energy, 1e-30), "after": max(after, 0.0) / max(energy, 1e-30)}
 
 
-def _teacher_map(original: nn.Module, layer: nn.Module) -> torch.Tensor:
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _teacher_map(original: nn.Module, layer: nn.Module) -> np.ndarray:
     """The teacher layer's map on the fitted features, ``(d, C_out)``: its weight, or for Tucker-2 its weight
     read through the first 1×1 (orthonormal rows ``U``: an input ``x`` is ``Uᵀz`` in the features ``z``)."""
-    w = original.weight.detach().double()
+    w = _numpy(original.weight)
     if isinstance(layer, Tucker2Conv2d):
-        u = layer.first.weight.detach().double()[:, :, 0, 0]  # (R_in, C_in)
-        w = torch.einsum("oikl,ri->orkl", w, u)
+        u = _numpy(layer.first.weight)[:, :, 0, 0]  # (R_in, C_in)
+        w = np.einsum("oikl,ri->orkl", w, u)
     return w.reshape(w.shape[0], -1).T
 
 
-def _anchored_fit(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, rank: int, anchor: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _anchored_fit(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, rank: int, anchor: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The rank-``rank`` map ``first @ last.T`` (``first (d, r)``, ``last (C_out, r)``) minimizing
     ``||Y - F W||² + λ||W - prior||²``, with ``λ = anchor · trace(FᵀF) / d``.
 
@@ -159,19 +167,19 @@ def _anchored_fit(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, 
     activation-aware SVD). ``anchor → ∞`` gives the weight fit's truncated SVD, ``anchor → 0`` a pure fit to
     the synthetic samples, which discards whatever they do not excite (and real inputs may)."""
     d = gram.shape[0]
-    lam = anchor * float(torch.trace(gram)) / d + 1e-12
-    metric = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
-    w = torch.linalg.solve(metric, cross + lam * prior)
-    root = torch.linalg.cholesky(metric).T  # metric = rootᵀ root
-    u, s, qh = torch.linalg.svd(root @ w, full_matrices=False)
-    scale = s[:rank].sqrt()  # the singular values split evenly between the two factors, as the weight fit does
-    first = torch.linalg.solve_triangular(root, u[:, :rank] * scale, upper=True)
+    lam = anchor * float(np.trace(gram)) / d + 1e-12
+    metric = gram + lam * np.eye(d)
+    w = np.linalg.solve(metric, cross + lam * prior)
+    root = np.linalg.cholesky(metric).T  # metric = rootᵀ root, root upper triangular
+    u, s, qh = np.linalg.svd(root @ w, full_matrices=False)
+    scale = np.sqrt(s[:rank])  # the singular values split evenly between the two factors, as the weight fit does
+    first = solve_triangular(root, u[:, :rank] * scale, lower=False)
     return first, qh[:rank].T * scale
 
 
-def _set(layer: nn.Module, first: torch.Tensor, last: torch.Tensor) -> None:
+def _set(layer: nn.Module, first: np.ndarray, last: np.ndarray) -> None:
     """Write the fitted factors: ``first`` (d, r) into the layer's input side, ``last`` (C_out, r) into its 1×1."""
     head = layer.core if isinstance(layer, Tucker2Conv2d) else layer.first
-    dtype = head.weight.dtype
-    head.weight.copy_(first.T.reshape(head.weight.shape).to(dtype))
-    layer.last.weight.copy_(last.reshape(layer.last.weight.shape).to(dtype))
+    w = head.weight
+    head.weight.copy_(torch.from_numpy(np.ascontiguousarray(first.T)).reshape(w.shape).to(w.dtype))
+    layer.last.weight.copy_(torch.from_numpy(np.ascontiguousarray(last)).reshape(layer.last.weight.shape).to(w.dtype))

@@ -31,7 +31,7 @@ from kegnet.compression import CompressionPlan, apply_plan, plan_compression, qu
 from kegnet.compression.fit import fit_to_outputs
 from kegnet.compression.latency import model_latency
 from kegnet.compression.plan import check_layers, drop_slower_layers, replan_ratio
-from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe
+from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe, auto_recipe
 from kegnet.cost import JobCost, estimate_cost, profile_model
 from kegnet.distill import DistillResult, distill
 from kegnet.distill.confidence import assess
@@ -228,15 +228,17 @@ def _decompose(job: _Job) -> None:
 
 
 def _fit_outputs(job: _Job) -> None:
-    """Refit the factorized layers to the teacher's layer outputs on the first recipe's samples (what
-    fine-tuning will see); a method without samples keeps the weight fit."""
-    cfg = job.config.compression
+    """Refit the factorized layers to the teacher's layer outputs on the job's samples: the generators with
+    the label codes the job would use alone (``auto``: by input kind and class count), whatever the recipes,
+    so that every candidate starts from the same student; a method without samples keeps the weight fit."""
+    cfg, dcfg = job.config.compression, job.config.distill
     if job.sampler is None:
         job.fit = {"method": "weights", "why": f"method {job.config.method} draws no samples to fit to"}
         return
-    recipe = job.config.candidate_recipes(len(job.spec.input_shape) == 3, job.spec.num_classes)[0]
-    sampler = (job.sampler.with_codes(recipe.codes)
-               if recipe.source == "kegnet" and isinstance(job.sampler, KegNetSampler) else job.sampler)
+    recipe = auto_recipe(len(job.spec.input_shape) == 3, job.spec.num_classes)
+    codes = recipe.codes if dcfg.label_codes == "auto" else dcfg.label_codes
+    sampler = job.sampler.with_codes(codes) if isinstance(job.sampler, KegNetSampler) else job.sampler
+    recipe = Recipe(codes=codes) if isinstance(job.sampler, KegNetSampler) else Recipe(source=job.config.method)
     job.report("decompose", 0.5, f"fitting {len(job.plan.layers)} layers to the teacher's outputs")
     x, _ = sampler.sample_many(cfg.fit_samples, torch.Generator(device=job.device).manual_seed(job.seed + 31_337))
     t0 = time.perf_counter()
