@@ -55,6 +55,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean") * t * t
 
 
+def kd_step(student: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+            temperature: float) -> None:
+    """One student step of KD on ``x`` against the teacher's logits ``target``."""
+    loss = kd_loss(student(x), target, temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train_mode(student: nn.Module) -> nn.Module:
     """The student in training mode with BatchNorm and dropout held in eval, as KegNet's own fine-tuning
     holds them (kegnet/distill/train.py): the student starts from the teacher's factorized weights, and

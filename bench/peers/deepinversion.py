@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.peers.common import Clock, PeerResult, check_batch, frozen, kd_loss, train_mode
+from bench.peers.common import Clock, PeerResult, check_batch, frozen, kd_step, train_mode
 from kegnet.models.taps import Hooks
 
 LR = 0.05
@@ -118,10 +118,7 @@ def train(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...], 
             x = jitter(x, rng)
         with torch.no_grad():
             target = teacher(x)
-        loss = kd_loss(student(x), target, TEMPERATURE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        kd_step(student, opt, x, target, TEMPERATURE)
         steps += 1
     student.eval()
     return PeerResult("deepinversion", {"batches": len(pool), "pool": len(data), "iterations": iterations,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.peers.common import Clock, PeerResult, check_batch, frozen, kd_loss, train_mode
+from bench.peers.common import Clock, PeerResult, check_batch, frozen, kd_step, train_mode
 from bench.peers.deepinversion import BatchNormGap, jitter
 
 LATENT = 256
@@ -144,10 +144,7 @@ def train(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ...], 
                 with torch.no_grad():
                     target = teacher(x)
                     gap.pop()  # the hooks measure every teacher call; only synthesis reads them
-                loss = kd_loss(student(x), target, TEMPERATURE)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                kd_step(student, opt, x, target, TEMPERATURE)
                 steps += 1
     student.eval()
     return PeerResult("fast-dfkd", {"rounds": rounds, "generator": rounds * G_STEPS, "student": steps},
