@@ -227,18 +227,34 @@ def _ranks(model: nn.Module, layers: dict[str, nn.Module], config: CompressionCo
         return {name: _fraction_ranks(m, config.rank_fraction) for name, m in layers.items()}
     if config.rank_method == "explicit":
         return {name: _explicit_ranks(name, config.ranks) for name in layers}
+    try:
+        return _ratio_ranks(model, layers, config, tails, whole_model=True)
+    except CompressionError:
+        if config.target_ratio is not None:
+            raise
+        # Nobody asked for this ratio: where the layers that can be factorized hold too few of the weights for
+        # 2x of the whole model, ask 2x of them (the job warns that the model ratio fell short).
+        log.info("the default %gx is out of reach for the whole model; aiming at %gx of the layers factorized",
+                 config.ratio, config.ratio)
+        return _ratio_ranks(model, layers, config, tails, whole_model=False)
+
+
+def _ratio_ranks(model: nn.Module, layers: dict[str, nn.Module], config: CompressionConfig,
+                 tails: dict[str, tuple[np.ndarray, np.ndarray]], *, whole_model: bool) -> dict[str, tuple[int, int]]:
+    """Ranks at ``config.ratio`` for the whole model, or (``whole_model=False``) for ``layers`` alone."""
     if config.allocation == "balanced":
-        return _balanced_ranks(model, layers, config.target_ratio, tails)
-    fraction = _fraction_for_ratio(model, layers, config.target_ratio)
+        return _balanced_ranks(model, layers, config.ratio, tails, whole_model=whole_model)
+    fraction = _fraction_for_ratio(model, layers, config.ratio, whole_model=whole_model)
     return {name: _fraction_ranks(m, fraction) for name, m in layers.items()}
 
 
 def _balanced_ranks(model: nn.Module, layers: dict[str, nn.Module], target: float,
-                    tails: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[int, int]]:
+                    tails: dict[str, tuple[np.ndarray, np.ndarray]], *, whole_model: bool = True
+                    ) -> dict[str, tuple[int, int]]:
     """Ranks at which every layer keeps the same share of its energy, at the target ratio
     (``kegnet.compression.allocation``)."""
-    total = sum(p.numel() for p in model.parameters())
     before = {name: sum(p.numel() for p in m.parameters()) for name, m in layers.items()}
+    total = sum(p.numel() for p in model.parameters()) if whole_model else sum(before.values())
     rest = total - sum(before.values())
 
     def params_of(name: str, r_in: int, r_out: int) -> int | None:
@@ -247,7 +263,7 @@ def _balanced_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
 
     eps = allocation.balanced_eps(tails, before, params_of, int(total / target) - rest)
     if eps is None:
-        _fraction_for_ratio(model, layers, target)  # raises with the ratio these layers can reach
+        _fraction_for_ratio(model, layers, target, whole_model=whole_model)  # raises with the reachable ratio
         raise CompressionError(f"target ratio {target}x is out of reach by compressing these layers; add layers "
                                "or lower target_ratio")
     return allocation.ranks_at(tails, eps)
@@ -325,7 +341,7 @@ def replan_ratio(model: nn.Module, plan: CompressionPlan, config: CompressionCon
     try:
         again = plan_compression(model, config.model_copy(update={"layers": [p.name for p in plan.layers]}))
     except CompressionError as exc:
-        if "target_ratio" not in config.model_fields_set:
+        if config.target_ratio is None:
             # Nobody asked for this ratio: a smaller reduction of faster layers beats a failed job (the job's
             # warnings say the default ratio was not reached).
             log.info("the default target ratio is out of reach with the layers kept (%s); keeping their ranks", exc)
@@ -350,10 +366,13 @@ def _explicit_ranks(name: str, ranks: dict[str, tuple[int, int]]) -> tuple[int, 
     raise CompressionError(f"no rank given for layer {name!r}; add it to 'ranks' as [in_rank, out_rank]")
 
 
-def _fraction_for_ratio(model: nn.Module, layers: dict[str, nn.Module], target: float) -> float:
-    """Largest channel fraction (bisection) whose student is at least ``target`` times smaller."""
-    total = sum(p.numel() for p in model.parameters())
-    rest = total - sum(p.numel() for m in layers.values() for p in m.parameters())
+def _fraction_for_ratio(model: nn.Module, layers: dict[str, nn.Module], target: float, *,
+                        whole_model: bool = True) -> float:
+    """Largest channel fraction (bisection) whose student (or, ``whole_model=False``, whose ``layers``) is at
+    least ``target`` times smaller."""
+    compressed = sum(p.numel() for m in layers.values() for p in m.parameters())
+    total = sum(p.numel() for p in model.parameters()) if whole_model else compressed
+    rest = total - compressed
 
     def ratio(f: float) -> float:
         after = rest + sum(_layer_plan(n, m, *_fraction_ranks(m, f)).params_after for n, m in layers.items())

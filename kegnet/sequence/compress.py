@@ -89,9 +89,9 @@ def compress_sequence_model(model: nn.Module, config: CompressionConfig, *, embe
     Depth: ``student_layers`` of the model's blocks are kept (``block_indices``; ``None``: all). Layers:
     ``config.layers`` when given, else ``DEFAULT_LAYERS``; ranks by ``config.rank_method``. The token
     embedding ``model.tok_emb`` is factorized at ``embedding_rank`` (``None``: kept). With ``rank_method:
-    ratio``, ``config.target_ratio`` is parameters(model) / parameters(student) for the whole model: the
-    dropped blocks' and the embedding's savings are counted first and the Linear ranks are solved for the
-    remaining ratio. When the dropped blocks reach the target, no layer is factorized; an ``embedding_rank``
+    ratio``, ``config.ratio`` (``target_ratio`` or its default) is parameters(model) / parameters(student) for
+    the whole model: the dropped blocks' and the embedding's savings are counted first and the Linear ranks
+    are solved for the remaining ratio. When the dropped blocks reach the target, no layer is factorized; an ``embedding_rank``
     that alone already exceeds it is refused (raise it or the target). ``seed`` is passed to ``apply_plan``
     (SVD itself is deterministic).
 
@@ -115,23 +115,23 @@ def compress_sequence_model(model: nn.Module, config: CompressionConfig, *, embe
     else:
         # plan_compression measures the ratio against the model it is given (here, already shallower and with
         # the embedding factorized); ask it for what remains of the whole-model target.
-        remaining = config.target_ratio * count_parameters(student) / before
+        remaining = config.ratio * count_parameters(student) / before
         if remaining > 1.0:
             plan = plan_compression(student, layers_config.model_copy(update={"target_ratio": remaining}))
         elif blocks is None:
             raise CompressionError(
                 f"embedding_rank {embedding_rank} alone makes the model {before / count_parameters(student):.2f}x "
-                f"smaller, beyond target_ratio {config.target_ratio}; raise embedding_rank or target_ratio"
+                f"smaller, beyond target_ratio {config.ratio:g}; raise embedding_rank or target_ratio"
             )
         else:
             log.info("%d of %d blocks already make the model %.2fx smaller (target %.2fx): no SVD", student_layers,
-                     blocks["of"], before / count_parameters(student), config.target_ratio)
+                     blocks["of"], before / count_parameters(student), config.ratio)
     student = apply_plan(student, plan, n_iter_max=config.n_iter_max, seed=seed)
     after = count_parameters(student)
     report: dict[str, Any] = {
         "params_before": before, "params_after": after, "ratio": before / after,
         "rank_method": config.rank_method,
-        "target_ratio": config.target_ratio if config.rank_method == "ratio" else None,
+        "target_ratio": config.ratio if config.rank_method == "ratio" else None,
         "blocks": blocks,
         "embedding": embedding,
         "layers": {p.name: {"rank": p.in_rank, "params_before": p.params_before, "params_after": p.params_after}

@@ -30,7 +30,7 @@ from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
 from kegnet.compression import CompressionPlan, apply_plan, plan_compression, quantize
 from kegnet.compression.fit import fit_to_outputs
 from kegnet.compression.latency import model_latency
-from kegnet.compression.plan import check_layers, drop_slower_layers, replan_ratio
+from kegnet.compression.plan import SLOWER, check_layers, drop_slower_layers, replan_ratio
 from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe, auto_recipe
 from kegnet.cost import JobCost, estimate_cost, profile_model
 from kegnet.distill import DistillResult, distill
@@ -438,10 +438,13 @@ def _warnings(job: _Job) -> list[str]:
                             "compression.latency_batch to the batch you serve (layers slower there are not "
                             "factorized), or compress less")
     comp, ratio = job.config.compression, count_parameters(job.teacher) / count_parameters(job.student)
-    if job.plan.layers and comp.rank_method == "ratio" and ratio < comp.target_ratio * 0.98:
-        warnings.append(f"the student is {ratio:.2f}x smaller, short of the {comp.target_ratio:g}x target: the layers "
-                        "that would have made up the rest ran slower factorized on this device (set "
-                        "compression.keep_slower to compress them anyway)")
+    if job.plan.layers and comp.rank_method == "ratio" and ratio < comp.ratio * 0.98:
+        slower = any(why.startswith(SLOWER) for why in job.plan.skipped.values())
+        why = ("the layers that would have made up the rest ran slower factorized on this device (set "
+               "compression.keep_slower to compress them anyway)" if slower else
+               "the layers that can be factorized hold too few of the weights, so they were made "
+               f"{comp.ratio:g}x smaller instead (name more layers in compression.layers)")
+        warnings.append(f"the student is {ratio:.2f}x smaller, short of the {comp.ratio:g}x target: {why}")
     if job.unfactorized is not None:
         warnings.append(f"no layer was factorized ({job.unfactorized}): the student is the teacher itself, "
                         "written to be quantized (compression.quantize int8)")

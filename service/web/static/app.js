@@ -129,7 +129,10 @@ function buildSpec() {
   if (classes) model.num_classes = Number(classes);
   const overrides = parseJsonField("config_json");
   const compression = { ...(overrides.compression || {}), rank_method: $("rank_method").value };
-  if ($("rank_method").value === "ratio") compression.target_ratio = Number($("target_ratio").value);
+  // Left empty, the service's default applies (2x, or 2x of the layers that can be factorized).
+  if ($("rank_method").value === "ratio" && $("target_ratio").value !== "") {
+    compression.target_ratio = Number($("target_ratio").value);
+  }
   const config = { ...overrides, preset: $("preset").value, compression };
   return { model, config };
 }

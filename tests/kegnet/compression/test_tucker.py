@@ -82,6 +82,21 @@ def test_explicit_ranks_target_ratio_and_errors() -> None:
         plan_compression(model, CompressionConfig(layers=["1"], rank_method="ratio", target_ratio=500))
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "balanced"])
+def test_the_default_ratio_falls_back_to_the_layers_where_the_model_cannot_reach_it(allocation: str) -> None:
+    # Layer "1" holds a fifth of the weights: no rank makes the whole model 2x smaller.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 28 * 28, 10))
+    unset = CompressionConfig(layers=["1"], allocation=allocation)
+    assert unset.target_ratio is None and unset.ratio == 2.0
+    # The unset default survives the trip through JSON that every job's config takes (isolation, Redis).
+    unset = CompressionConfig.model_validate_json(unset.model_dump_json())
+    plan = plan_compression(model, unset)
+    (layer,) = plan.layers
+    assert 2.0 <= layer.params_before / layer.params_after < 2.6  # 2x of that layer instead
+    with pytest.raises(CompressionError, match="out of reach"):  # asked for: refused, saying so
+        plan_compression(model, unset.model_copy(update={"target_ratio": 2.0}))
+
+
 def test_plan_round_trips_and_rebuilds_structure() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 4))
     plan = plan_compression(model, CompressionConfig(layers=["1", "3"], rank_method="fraction"))
