@@ -96,9 +96,11 @@ class CompressionConfig(_Strict):
                                "with samples; tucker-only keeps the weight fit)",
     )
     fit_samples: int = Field(2048, ge=64, le=16384, description="synthetic samples for fit=outputs")
-    keep_slower: bool = Field(
-        False, description="keep factorizations that run slower than the layer they replace (measured on the "
-                           "job's device at latency_batch); off: such layers are left as they are",
+    keep_slower: bool | None = Field(
+        None, description="keep factorizations that run slower than the layer they replace (measured on the "
+                          "job's device at latency_batch); false: such layers are left as they are, and a job "
+                          "where every layer ran slower fails; unset: as false, except that where every layer ran "
+                          "slower they are all kept (a smaller student, not a faster one; the job warns)",
     )
     latency_batch: int = Field(1, ge=1, le=1024, description="batch size at which a factorization must not be "
                                                               "slower than the original layer")

@@ -91,9 +91,9 @@ def compress_sequence_model(model: nn.Module, config: CompressionConfig, *, embe
     embedding ``model.tok_emb`` is factorized at ``embedding_rank`` (``None``: kept). With ``rank_method:
     ratio``, ``config.ratio`` (``target_ratio`` or its default) is parameters(model) / parameters(student) for
     the whole model: the dropped blocks' and the embedding's savings are counted first and the Linear ranks
-    are solved for the remaining ratio. When the dropped blocks reach the target, no layer is factorized; an ``embedding_rank``
-    that alone already exceeds it is refused (raise it or the target). ``seed`` is passed to ``apply_plan``
-    (SVD itself is deterministic).
+    are solved for the remaining ratio. When the dropped blocks reach the target, no layer is factorized; an
+    ``embedding_rank`` that alone already exceeds it is refused (raise it or the target). ``seed`` is passed
+    to ``apply_plan`` (SVD itself is deterministic).
 
     Report (JSON-ready): ``params_before``, ``params_after``, ``ratio``, ``rank_method``, ``target_ratio``
     (``None`` unless ratio), ``blocks`` (``{kept, of}``: the teacher's block indices kept, or ``None``),

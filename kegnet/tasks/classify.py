@@ -72,6 +72,7 @@ class _Job(Run):
     # plan
     plan: CompressionPlan | None = None
     unfactorized: str | None = None  # why no layer is factorized (quantize int8: the teacher is quantized)
+    all_slower: bool = False  # keep_slower unset and every factorization ran slower: all kept anyway
     layer_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     # generators
     sampler: Sampler | None = None
@@ -147,8 +148,12 @@ def _plan(job: _Job) -> None:
         job.plan, job.unfactorized = CompressionPlan(), str(exc)
     if job.plan.layers:
         job.report("plan", 0.3, f"timing {len(job.plan.layers)} layers, original and factorized")
+        planned = CompressionPlan(list(job.plan.layers), dict(job.plan.skipped))
         job.layer_latency = drop_slower_layers(job.teacher, job.plan, job.spec.input_shape, job.device, cfg,
                                                should_cancel=job.report.should_cancel)
+        if not job.plan.layers and cfg.keep_slower is None and cfg.quantize != "int8":
+            # Nobody chose speed over size: a smaller student beats a failed job (the job warns it is not faster).
+            job.plan, job.all_slower = planned, True
     if not job.plan.layers and job.unfactorized is None:
         job.unfactorized = (f"every factorization ran slower than its layer on {job.device.type} at batch "
                             f"{cfg.latency_batch}, so none is worth making")
@@ -445,6 +450,10 @@ def _warnings(job: _Job) -> list[str]:
                "the layers that can be factorized hold too few of the weights, so they were made "
                f"{comp.ratio:g}x smaller instead (name more layers in compression.layers)")
         warnings.append(f"the student is {ratio:.2f}x smaller, short of the {comp.ratio:g}x target: {why}")
+    if job.all_slower:
+        warnings.append(f"every factorization ran slower than its layer on {job.device.type} at batch "
+                        f"{comp.latency_batch}: all were kept, so the student is smaller, not faster here (set "
+                        "compression.keep_slower false to fail instead, or compression.quantize int8)")
     if job.unfactorized is not None:
         warnings.append(f"no layer was factorized ({job.unfactorized}): the student is the teacher itself, "
                         "written to be quantized (compression.quantize int8)")
