@@ -90,3 +90,14 @@ def test_library_scenario_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert rows["gaussian"]["timings_s"][0]["decompose"] == timings["decompose"] > 0
     assert "decompose_computed" in timings
     assert "| 2.5x | kegnet |" in _fmt(rows["kegnet"])
+
+
+def test_suite_variants_share_a_start_only_where_fine_tuning_alone_differs() -> None:
+    from bench.suite.run import config_for
+    from bench.suite.variants import _start_key
+
+    base = _start_key(config_for("letter"))
+    assert _start_key(config_for("letter", extra={"distill": {"feature_weight": 1.0, "lr": 3e-4}})) == base
+    for other in ({"generator": {"batchnorm_prior": 10}}, {"compression": {"fit": "weights"}},
+                  {"distill": {"label_codes": "simplex"}}):
+        assert _start_key(config_for("letter", extra=other)) != base
