@@ -38,7 +38,26 @@ def write_weights(student: nn.Module, path: Path, metadata: dict[str, str]) -> N
     it from)."""
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
+    _sort_header(path)
     path.chmod(0o644)  # safetensors writes 0600; the run's other files are 0644
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place and at the same length.
+
+    safetensors writes the metadata map in a random order (a Rust HashMap), so the same student came out as
+    two different files; a job must repeat itself byte for byte (the same sha256 in every manifest). Readers
+    do not depend on the order; the header keeps its length (padded with spaces, as the format allows).
+    """
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # it is the same JSON, so never longer; were it ever, the file stays as written
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
 
 
 def _export_args(student: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, tuple, tuple]:
