@@ -89,11 +89,12 @@ class CompressionConfig(_Strict):
                     "layers (the job warns); a ratio that is set and out of reach fails the plan",
     )
     n_iter_max: int = Field(100, ge=1, le=1000, description="HOOI iterations of partial_tucker")
-    fit: Literal["weights", "outputs"] = Field(
-        "outputs", description="how factors start: weights = fit to the teacher's weights (HOSVD / truncated SVD); "
-                               "outputs (default) = then refit, layer by layer, to reproduce the teacher's layer "
-                               "outputs on fit_samples synthetic samples while staying near its weights (methods "
-                               "with samples; tucker-only keeps the weight fit)",
+    fit: Literal["weights", "outputs", "auto"] = Field(
+        "auto", description="how factors start: weights = fit to the teacher's weights (HOSVD / truncated SVD); "
+                            "outputs = then refit, layer by layer, to reproduce the teacher's layer outputs on "
+                            "fit_samples synthetic samples while staying near its weights (methods with samples; "
+                            "tucker-only keeps the weight fit); auto (default) = both, and the student that agrees "
+                            "better with the teacher on the synthetic exam goes on",
     )
     fit_samples: int = Field(2048, ge=64, le=16384, description="synthetic samples for fit=outputs")
     keep_slower: bool | None = Field(
@@ -381,7 +382,7 @@ class SequenceCompressionConfig(CompressionConfig):
 
     rank_method: RankMethod = "evbmf"
     allocation: Literal["balanced", "uniform"] = "uniform"
-    fit: Literal["weights", "outputs"] = "weights"
+    fit: Literal["weights", "outputs", "auto"] = "weights"
 
 
 class SequenceJobConfig(_Strict):

@@ -200,8 +200,8 @@ def estimate_cost(teacher: Profile, input_shape: tuple[int, ...], num_classes: i
         dist_macs *= recipes
         dist_mem += FLOAT_BYTES * (recipes - 1) * p
 
-    # compression.fit = outputs holds its samples while it refits the layers (between the two stages above).
-    fit_mem = FLOAT_BYTES * config.compression.fit_samples * d if config.compression.fit == "outputs" else 0
+    # compression.fit = outputs or auto holds its samples while it refits the layers (between the two stages above).
+    fit_mem = FLOAT_BYTES * config.compression.fit_samples * d if config.compression.fit != "weights" else 0
     memory = FLOAT_BYTES * t * p + max(gen_mem, dist_mem, fit_mem)
     return JobCost(memory_bytes=int(memory), macs=int(gen_macs + dist_macs), generator_memory_bytes=int(gen_mem),
                    distill_memory_bytes=int(dist_mem), generator_macs=int(gen_macs), distill_macs=int(dist_macs))

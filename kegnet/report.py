@@ -130,7 +130,8 @@ class ClassifyReport(_Section):
     generator_curve: list[dict[str, float]] = Field(default_factory=list)
     distill_curve: list[dict[str, Any]] = Field(default_factory=list)
     # compression.fit = outputs: {"method", "samples", "recipe", "seconds", "layers": {name: {"before", "after"}
-    # relative output errors on the fit samples, or "skipped"}}; or {"method": "weights", "why"}.
+    # relative output errors on the fit samples, or "skipped"}}; auto adds "exam" ({"weights", "outputs"}: each
+    # start's exam estimate) and "chosen"; or {"method": "weights", "why"}.
     fit: dict[str, Any] | None = None
     onnx_skipped: str | None = None
     onnx_check: dict[str, Any] | None = None

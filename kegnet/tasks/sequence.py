@@ -234,8 +234,8 @@ def _check(spec: ModelSpec, config: SequenceJobConfig, teachers: int, has_eval_s
         raise KegnetError("eval_set: an evaluation set (x, y) is for classifiers; a sequence job reports agreement "
                           "with the teacher on its own generations")
     if config.compression.fit != "weights":
-        raise KegnetError("compression.fit 'outputs' is for classifier jobs; a sequence job fits its factors to the "
-                          "teacher's weights (leave fit out)")
+        raise KegnetError(f"compression.fit '{config.compression.fit}' is for classifier jobs; a sequence job fits "
+                          "its factors to the teacher's weights (leave fit out)")
 
 
 def _check_model(model: nn.Module, spec: ModelSpec, config: SequenceJobConfig) -> None:
