@@ -93,8 +93,9 @@ class CompressionConfig(_Strict):
         "auto", description="how factors start: weights = fit to the teacher's weights (HOSVD / truncated SVD); "
                             "outputs = then refit, layer by layer, to reproduce the teacher's layer outputs on "
                             "fit_samples synthetic samples while staying near its weights (methods with samples; "
-                            "tucker-only keeps the weight fit); auto (default) = both, and the student that agrees "
-                            "better with the teacher on the synthetic exam goes on",
+                            "tucker-only keeps the weight fit); auto (default) = outputs only where the weight fit's "
+                            "synthetic exam estimate is low (it lost what the teacher computes), kept if the "
+                            "exam scores it at least as high",
     )
     fit_samples: int = Field(2048, ge=64, le=16384, description="synthetic samples for fit=outputs")
     keep_slower: bool | None = Field(
