@@ -211,9 +211,11 @@ class DistillConfig(_Strict):
         0.0, ge=0.0, le=1.0,
         description="share of each batch replaced by convex mixes of two synthetic samples (boundary samples)",
     )
-    feature_weight: float = Field(
-        0.0, ge=0.0, le=1000.0,
-        description="weight of matching the outputs of the factorized layers to the teacher's (hints)",
+    feature_weight: float | None = Field(
+        None, ge=0.0, le=1000.0,
+        description="weight of matching the outputs of the factorized layers to the teacher's (hints); unset: "
+                    "1 where the student starts from the output refit (compression.fit), which the hints then "
+                    "keep, and 0 after a weight fit (docs/benchmarks.md, issue 21)",
     )
     adversarial_weight: float = Field(
         0.0, ge=0.0, le=100.0,

@@ -131,8 +131,8 @@ class ClassifyReport(_Section):
     distill_curve: list[dict[str, Any]] = Field(default_factory=list)
     # compression.fit = outputs: {"method", "samples", "recipe", "seconds", "layers": {name: {"before", "after"}
     # relative output errors on the fit samples, or "skipped"}}; auto adds "exam" ({"weights", "outputs"}: each
-    # start's exam estimate) and "chosen" (with only "weights" and a "why" where no refit was made); or
-    # {"method": "weights", "why"}.
+    # start's exam estimate) and "chosen" (with only "weights" and a "why" where no refit was made); with
+    # fine-tuning, "feature_weight" (the hints that followed); or {"method": "weights", "why"}.
     fit: dict[str, Any] | None = None
     onnx_skipped: str | None = None
     onnx_check: dict[str, Any] | None = None

@@ -133,7 +133,7 @@ def distill(
     with contextlib.ExitStack() as hooks:  # the taps' hooks never outlive this call (cancel included)
         taps = None
         teacher_features = feature_source(teacher)  # an ensemble's base member, or the teacher itself
-        if config.feature_weight > 0 and feature_layers:
+        if (config.feature_weight or 0.0) > 0 and feature_layers:  # unset: the caller chose none
             taps = (hooks.enter_context(FeatureTap(teacher_features, feature_layers)),
                     hooks.enter_context(FeatureTap(student, feature_layers)))
         relational = config.rkd_distance_weight > 0 or config.rkd_angle_weight > 0
@@ -184,7 +184,7 @@ def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.T
     loss = kd_loss(s_logits, t_logits, config.temperature)
     if taps:
         t_feats = {k: v.detach() for k, v in taps[0].outputs.items()}
-        loss = loss + config.feature_weight * feature_loss(taps[1].outputs, t_feats)
+        loss = loss + (config.feature_weight or 0.0) * feature_loss(taps[1].outputs, t_feats)
     if config.hard_label_weight > 0 and y is not None:
         loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
     if config.rkd_distance_weight > 0 or config.rkd_angle_weight > 0:

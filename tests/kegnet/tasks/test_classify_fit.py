@@ -41,3 +41,14 @@ def test_auto_refits_only_a_weight_fit_the_exam_scores_low(tmp_path: Path, monke
         assert fit["chosen"] == ("outputs" if scores["outputs"] >= scores["weights"] else "weights")  # ties: refit
     # Nothing fine-tuned: the student is the chosen start, graded on the same exam.
     assert report.classify.confidence.estimate == pytest.approx(scores[fit["chosen"]])
+
+
+@pytest.mark.parametrize("feature_weight", [None, 0.0, 2.0])
+def test_hints_follow_the_refit_unless_set(tmp_path: Path, small_cnn, small_cnn_spec,
+                                           feature_weight: float | None) -> None:
+    cfg = tiny_config(compression={"rank_method": "fraction", "fit": "outputs", "fit_samples": 64},
+                      distill={"steps": 2, "eval_every": 1, "feature_weight": feature_weight})
+    cfg = cfg.model_copy(update={"export_portable": False, "export_onnx": False})
+    report = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0).report
+    assert report.classify.fit["feature_weight"] == (classify.HINTS_AFTER_REFIT if feature_weight is None
+                                                     else feature_weight)
