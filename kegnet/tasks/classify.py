@@ -234,8 +234,8 @@ def _decompose(job: _Job) -> None:
 
 # compression.fit auto refits only a weight fit that has lost most of what the teacher computes: one whose
 # synthetic exam estimate is below this. On the robustness suite (docs/benchmarks.md, issue 21) the refit won
-# 9 points after fine-tuning where the weight fit scored 0.12-0.18 (timm lcnet_050) and lost 0.3-6 points
-# where it scored 0.44 and above (LeNet-5, UCI MLPs): a start already close is better left to fine-tuning.
+# 9 points after fine-tuning where the weight fit scored 0.12-0.18 (timm lcnet_050) and lost 0.3-9 points
+# where it scored 0.39 and above (LeNet-5, UCI MLPs): a start already close is better left to fine-tuning.
 REFIT_BELOW = 0.3
 
 
