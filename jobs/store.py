@@ -324,19 +324,25 @@ class JobStore:
         value: dict[str, Any] = {"request_hash": request_hash, "job_id": job_id, "claimed_at": now()}
         if self.instance:
             value["instance"] = self.instance
+        held = self._held()
+        if held:
+            # Recorded before the claim is made: an instance killed between the two leaves a record of a claim
+            # it never made, which release ignores (it deletes a claim only if it names this job); the other
+            # order left a claim no record named, which outlived the instance.
+            self.r.hset(held, idem_field(job_id), idem_value(owner, key))
         for _ in range(3):
             if self.r.set(name, json.dumps(value), nx=True, ex=ttl_s):
-                if held := self._held():
-                    self.r.hset(held, idem_field(job_id), idem_value(owner, key))
                 return value
             raw = self.r.get(name)
             if raw is None:
                 continue  # released in between: claim again
             claim: dict[str, Any] = json.loads(raw)
             if not self.claim_is_stale(claim, pending_s):
-                return claim
+                break
             log.info("replacing a stale idempotency claim of %s (job %s does not exist)", owner, claim["job_id"])
             self.idempotency_release(owner, key, claim["job_id"])
+        if held:
+            self.r.hdel(held, idem_field(job_id))  # the key is another request's
         return json.loads(self.r.get(name) or json.dumps(value))
 
     def claim_is_stale(self, claim: dict[str, Any], pending_s: float) -> bool:

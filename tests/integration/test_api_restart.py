@@ -4,7 +4,9 @@ part 3): no ``.part`` file, no reservation (the key's one slot is free), and its
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ BIG = {"arch": "mlp", "arch_kwargs": {"hidden": [4096]}, "input_shape": [4096], 
 
 
 def _big_checkpoint(path: Path) -> Path:
-    """~67 MB: its checks in the API (the weights loaded) take long enough to kill the API meanwhile."""
+    """~67 MB: an upload that takes a while to stream into the API's ``tmp/``."""
     model = create_model("mlp", input_shape=(4096,), num_classes=3, hidden=[4096])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
@@ -42,13 +44,15 @@ def _submit_in_background(url: str, key: str, path: Path) -> threading.Thread:
     return thread
 
 
-def _wait_mid_upload(tmp: Path, store: JobStore, owner: str, timeout: float = 60) -> None:
-    """Until the upload is saved to ``tmp/`` and its key claimed (the request is in its checks)."""
+def _freeze_in_checks(api: subprocess.Popen, store: JobStore, owner: str, timeout: float = 60) -> None:
+    """Stop the API (SIGSTOP) the moment its request claims the Idempotency-Key: the upload is then saved to
+    ``tmp/`` and the request is in its checks. The checks read no weights and take milliseconds, so this
+    polls without sleeping (a poll every 10 ms missed them on a busy CI machine)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if list(tmp.glob("*.part")) and store.idempotency_get(owner, "nightly-7"):
+        if store.idempotency_get(owner, "nightly-7"):
+            os.killpg(api.pid, signal.SIGSTOP)
             return
-        time.sleep(0.01)
     raise AssertionError("the upload never reached the API's checks")
 
 
@@ -70,7 +74,7 @@ def test_api_killed_mid_upload_leaves_nothing_held_after_restart(api_only, redis
     tmp = tmp_path / "data" / "tmp"
     api_only.start_api()
     thread = _submit_in_background(api_only.url, key, _big_checkpoint(tmp_path / "big.safetensors"))
-    _wait_mid_upload(tmp, store, owner)
+    _freeze_in_checks(api_only.api, store, owner)
     Stack.stop(api_only.api, signal.SIGKILL)
     thread.join(30)
     assert list(tmp.glob("*.part")) and store.reserved_count(owner) == 1  # what the probe found held

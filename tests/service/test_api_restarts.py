@@ -205,3 +205,25 @@ def test_401_is_unchanged(client):
         r = client.get("/v1/jobs", headers=headers)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert r.json()["detail"] == "missing or invalid API key; send 'Authorization: Bearer <key>'"
+
+
+def test_a_claim_is_on_the_instances_record_before_it_exists(settings, alice, monkeypatch: pytest.MonkeyPatch):
+    """An instance killed right after its claim is made (the integration test freezes one there) leaves a
+    claim start-up can find: the record is written first."""
+    store = _store_of(settings, f"{socket.gethostname()}:{2 ** 22 + 9}:cccccccccccc")
+    store.instances.beat()
+    recorded_first: list[bool] = []
+    real_set = store.r.set
+
+    def set_and_look(name, *args, **kwargs):
+        if ":idem:" in str(name):
+            recorded_first.append(any(f.startswith("idem:") for f in store.instances.held(store.instance)))
+        return real_set(name, *args, **kwargs)
+
+    monkeypatch.setattr(store.r, "set", set_and_look)
+    store.idempotency_claim(alice, "k-first", "hash", "f" * 32)
+    assert recorded_first == [True]
+    monkeypatch.undo()
+    survivor = _store_of(settings, None)  # start-up of another process: that pid never ran, so it is dead
+    assert survivor.release_dead_instances() == (0, 1)
+    assert survivor.idempotency_get(alice, "k-first") is None
