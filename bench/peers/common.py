@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kegnet.distill import kd_loss  # the product's own KD term: peers are judged by the same loss
 
 # Bounds on what a caller may ask of a peer (the bench's own figures are far below them).
 MAX_SECONDS = 24 * 3600.0
@@ -46,13 +47,6 @@ class PeerResult:
     steps: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     settings: dict[str, float | int | str] = field(default_factory=dict)
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton et al. 2015: KL(teacher || student) of the softened outputs, times T² (batch mean)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean") * t * t
 
 
 def kd_step(student: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,

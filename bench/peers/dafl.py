@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.peers.common import Clock, PeerResult, check_batch, frozen, kd_loss, train_mode
+from bench.peers.common import Clock, PeerResult, check_batch, frozen, train_mode
+from kegnet.distill import kd_loss
 from kegnet.models.taps import PenultimateTap
 
 LATENT = 100
