@@ -217,6 +217,12 @@ class DistillConfig(_Strict):
                     "1 where the student starts from the output refit (compression.fit), which the hints then "
                     "keep, and 0 after a weight fit (docs/benchmarks.md, issue 21)",
     )
+    bn_stats_weight: float = Field(
+        0.0, ge=0.0, le=1000.0,
+        description="BatchNorm teachers: weight of pulling the student's BatchNorm input statistics on each "
+                    "synthetic batch toward the teacher's running statistics (the real data's; DeepInversion's "
+                    "distance); 0: off",
+    )
     adversarial_weight: float = Field(
         0.0, ge=0.0, le=100.0,
         description="KegNet only: keep training the generators during fine-tuning, toward samples where the "

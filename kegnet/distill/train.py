@@ -27,7 +27,7 @@ from kegnet.distill.relational import rkd_angle_loss, rkd_distance_loss
 from kegnet.distill.self_distill import distort, linear_mmd2, symmetric_kl
 from kegnet.errors import Cancelled
 from kegnet.generation.samplers import KegNetSampler, MixedSampler, NoiseSampler, Sampler
-from kegnet.models.taps import PenultimateTap
+from kegnet.models.taps import BatchNormStatistics, PenultimateTap
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def distill(
     samples come partly from the copies; the held-out selection set is drawn from the original generators.
     With ``config.feature_weight > 0``, the outputs of ``feature_layers`` (module names present in both
     models with equal output shapes: the factorized layers) are matched too. ``rkd_*`` add relational KD
-    on penultimate features or logits, ``self_distill_*`` the data-distortion self-distillation terms.
+    on penultimate features or logits, ``self_distill_*`` the data-distortion self-distillation terms,
+    ``bn_stats_weight`` the distance of the student's BatchNorm input statistics to the running ones.
     ``teacher`` may be a ``TeacherEnsemble``; hints and feature relations then use its base member.
     ``exam``: the synthetic exam the steps are graded on (the pipeline's common one); default: one of
     ``config.holdout_samples`` drawn from ``sampler`` with seed ``seed + 7919``.
@@ -141,6 +142,9 @@ def distill(
                  if relational and config.rkd_on == "features" else None)
         s_pen = (hooks.enter_context(PenultimateTap(student))
                  if t_pen is not None or config.self_distill_mmd_weight > 0 else None)
+        bn_stats = hooks.enter_context(BatchNormStatistics(student, groups=1)) if config.bn_stats_weight > 0 else None
+        if bn_stats is not None and not bn_stats.layers:
+            bn_stats = None  # a student without BatchNorm: the term has nothing to match
 
         loss_sum = torch.zeros((), device=device)
         for step in range(1, config.steps + 1):
@@ -152,7 +156,7 @@ def distill(
             if pool is not None and (taps or t_pen is not None):
                 with torch.no_grad():
                     teacher_features(x)  # the features of this batch (the logits are in the pool)
-            loss = _loss(config, student, x, y, t_logits, taps, t_pen, s_pen, rng)
+            loss = _loss(config, student, x, y, t_logits, taps, t_pen, s_pen, bn_stats, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -176,10 +180,15 @@ def distill(
 
 def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
           t_logits: torch.Tensor, taps: tuple[FeatureTap, FeatureTap] | None, t_pen: PenultimateTap | None,
-          s_pen: PenultimateTap | None, rng: torch.Generator) -> torch.Tensor:
-    """The student's loss on one batch: KD, plus the hint, hard-label, relational and self-distillation terms
-    that are switched on."""
+          s_pen: PenultimateTap | None, bn_stats: BatchNormStatistics | None, rng: torch.Generator
+          ) -> torch.Tensor:
+    """The student's loss on one batch: KD, plus the hint, hard-label, relational, self-distillation and
+    BatchNorm-statistics terms that are switched on."""
+    if bn_stats is not None:
+        bn_stats.clear()  # the exam's passes since the last step
     s_logits = student(x)
+    if bn_stats is not None:
+        loss_bn = config.bn_stats_weight * bn_stats.pop()  # this pass only: the distorted views come later
     s_feat = s_pen.value if s_pen is not None else None  # before the distorted views overwrite it
     loss = kd_loss(s_logits, t_logits, config.temperature)
     if taps:
@@ -192,6 +201,8 @@ def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.T
         loss = loss + relational_loss(config, *pair)
     if config.self_distill_weight > 0 or config.self_distill_mmd_weight > 0:
         loss = loss + self_distill_loss(config, student, s_pen, x, rng)
+    if bn_stats is not None:
+        loss = loss + loss_bn
     return loss
 
 

@@ -21,7 +21,7 @@ from kegnet.errors import Cancelled
 from kegnet.generation.codes import sample_labels
 from kegnet.generation.losses import decoder_loss, diversity_loss, smoothness_loss
 from kegnet.generation.models import Decoder, make_generator
-from kegnet.models.taps import Hooks, PenultimateTap, ensemble_members
+from kegnet.models.taps import BatchNormStatistics, PenultimateTap, ensemble_members
 
 log = logging.getLogger(__name__)
 
@@ -30,38 +30,6 @@ StepCallback = Callable[[int, dict[str, float]], None]
 # Input elements of all generators' batches together above which each generator gets its own teacher call
 # (5 × 256 × 3×224×224 is 193 M; 5 × 256 × 1×32×32 is 1.3 M).
 CONCAT_LIMIT = 32 * 1024 * 1024
-
-
-class BatchNormStatistics(Hooks):
-    """Distance of synthetic batches' feature statistics to the teacher's BatchNorm running statistics.
-
-    DeepInversion (Yin et al. 2020): each BatchNorm layer remembers the mean and variance of its input over
-    the real training data; samples whose batches reproduce them look like that data to every layer, not
-    only to the classifier head. Statistics are taken per generator (``groups`` equal slices of the batch),
-    so each generator must match them on its own. ``pop()`` returns the sum over layers of the last forward.
-    """
-
-    def __init__(self, model: nn.Module, groups: int) -> None:
-        super().__init__()
-        self.groups = groups
-        self.terms: list[torch.Tensor] = []
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats and m.running_mean is not None]
-        self._handles = [m.register_forward_pre_hook(self._measure) for m in self.layers]
-
-    def _measure(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0]
-        x = x.reshape(self.groups, x.shape[0] // self.groups, x.shape[1], -1)  # (k, b, C, spatial)
-        mean = x.mean(dim=(1, 3))
-        var = x.var(dim=(1, 3), unbiased=False)
-        self.terms.append((mean - module.running_mean).norm(dim=1).mean()
-                          + (var - module.running_var).norm(dim=1).mean())
-
-    def pop(self) -> torch.Tensor:
-        """The summed distance of the last forward pass (one term per layer); clears it."""
-        total = torch.stack(self.terms).sum()
-        self.terms = []
-        return total
 
 
 def freeze(teacher: nn.Module, mode: str) -> nn.Module:

@@ -1,8 +1,10 @@
-"""Forward hooks that keep intermediate values of a model: named submodule outputs, penultimate features.
+"""Forward hooks that keep intermediate values of a model: named submodule outputs, penultimate features,
+BatchNorm input statistics.
 
-Shared by generator training (DAFL's activation reward), hint matching and relational distillation, so a
-model's features are read one way everywhere. Every tap removes its hooks on ``close()`` (or at the end of
-a ``with`` block): a tap on a caller's module must not outlive the call that made it.
+Shared by generator training (DAFL's activation reward, the BatchNorm prior), hint matching, relational
+distillation and the student's BatchNorm term, so a model's features are read one way everywhere. Every tap
+removes its hooks on ``close()`` (or at the end of a ``with`` block): a tap on a caller's module must not
+outlive the call that made it.
 """
 
 from __future__ import annotations
@@ -62,6 +64,43 @@ class PenultimateTap(Hooks):
         self.value = inputs[0]
 
 
+class BatchNormStatistics(Hooks):
+    """Distance of synthetic batches' feature statistics to the teacher's BatchNorm running statistics.
+
+    DeepInversion (Yin et al. 2020): each BatchNorm layer remembers the mean and variance of its input over
+    the real training data; samples whose batches reproduce them look like that data to every layer, not
+    only to the classifier head. Statistics are taken per generator (``groups`` equal slices of the batch),
+    so each generator must match them on its own. ``pop()`` returns the sum over layers of the last forward.
+    """
+
+    def __init__(self, model: nn.Module, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.terms: list[torch.Tensor] = []
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.track_running_stats and m.running_mean is not None]
+        self._handles = [m.register_forward_pre_hook(self._measure) for m in self.layers]
+
+    def _measure(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        x = x.reshape(self.groups, x.shape[0] // self.groups, x.shape[1], -1)  # (k, b, C, spatial)
+        mean = x.mean(dim=(1, 3))
+        var = x.var(dim=(1, 3), unbiased=False)
+        self.terms.append((mean - module.running_mean).norm(dim=1).mean()
+                          + (var - module.running_var).norm(dim=1).mean())
+
+    def pop(self) -> torch.Tensor:
+        """The summed distance of the forward passes since the last ``pop`` or ``clear`` (one term per layer
+        and pass); clears it."""
+        total = torch.stack(self.terms).sum()
+        self.terms = []
+        return total
+
+    def clear(self) -> None:
+        """Forget the passes made so far (e.g. evaluation passes between training steps)."""
+        self.terms = []
+
+
 def ensemble_members(model: nn.Module) -> list[nn.Module]:
     """The models an ensemble combines (a module with a ``members`` ``nn.ModuleList``), else ``[model]``.
 
@@ -72,4 +111,4 @@ def ensemble_members(model: nn.Module) -> list[nn.Module]:
     return list(members) if isinstance(members, nn.ModuleList) else [model]
 
 
-__all__ = ["FeatureTap", "Hooks", "PenultimateTap", "ensemble_members"]
+__all__ = ["BatchNormStatistics", "FeatureTap", "Hooks", "PenultimateTap", "ensemble_members"]

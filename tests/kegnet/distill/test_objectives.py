@@ -1,5 +1,6 @@
 """The objectives switched on inside ``distill``: each one changes training in the way it should."""
 
+import copy
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from kegnet.distill import distill
 from kegnet.distill.relational import rkd_distance_loss
 from kegnet.distill.self_distill import distort, symmetric_kl
 from kegnet.generation import NoiseSampler, Sampler
-from kegnet.models.taps import PenultimateTap
+from kegnet.models.taps import BatchNormStatistics, PenultimateTap
 
 CPU = torch.device("cpu")
 
@@ -88,6 +89,32 @@ def test_self_distillation_makes_the_student_consistent_across_views_determinist
                                                  students[2].state_dict().values(), strict=True))
 
 
+def test_batchnorm_statistics_term_pulls_the_students_statistics_toward_the_running_ones() -> None:
+    """The student's BatchNorm inputs on synthetic batches move toward the running (real-data) statistics;
+    a student without BatchNorm trains as before."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():  # "real" data lived elsewhere than the Gaussian samples the student sees
+        teacher[1].running_mean.fill_(0.5)
+        teacher[1].running_var.fill_(2.0)
+    x = torch.randn(512, 8)
+    distance = []
+    for weight in (0.0, 1.0):
+        student = copy.deepcopy(teacher)
+        cfg = DistillConfig(steps=60, batch_size=64, lr=3e-2, eval_every=30, holdout_samples=64,
+                            select_best=False, bn_stats_weight=weight)
+        distill(teacher, student, NoiseSampler("gaussian", (8,), CPU), cfg, device=CPU, seed=0)
+        assert hooks(student) == 0
+        with BatchNormStatistics(student, groups=1) as stats, torch.no_grad():
+            student(x)
+            distance.append(stats.pop().item())
+    assert distance[1] < 0.5 * distance[0]
+    _, plain = run(NoiseSampler("gaussian", (8,), CPU))
+    _, without_bn = run(NoiseSampler("gaussian", (8,), CPU), bn_stats_weight=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), without_bn.state_dict().values(),
+                                                 strict=True))
+
+
 def test_ensemble_teacher_goes_through_distill() -> None:
     from kegnet.distill.ensemble import TeacherEnsemble
 
@@ -107,11 +134,12 @@ def test_new_fields_default_to_off_and_are_bounded() -> None:
 
     d = DistillConfig()
     assert (d.rkd_distance_weight, d.rkd_angle_weight, d.self_distill_weight, d.self_distill_mmd_weight) == (0, 0, 0, 0)
+    assert d.bn_stats_weight == 0
     assert d.ensemble_weighting == "mean" and d.ensemble_student == "first"
     for bad in ({"rkd_distance_weight": -1}, {"rkd_angle_weight": 1e4}, {"rkd_on": "pixels"},
                 {"self_distill_weight": 101}, {"self_distill_mmd_weight": -0.1}, {"distortion_strength": 1.5},
                 {"ensemble_weighting": "vote"}, {"ensemble_temperature": 0}, {"mc_dropout_passes": 1},
-                {"mc_dropout_passes": 33}, {"ensemble_student": "last"},
+                {"mc_dropout_passes": 33}, {"ensemble_student": "last"}, {"bn_stats_weight": -1},
                 {"rkd_angle_weight": 1.0, "batch_size": 2}):
         with pytest.raises(ValidationError):
             DistillConfig(**bad)

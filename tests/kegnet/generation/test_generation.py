@@ -129,7 +129,8 @@ def test_activation_default_is_off_for_vectors() -> None:
 
 
 def test_batchnorm_prior_pulls_batches_toward_the_running_statistics() -> None:
-    from kegnet.generation.train import BatchNormStatistics, freeze
+    from kegnet.generation.train import freeze
+    from kegnet.models.taps import BatchNormStatistics
 
     torch.manual_seed(0)
     teacher = _BNTeacher()
