@@ -71,6 +71,24 @@ def exam_sources(kegnet: KegNetSampler | None, input_shape: tuple[int, ...],
     return sources
 
 
+def generator_part(exam: Exam) -> Exam:
+    """The exam's generator samples only (sources ``kegnet/*``), or ``exam`` itself when it has none.
+
+    For checks that should read data-like inputs only, such as INT8 calibrated on generator samples: noise
+    samples fall outside the calibrated activation ranges and are clipped, which says little about data.
+    """
+    keep, start, sources = [], 0, {}
+    for name, n in exam.sources.items():
+        if name.startswith("kegnet/"):
+            keep.append(torch.arange(start, start + n))
+            sources[name] = n
+        start += n
+    if not keep or len(sources) == len(exam.sources):
+        return exam
+    idx = torch.cat(keep).to(exam.x.device)
+    return Exam(exam.x[idx], exam.teacher_logits[idx], sources)
+
+
 @torch.no_grad()
 def build_exam(teacher: nn.Module, sources: dict[str, Sampler], n: int, seed: int, device: torch.device,
                chunk: int = 1024) -> Exam:

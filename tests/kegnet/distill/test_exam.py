@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kegnet.distill.exam import Grade, build_exam, choose, exam_sources, grade
+from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, generator_part, grade
 from kegnet.generation import KegNetSampler
 
 
@@ -33,6 +33,17 @@ def test_exam_draws_equal_shares_from_every_source_and_repeats_by_seed() -> None
     again = build_exam(_teacher(), sources, 600, seed=5, device=torch.device("cpu"))
     assert torch.equal(exam.x, again.x)
     assert list(exam_sources(None, (4,), torch.device("cpu"))) == ["gaussian", "uniform"]
+
+
+def test_the_generator_part_keeps_the_generator_samples_in_order() -> None:
+    x = torch.arange(8.0).unsqueeze(1)
+    exam = Exam(x, x.repeat(1, 2), {"kegnet/one_hot": 3, "gaussian": 2, "kegnet/pairs": 3})
+    part = generator_part(exam)
+    assert part.sources == {"kegnet/one_hot": 3, "kegnet/pairs": 3}
+    assert part.x.flatten().tolist() == [0, 1, 2, 5, 6, 7] and torch.equal(part.teacher_logits, part.x.repeat(1, 2))
+    noise_only = Exam(x, x, {"gaussian": 4, "uniform": 4})
+    generators_only = Exam(x, x, {"kegnet/one_hot": 8})
+    assert generator_part(noise_only) is noise_only and generator_part(generators_only) is generators_only
 
 
 def test_the_teacher_scores_perfectly_and_a_different_model_does_not() -> None:
