@@ -73,10 +73,11 @@ class CompressionConfig(_Strict):
                              "from its weights' noise (on large trained layers it can keep almost nothing: 300x "
                              "students); fraction: one channel fraction; explicit: ranks per layer",
     )
-    allocation: Literal["balanced", "uniform"] = Field(
+    allocation: Literal["balanced", "global", "uniform"] = Field(
         "uniform", description="rank_method=ratio: uniform (default) keeps one channel fraction in every layer; "
                                "balanced gives every layer's modes the same share of lost spectral energy (measured "
-                               "worse on timm lcnet_050, docs/benchmarks.md issue 21)",
+                               "worse on timm lcnet_050, docs/benchmarks.md issue 21); global loses the least "
+                               "spectral energy summed over layers, and may leave a layer whole",
     )
     rank_fraction: float = Field(0.5, gt=0, le=1.0, description="for rank_method=fraction")
     ranks: dict[LayerPattern, tuple[Rank, Rank]] = Field(
@@ -390,7 +391,7 @@ class SequenceCompressionConfig(CompressionConfig):
     changed with issue 21 on classifier teachers only."""
 
     rank_method: RankMethod = "evbmf"
-    allocation: Literal["balanced", "uniform"] = "uniform"
+    allocation: Literal["balanced", "global", "uniform"] = "uniform"
     fit: Literal["weights", "outputs", "auto"] = "weights"
 
 

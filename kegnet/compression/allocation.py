@@ -1,4 +1,5 @@
-"""Spreading a parameter budget over layers so that every layer keeps the same share of its energy.
+"""Spreading a parameter budget over layers by their weights' spectra: the same share of energy per layer
+(``balanced``), or the least energy lost over all layers together (``global``).
 
 One channel fraction for every layer (``allocation="uniform"``) starves small layers: on timm's lcnet_050 at
 2.5x the first factorized layer kept rank 1 of 8. ``allocation="balanced"`` instead asks every mode of every
@@ -9,6 +10,13 @@ the tail of one spectrum is exactly a truncated SVD's, so ``eps`` is a common, c
 a large, redundant layer gives up many ranks for it, a small one few. Measured on timm lcnet_050 (issue 21,
 docs/benchmarks.md) it did worse than one fraction after fine-tuning, so it is an option, not the default:
 the weights' energy is not what the student's accuracy needs.
+
+``allocation="global"`` minimizes the *sum* over layers of the energy each loses, within the parameter
+budget, with "leave the layer whole" (nothing lost, every parameter kept) as one of each layer's choices.
+A layer whose spectrum is concentrated (timm lcnet_050's ``conv_head``: most of the weights, a few strong
+directions) gives up many ranks for little; one with a flat spectrum (a small early conv) stays whole rather
+than being starved. It is solved by the Lagrangian relaxation: for a price ``lam`` per parameter every layer
+picks the choice of least ``lost + lam * params`` on its own, and ``lam`` is bisected to the budget.
 """
 
 from __future__ import annotations
@@ -90,3 +98,53 @@ def kept_energy(tails: tuple[np.ndarray, np.ndarray], r_in: int, r_out: int) -> 
     """The share of the layer's energy its ranks keep, by the worse of its two modes (manifest figure)."""
     t_in, t_out = tails
     return float(1.0 - max(t_in[min(r_in, len(t_in) - 1)], t_out[min(r_out, len(t_out) - 1)]))
+
+
+# A choice of ranks for one layer: (energy lost, parameters after, in_rank, out_rank); arrays over choices.
+Choices = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# Parameters after factorizing at arrays of (in_rank, out_rank), elementwise.
+GridParams = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def choices(tails: tuple[np.ndarray, np.ndarray], single: bool, params_before: int, params: GridParams) -> Choices:
+    """Every rank choice of one layer that makes it smaller, plus leaving it whole (loss 0, full ranks).
+
+    ``single``: one rank (truncated SVD: loss ``tail[r]``), else a Tucker-2 pair (loss ``tail_in[r_in] +
+    tail_out[r_out]``, the HOSVD bound).
+    """
+    t_in, t_out = tails
+    full_in, full_out = len(t_in) - 1, len(t_out) - 1
+    if single:
+        r_in = r_out = np.arange(1, full_in + 1)
+        lost = t_in[r_in]
+    else:
+        r_in, r_out = (a.ravel() for a in np.meshgrid(np.arange(1, full_in + 1), np.arange(1, full_out + 1),
+                                                       indexing="ij"))
+        lost = t_in[r_in] + t_out[r_out]
+    after = np.asarray(params(r_in, r_out), dtype=np.int64)
+    smaller = after < params_before
+    return (np.concatenate([[0.0], lost[smaller]]), np.concatenate([[params_before], after[smaller]]),
+            np.concatenate([[full_in], r_in[smaller]]), np.concatenate([[full_out], r_out[smaller]]))
+
+
+def global_ranks(options: dict[str, Choices], budget: int) -> dict[str, tuple[int, int]] | None:
+    """The rank pair of every layer that loses the least summed energy within ``budget`` parameters (a layer
+    left whole gets its full ranks), or None when even the smallest choices do not fit."""
+
+    def pick(lam: float) -> dict[str, int]:
+        return {name: int(np.argmin(lost + lam * params)) for name, (lost, params, _, _) in options.items()}
+
+    def cost(picked: dict[str, int]) -> int:
+        return sum(int(options[name][1][i]) for name, i in picked.items())
+
+    if sum(int(o[1].min()) for o in options.values()) > budget:
+        return None
+    lo, hi = 0.0, 1.0  # price per parameter: raise hi until the budget is met
+    while cost(pick(hi)) > budget:
+        lo, hi = hi, hi * 10
+        if hi > 1e12:  # only ties left between choices of equal loss: take the smallest of each
+            return {name: (int(o[2][o[1].argmin()]), int(o[3][o[1].argmin()])) for name, o in options.items()}
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost(pick(mid)) <= budget else (mid, hi)
+    return {name: (int(options[name][2][i]), int(options[name][3][i])) for name, i in pick(hi).items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -112,6 +113,13 @@ def _pointwise_params(conv: nn.Conv2d, r: int) -> int:
     return (conv.in_channels + conv.out_channels) * r + bias
 
 
+def _grid_params(m: nn.Module, r_in: np.ndarray, r_out: np.ndarray) -> np.ndarray:
+    """Parameters after factorizing ``m`` at arrays of ranks (elementwise; ``r_out`` unused for one rank)."""
+    if _pointwise(m):
+        return _pointwise_params(m, r_in)
+    return _conv_params(m, r_in, r_out) if isinstance(m, nn.Conv2d) else _linear_params(m, r_in)
+
+
 def _full_ranks(m: nn.Module) -> tuple[int, int]:
     if _pointwise(m):
         full = min(m.in_channels, m.out_channels) // m.groups
@@ -167,7 +175,7 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
 
 def needs_weights(config: CompressionConfig) -> bool:
     """Whether the ranks depend on the weights' values (EVBMF, or the balanced allocation's spectra)."""
-    return config.rank_method == "evbmf" or (config.rank_method == "ratio" and config.allocation == "balanced")
+    return config.rank_method == "evbmf" or (config.rank_method == "ratio" and config.allocation != "uniform")
 
 
 def check_layers(model: nn.Module, config: CompressionConfig) -> None:
@@ -205,7 +213,10 @@ def _plan_compression(model: nn.Module, config: CompressionConfig) -> Compressio
         layer = _layer_plan(name, layers[name], r_in, r_out)
         if name in tails:
             layer = replace(layer, kept_energy=allocation.kept_energy(tails[name], layer.in_rank, layer.out_rank))
-        if layer.params_after >= layer.params_before:
+        if layer.params_after >= layer.params_before and _allocated_globally(config):
+            plan.skipped[name] = ("left whole by the global allocation: the other layers lose less energy for the "
+                                  "parameters it would save")
+        elif layer.params_after >= layer.params_before:
             plan.skipped[name] = (f"ranks ({layer.in_rank}, {layer.out_rank}) would not reduce its "
                                   f"{layer.params_before} parameters")
         else:
@@ -216,6 +227,10 @@ def _plan_compression(model: nn.Module, config: CompressionConfig) -> Compressio
         raise NothingToFactorize("no layer gets smaller at these ranks; choose lower ranks (rank_method fraction or "
                                f"ratio) or other layers ({'; '.join(reasons[:6])}{more})")
     return plan
+
+
+def _allocated_globally(config: CompressionConfig) -> bool:
+    return config.rank_method == "ratio" and config.allocation == "global"
 
 
 def _ranks(model: nn.Module, layers: dict[str, nn.Module], config: CompressionConfig,
@@ -242,17 +257,17 @@ def _ranks(model: nn.Module, layers: dict[str, nn.Module], config: CompressionCo
 def _ratio_ranks(model: nn.Module, layers: dict[str, nn.Module], config: CompressionConfig,
                  tails: dict[str, tuple[np.ndarray, np.ndarray]], *, whole_model: bool) -> dict[str, tuple[int, int]]:
     """Ranks at ``config.ratio`` for the whole model, or (``whole_model=False``) for ``layers`` alone."""
-    if config.allocation == "balanced":
-        return _balanced_ranks(model, layers, config.ratio, tails, whole_model=whole_model)
+    if config.allocation != "uniform":
+        return _spectral_ranks(model, layers, config.ratio, tails, config.allocation, whole_model=whole_model)
     fraction = _fraction_for_ratio(model, layers, config.ratio, whole_model=whole_model)
     return {name: _fraction_ranks(m, fraction) for name, m in layers.items()}
 
 
-def _balanced_ranks(model: nn.Module, layers: dict[str, nn.Module], target: float,
-                    tails: dict[str, tuple[np.ndarray, np.ndarray]], *, whole_model: bool = True
+def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: float,
+                    tails: dict[str, tuple[np.ndarray, np.ndarray]], how: str, *, whole_model: bool = True
                     ) -> dict[str, tuple[int, int]]:
-    """Ranks at which every layer keeps the same share of its energy, at the target ratio
-    (``kegnet.compression.allocation``)."""
+    """Ranks at the target ratio by the layers' spectra (``kegnet.compression.allocation``): every layer
+    keeping the same share of its energy (``balanced``), or the least energy lost in all (``global``)."""
     before = {name: sum(p.numel() for p in m.parameters()) for name, m in layers.items()}
     total = sum(p.numel() for p in model.parameters()) if whole_model else sum(before.values())
     rest = total - sum(before.values())
@@ -261,12 +276,19 @@ def _balanced_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
         after = _layer_plan(name, layers[name], r_in, r_out).params_after
         return after if after < before[name] else None
 
-    eps = allocation.balanced_eps(tails, before, params_of, int(total / target) - rest)
-    if eps is None:
+    budget = int(total / target) - rest
+    if how == "global":
+        options = {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
+                                            functools.partial(_grid_params, m)) for name, m in layers.items()}
+        ranks = allocation.global_ranks(options, budget)
+    else:
+        eps = allocation.balanced_eps(tails, before, params_of, budget)
+        ranks = None if eps is None else allocation.ranks_at(tails, eps)
+    if ranks is None:
         _fraction_for_ratio(model, layers, target, whole_model=whole_model)  # raises with the reachable ratio
         raise CompressionError(f"target ratio {target}x is out of reach by compressing these layers; add layers "
                                "or lower target_ratio")
-    return allocation.ranks_at(tails, eps)
+    return ranks
 
 
 SLOWER = "factorized it ran slower"
