@@ -8,8 +8,8 @@ chosen on the job's synthetic exam (kegnet.compression.quantize.best_method):
 - ``int8-gaussian``: standard Gaussian noise;
 - ``int8-real``: the real training split (the ceiling: bench only, never the product).
 
-Rows report real test accuracy (onnxruntime), agreement with the teacher on the synthetic exam (its generator
-samples, which choose the method as in the job, and the whole exam), file bytes and
+Rows report real test accuracy (onnxruntime), agreement with the teacher on the synthetic exam (the whole exam,
+which chooses the method as in the job, and its generator samples alone), file bytes and
 milliseconds at batch 1 and 64, every model timed in turns in one onnxruntime process (``--threads`` intra-op
 threads). Real data appears only here.
 """
@@ -125,19 +125,19 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
         "int8-gaussian": (torch.randn(SAMPLES, *spec.input_shape, generator=rng), "gaussian"),
         "int8-real": (x_train[torch.randperm(len(x_train), generator=rng)[:SAMPLES]], "real training split"),
     }
-    part = generator_part(exam)  # what the job grades int8 on (kegnet.compression.quantize)
+    part = generator_part(exam)  # its generator samples alone: a second column (the job grades the whole exam)
     quantize.prepare(paths["fp32"], work / "prepared.onnx")
     rows: dict[str, dict[str, Any]] = {name: {"calibration": "-"} for name in paths}
     for row, (x_cal, source) in calibrations.items():
         (work / row).mkdir()
-        method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, part, threads)
+        method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, exam, threads)
         paths[row] = work / row / f"{method}.onnx"
         rows[row] = {"calibration": source, "method": method, "exam_agreement": grades[method].agreement,
                      "methods": {m: g.agreement for m, g in grades.items()}}
-    rows["fp32"]["exam_agreement"] = grade(quantize.OnnxModel(paths["fp32"], threads), part).agreement
-    for row, path in paths.items():  # the whole exam too, noise samples included
+    rows["fp32"]["exam_agreement"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam).agreement
+    for row, path in paths.items():
         if row != "teacher":
-            rows[row]["whole_exam_agreement"] = grade(quantize.OnnxModel(path, threads), exam).agreement
+            rows[row]["generator_exam_agreement"] = grade(quantize.OnnxModel(path, threads), part).agreement
     for row, path in paths.items():
         rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
     latency = quantize.time_in_turns(paths, spec.input_shape, threads=threads, repeats=repeats, budget_s=budget_s,
@@ -150,10 +150,11 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
 def table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     fp32 = rows["fp32"]
-    lines = ["| row | calibration | method | test acc. % | exam agreement %: generator samples / whole | bytes | "
+    lines = ["| row | calibration | method | test acc. % | exam agreement %: whole / generator samples | bytes | "
              "smaller than student.onnx | batch 1 ms | batch 64 ms | speed-up 1 / 64 |", "|---" * 10 + "|"]
     for name, r in rows.items():
-        exam = " / ".join(f"{100 * r[k]:.2f}" if k in r else "-" for k in ("exam_agreement", "whole_exam_agreement"))
+        exam = " / ".join(f"{100 * r[k]:.2f}" if k in r else "-"
+                          for k in ("exam_agreement", "generator_exam_agreement"))
         lines.append(
             f"| {name} | {r['calibration']} | {r.get('method', '-')} | {100 * r['test_accuracy']:.2f} | {exam} | "
             f"{r['bytes']:,} | {fp32['bytes'] / r['bytes']:.2f}x | {r['batch1_ms']:.3f} | {r['batch64_ms']:.2f} | "

@@ -98,11 +98,7 @@ class Quantization(_Section):
     calibration: dict[str, Any] = Field(default_factory=dict, description="source (a sample recipe or "
                                         "'gaussian'; never data), samples, method, and every method's exam grade")
     exam_agreement: dict[str, float] = Field(default_factory=dict, description="fp32, int8, drop, max_drop: "
-                                             "top-class agreement with the teacher on the synthetic exam's "
-                                             "exam_samples")
-    exam_samples: str = Field("samples", description="which of the exam's samples grade the int8 model: "
-                                                     "'generator samples' where the job has generators (noise "
-                                                     "is clipped by ranges calibrated on them), else 'samples'")
+                                             "top-class agreement with the teacher on the synthetic exam")
     latency_ms: dict[str, dict[str, float]] = Field(default_factory=dict, description="fp32 and int8 in "
                                                     "onnxruntime on the CPU, timed in turns: batch1_ms, "
                                                     "batch1_min_ms, batch64_ms, batch64_min_ms")

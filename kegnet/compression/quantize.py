@@ -6,9 +6,7 @@ job's own synthetic samples (never data). The calibration method (MinMax, Entrop
 each is tried and the one whose model agrees best with the teacher on the job's synthetic exam is kept
 (kegnet.distill.exam.choose). Then the checks of the latency filter: the int8 model must not run slower than
 the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of exam agreement; otherwise
-the job keeps fp32 only and says why. Both read the exam's generator samples where it has them: its noise
-samples fall outside the calibrated activation ranges, and on Fashion lcnet_050 the whole exam fell 8 points
-for a model 0.09 points from fp32 on real data (docs/benchmarks.md, issue 22).
+the job keeps fp32 only and says why.
 
 Weights are 7-bit (``reduce_range``): onnxruntime's advice for x86 CPUs without VNNI, whose 8-bit dot products
 can saturate; it costs little accuracy and is safe on every CPU. onnxruntime is an optional extra
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kegnet.distill.exam import Exam, Grade, choose, generator_part, grade
+from kegnet.distill.exam import Exam, Grade, choose, grade
 from kegnet.errors import Cancelled
 from kegnet.report import Quantization
 
@@ -159,8 +157,8 @@ def _verdict(fp32: Grade, int8: Grade, latency: dict[str, dict[str, float]], max
     """Why the int8 model is not kept (slower than fp32, or too far from the teacher), or None."""
     drop = fp32.agreement - int8.agreement
     if drop > max_drop:
-        return (f"its agreement with the teacher on the synthetic exam's {_part_name(fp32)} fell by {drop:.4f} "
-                f"({fp32.agreement:.4f} -> {int8.agreement:.4f}), more than compression.quantize_max_drop {max_drop:g}")
+        return (f"its agreement with the teacher on the synthetic exam fell by {drop:.4f} ({fp32.agreement:.4f} -> "
+                f"{int8.agreement:.4f}), more than compression.quantize_max_drop {max_drop:g}")
     for b in BATCHES:
         f, i = latency["fp32"][f"batch{b}_min_ms"], latency["int8"][f"batch{b}_min_ms"]
         if i > f * (1 + tolerance):
@@ -176,13 +174,12 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
     written to ``out`` only when it is not slower and agrees within ``max_drop``; the report says why not."""
     import onnxruntime as ort
 
-    part = generator_part(exam)
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
         work = Path(tmp)
         prepare(fp32, work / "prepared.onnx")
-        method, grades = best_method(work / "prepared.onnx", work, calibration, part, threads, should_cancel)
+        method, grades = best_method(work / "prepared.onnx", work, calibration, exam, threads, should_cancel)
         chosen = work / f"{method}.onnx"
-        fp32_grade = grade(OnnxModel(fp32, threads), part)
+        fp32_grade = grade(OnnxModel(fp32, threads), exam)
         latency = time_in_turns({"fp32": fp32, "int8": chosen}, input_shape, threads=threads, repeats=repeats,
                                 budget_s=budget_s, seed=seed)
         why_not = _verdict(fp32_grade, grades[method], latency, max_drop, tolerance)
@@ -198,13 +195,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                      "methods": {m: _grade_figures(g) for m, g in grades.items()}},
         exam_agreement={"fp32": fp32_grade.agreement, "int8": grades[method].agreement,
                         "drop": fp32_grade.agreement - grades[method].agreement, "max_drop": max_drop},
-        exam_samples=_part_name(fp32_grade),
         latency_ms=latency, threads=threads, bytes=sizes,
         settings={**SETTINGS, "runtime": f"onnxruntime {ort.__version__}"})
-
-
-def _part_name(g: Grade) -> str:
-    return "generator samples" if any(name.startswith("kegnet/") for name in g.per_source) else "samples"
 
 
 def _grade_figures(g: Grade) -> dict[str, float]:

@@ -74,8 +74,8 @@ def exam_sources(kegnet: KegNetSampler | None, input_shape: tuple[int, ...],
 def generator_part(exam: Exam) -> Exam:
     """The exam's generator samples only (sources ``kegnet/*``), or ``exam`` itself when it has none.
 
-    For checks that should read data-like inputs only, such as INT8 calibrated on generator samples: noise
-    samples fall outside the calibrated activation ranges and are clipped, which says little about data.
+    A second reading of a model's exam (``python -m bench.int8`` prints both): the noise samples alone can
+    move a grade that says little about data-like inputs.
     """
     keep, start, sources = [], 0, {}
     for name, n in exam.sources.items():
