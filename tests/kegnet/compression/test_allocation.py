@@ -1,15 +1,18 @@
-"""Balanced rank allocation: every layer keeps the same share of its spectral energy, at the target ratio."""
+"""Rank allocation by the weights' spectra at the target ratio: every layer keeping the same share of its
+energy (balanced), or the least energy lost over all layers (global)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from kegnet.compression import apply_plan, plan_compression
-from kegnet.compression.allocation import energy_tails, rank_for
+from kegnet.compression.allocation import energy_tails, global_ranks, rank_for
 from kegnet.compression.plan import check_layers
 from kegnet.config import CompressionConfig
+from kegnet.errors import CompressionError
 from kegnet.metrics import count_parameters
 
 
@@ -56,3 +59,41 @@ def test_balanced_needs_weights_so_the_meta_check_skips_ranks() -> None:
     with torch.device("meta"):
         model = _model()
     check_layers(model, CompressionConfig(layers=["0", "2", "4"], target_ratio=3.0))  # no error, no numpy
+
+
+def _tucker_model() -> nn.Sequential:
+    """A small conv whose every channel matters and a large conv that is nearly rank 4 along both channel modes."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 64, 3),
+                          nn.ReLU(), nn.Conv2d(64, 64, 3))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        core = torch.randn(4, 4, 3, 3, generator=g)
+        u, v = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g)
+        model[6].weight.copy_(torch.einsum("oi,ijhw,cj->ochw", u, core, v) + 0.01 * torch.randn(64, 64, 3, 3,
+                                                                                               generator=g))
+    return model
+
+
+@pytest.mark.parametrize("build, layers", [(_model, ["0", "2", "4"]), (_tucker_model, ["2", "4", "6"])])
+def test_global_takes_the_reduction_where_it_loses_least_and_leaves_the_rest_whole(build, layers) -> None:
+    model = build()
+    plan = plan_compression(model, CompressionConfig(layers=layers, rank_method="ratio", target_ratio=3.0,
+                                                     allocation="global"))
+    ratio = count_parameters(model) / count_parameters(apply_plan(model, plan))
+    assert 3.0 <= ratio < 3.3
+    assert [p.name for p in plan.layers] == [layers[-1]] and plan.layers[0].kept_energy > 0.99
+    assert all("left whole by the global allocation" in plan.skipped[n] for n in layers[:-1])
+
+
+def test_global_ranks_minimize_the_summed_loss_within_the_budget() -> None:
+    # Two layers, each either whole (loss 0) or at one of two sizes; budget 100 fits only the cheaper mixes.
+    options = {"a": (np.array([0.0, 0.1, 0.5]), np.array([100, 60, 20]), np.array([9, 6, 2]), np.array([9, 6, 2])),
+               "b": (np.array([0.0, 0.3, 0.4]), np.array([80, 40, 30]), np.array([8, 4, 3]), np.array([8, 4, 3]))}
+    assert global_ranks(options, 100) == {"a": (6, 6), "b": (4, 4)}  # loss 0.4, 100 params
+    assert global_ranks(options, 49) is None  # even the smallest choices take 50
+
+
+def test_global_says_when_the_ratio_is_out_of_reach() -> None:
+    with pytest.raises(CompressionError, match="out of reach"):
+        plan_compression(_model(), CompressionConfig(layers=["0"], rank_method="ratio", target_ratio=3.0,
+                                                     allocation="global"))
