@@ -17,6 +17,8 @@ A layer whose spectrum is concentrated (timm lcnet_050's ``conv_head``: most of 
 directions) gives up many ranks for little; one with a flat spectrum (a small early conv) stays whole rather
 than being starved. It is solved by the Lagrangian relaxation: for a price ``lam`` per parameter every layer
 picks the choice of least ``lost + lam * params`` on its own, and ``lam`` is bisected to the budget.
+Energy lost is bounded by 1 per layer, so alone it would crush the largest layer (lcnet_050's head to rank
+1 at 2.5x: 24% on MNIST); no rank goes below the number of classes, which every class must pass through.
 """
 
 from __future__ import annotations
@@ -106,19 +108,22 @@ Choices = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 GridParams = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def choices(tails: tuple[np.ndarray, np.ndarray], single: bool, params_before: int, params: GridParams) -> Choices:
+def choices(tails: tuple[np.ndarray, np.ndarray], single: bool, params_before: int, params: GridParams,
+            min_rank: int = 1) -> Choices:
     """Every rank choice of one layer that makes it smaller, plus leaving it whole (loss 0, full ranks).
 
     ``single``: one rank (truncated SVD: loss ``tail[r]``), else a Tucker-2 pair (loss ``tail_in[r_in] +
-    tail_out[r_out]``, the HOSVD bound).
+    tail_out[r_out]``, the HOSVD bound). Ranks below ``min_rank`` (or the full rank, if smaller) are not
+    offered.
     """
     t_in, t_out = tails
     full_in, full_out = len(t_in) - 1, len(t_out) - 1
+    lo_in, lo_out = min(min_rank, full_in), min(min_rank, full_out)
     if single:
-        r_in = r_out = np.arange(1, full_in + 1)
+        r_in = r_out = np.arange(lo_in, full_in + 1)
         lost = t_in[r_in]
     else:
-        r_in, r_out = (a.ravel() for a in np.meshgrid(np.arange(1, full_in + 1), np.arange(1, full_out + 1),
+        r_in, r_out = (a.ravel() for a in np.meshgrid(np.arange(lo_in, full_in + 1), np.arange(lo_out, full_out + 1),
                                                        indexing="ij"))
         lost = t_in[r_in] + t_out[r_out]
     after = np.asarray(params(r_in, r_out), dtype=np.int64)

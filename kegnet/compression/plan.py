@@ -113,6 +113,12 @@ def _pointwise_params(conv: nn.Conv2d, r: int) -> int:
     return (conv.in_channels + conv.out_channels) * r + bias
 
 
+def _classes(model: nn.Module) -> int:
+    """The classifier's output count: its last ``nn.Linear``'s outputs (1 where it has none)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else 1
+
+
 def _grid_params(m: nn.Module, r_in: np.ndarray, r_out: np.ndarray) -> np.ndarray:
     """Parameters after factorizing ``m`` at arrays of ranks (elementwise; ``r_out`` unused for one rank)."""
     if _pointwise(m):
@@ -278,8 +284,9 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
 
     budget = int(total / target) - rest
     if how == "global":
+        floor = _classes(model)
         options = {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
-                                            functools.partial(_grid_params, m)) for name, m in layers.items()}
+                                            functools.partial(_grid_params, m), floor) for name, m in layers.items()}
         ranks = allocation.global_ranks(options, budget)
     else:
         eps = allocation.balanced_eps(tails, before, params_of, budget)
