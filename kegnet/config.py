@@ -74,10 +74,11 @@ class CompressionConfig(_Strict):
                              "students); fraction: one channel fraction; explicit: ranks per layer",
     )
     allocation: Literal["balanced", "global", "uniform"] = Field(
-        "uniform", description="rank_method=ratio: uniform (default) keeps one channel fraction in every layer; "
-                               "balanced gives every layer's modes the same share of lost spectral energy (measured "
-                               "worse on timm lcnet_050, docs/benchmarks.md issue 21); global loses the least "
-                               "spectral energy summed over layers, and may leave a layer whole",
+        "global", description="rank_method=ratio: global (default) loses the least spectral energy summed over "
+                              "layers, may leave a layer whole, and keeps every rank at or above the class count "
+                              "(on the suite +11 to +34 points over uniform on timm lcnet_050 at 2.5x, "
+                              "docs/benchmarks.md issue 21); uniform keeps one channel fraction in every layer; "
+                              "balanced gives every layer's modes the same share of lost spectral energy",
     )
     rank_fraction: float = Field(0.5, gt=0, le=1.0, description="for rank_method=fraction")
     ranks: dict[LayerPattern, tuple[Rank, Rank]] = Field(

@@ -152,4 +152,27 @@ def global_ranks(options: dict[str, Choices], budget: int) -> dict[str, tuple[in
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if cost(pick(mid)) <= budget else (mid, hi)
-    return {name: (int(options[name][2][i]), int(options[name][3][i])) for name, i in pick(hi).items()}
+    chosen = pick(hi)
+    _spend(options, chosen, budget - cost(chosen))
+    return {name: (int(options[name][2][i]), int(options[name][3][i])) for name, i in chosen.items()}
+
+
+def _spend(options: dict[str, Choices], chosen: dict[str, int], spare: int) -> None:
+    """Give budget the relaxation left unspent (its choices jump) to the layers, one change at a time: the
+    choice that loses least energy per extra parameter and still fits, until none does (``chosen`` in place)."""
+    while spare > 0:
+        best: tuple[float, str, int] | None = None
+        for name, (lost, params, _, _) in options.items():
+            extra = params - params[chosen[name]]
+            gain = lost[chosen[name]] - lost
+            fits = np.nonzero((extra > 0) & (extra <= spare) & (gain > 0))[0]
+            if len(fits):
+                i = int(fits[np.argmax(gain[fits] / extra[fits])])
+                rate = float(gain[i] / extra[i])
+                if best is None or rate > best[0]:
+                    best = (rate, name, i)
+        if best is None:
+            return
+        _, name, i = best
+        spare -= int(options[name][1][i] - options[name][1][chosen[name]])
+        chosen[name] = i

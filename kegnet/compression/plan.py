@@ -284,10 +284,14 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
 
     budget = int(total / target) - rest
     if how == "global":
-        floor = _classes(model)
-        options = {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
-                                            functools.partial(_grid_params, m), floor) for name, m in layers.items()}
-        ranks = allocation.global_ranks(options, budget)
+        ranks = None
+        for floor in dict.fromkeys((_classes(model), 1)):  # below the class count only where nothing else fits
+            options = {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m),
+                                                before[name], functools.partial(_grid_params, m), floor)
+                       for name, m in layers.items()}
+            ranks = allocation.global_ranks(options, budget)
+            if ranks is not None:
+                break
     else:
         eps = allocation.balanced_eps(tails, before, params_of, budget)
         ranks = None if eps is None else allocation.ranks_at(tails, eps)

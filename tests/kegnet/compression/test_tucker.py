@@ -82,7 +82,7 @@ def test_explicit_ranks_target_ratio_and_errors() -> None:
         plan_compression(model, CompressionConfig(layers=["1"], rank_method="ratio", target_ratio=500))
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "balanced"])
+@pytest.mark.parametrize("allocation", ["uniform", "balanced", "global"])
 def test_the_default_ratio_falls_back_to_the_layers_where_the_model_cannot_reach_it(allocation: str) -> None:
     # Layer "1" holds a fifth of the weights: no rank makes the whole model 2x smaller.
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 28 * 28, 10))
