@@ -18,7 +18,8 @@ directions) gives up many ranks for little; one with a flat spectrum (a small ea
 than being starved. It is solved by the Lagrangian relaxation: for a price ``lam`` per parameter every layer
 picks the choice of least ``lost + lam * params`` on its own, and ``lam`` is bisected to the budget.
 Energy lost is bounded by 1 per layer, so alone it would crush the largest layer (lcnet_050's head to rank
-1 at 2.5x: 24% on MNIST); no rank goes below the number of classes, which every class must pass through.
+1 at 2.5x: 24% on MNIST); no rank goes below the number of classes, which every class must pass through,
+or, where that floor cannot reach the target, below the highest floor that can.
 """
 
 from __future__ import annotations
@@ -130,6 +131,24 @@ def choices(tails: tuple[np.ndarray, np.ndarray], single: bool, params_before: i
     smaller = after < params_before
     return (np.concatenate([[0.0], lost[smaller]]), np.concatenate([[params_before], after[smaller]]),
             np.concatenate([[full_in], r_in[smaller]]), np.concatenate([[full_out], r_out[smaller]]))
+
+
+def highest_floor(options_at: Callable[[int], dict[str, Choices]], ceiling: int, budget: int) -> int | None:
+    """The highest rank floor in ``1 .. ceiling`` whose smallest choices fit in ``budget`` (bisection: a lower
+    floor only adds choices), or None when even floor 1 does not fit."""
+
+    def fits(floor: int) -> bool:
+        return sum(int(o[1].min()) for o in options_at(floor).values()) <= budget
+
+    if fits(ceiling):
+        return ceiling
+    if not fits(1):
+        return None
+    lo, hi = 1, ceiling  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def global_ranks(options: dict[str, Choices], budget: int) -> dict[str, tuple[int, int]] | None:

@@ -284,14 +284,13 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
 
     budget = int(total / target) - rest
     if how == "global":
-        ranks = None
-        for floor in dict.fromkeys((_classes(model), 1)):  # below the class count only where nothing else fits
-            options = {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m),
-                                                before[name], functools.partial(_grid_params, m), floor)
-                       for name, m in layers.items()}
-            ranks = allocation.global_ranks(options, budget)
-            if ranks is not None:
-                break
+        def options_at(floor: int) -> dict[str, allocation.Choices]:
+            return {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
+                                             functools.partial(_grid_params, m), floor) for name, m in layers.items()}
+
+        # No rank below the class count, or where that cannot reach the target, the highest floor that can.
+        floor = allocation.highest_floor(options_at, _classes(model), budget)
+        ranks = None if floor is None else allocation.global_ranks(options_at(floor), budget)
     else:
         eps = allocation.balanced_eps(tails, before, params_of, budget)
         ranks = None if eps is None else allocation.ranks_at(tails, eps)
