@@ -8,15 +8,16 @@ unfolding along that mode), and finds by bisection the smallest ``eps`` whose st
 ratio. The sum of the tails along the two modes bounds a Tucker-2 truncation's relative error (HOSVD), and
 the tail of one spectrum is exactly a truncated SVD's, so ``eps`` is a common, comparable error per layer:
 a large, redundant layer gives up many ranks for it, a small one few. Measured on timm lcnet_050 (issue 21,
-docs/benchmarks.md) it did worse than one fraction after fine-tuning, so it is an option, not the default:
-the weights' energy is not what the student's accuracy needs.
+docs/benchmarks.md) it did worse than one fraction after fine-tuning: an equal loss in every layer still cuts
+every layer.
 
 ``allocation="global"`` minimizes the *sum* over layers of the energy each loses, within the parameter
 budget, with "leave the layer whole" (nothing lost, every parameter kept) as one of each layer's choices.
 A layer whose spectrum is concentrated (timm lcnet_050's ``conv_head``: most of the weights, a few strong
 directions) gives up many ranks for little; one with a flat spectrum (a small early conv) stays whole rather
-than being starved. It is solved by the Lagrangian relaxation: for a price ``lam`` per parameter every layer
-picks the choice of least ``lost + lam * params`` on its own, and ``lam`` is bisected to the budget.
+than being starved. On the suite it is the default (docs/benchmarks.md, "where the ranks go"). It is
+solved by the Lagrangian relaxation: for a price ``lam`` per parameter every layer picks the choice of least
+``lost + lam * params`` on its own, and ``lam`` is bisected to the budget.
 Energy lost is bounded by 1 per layer, so alone it would crush the largest layer (lcnet_050's head to rank
 1 at 2.5x: 24% on MNIST); no rank goes below the number of classes, which every class must pass through,
 or, where that floor cannot reach the target, below the highest floor that can.

@@ -180,7 +180,8 @@ def plan_compression(model: nn.Module, config: CompressionConfig) -> Compression
 
 
 def needs_weights(config: CompressionConfig) -> bool:
-    """Whether the ranks depend on the weights' values (EVBMF, or the balanced allocation's spectra)."""
+    """Whether the ranks depend on the weights' values (EVBMF, or the spectra of the balanced and global
+    allocations)."""
     return config.rank_method == "evbmf" or (config.rank_method == "ratio" and config.allocation != "uniform")
 
 
