@@ -137,10 +137,9 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
                      "methods": {m: g.agreement for m, g in grades.items()}}
     rows["fp32"]["exam_agreement"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam).agreement
     for row, path in paths.items():
+        rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
         if row != "teacher":
             rows[row]["generator_exam_agreement"] = grade(quantize.OnnxModel(path, threads), part).agreement
-    for row, path in paths.items():
-        rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
     latency = quantize.time_in_turns(paths, spec.input_shape, threads=threads, repeats=repeats, budget_s=budget_s,
                                      seed=seed)
     for row in rows:

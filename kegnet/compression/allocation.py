@@ -164,11 +164,12 @@ def global_ranks(options: dict[str, Choices], budget: int) -> dict[str, tuple[in
 
     if sum(int(o[1].min()) for o in options.values()) > budget:
         return None
-    lo, hi = 0.0, 1.0  # price per parameter: raise hi until the budget is met
+    # Price per parameter: raise hi until the budget is met. It ends by hi = 10: a loss is at most 2 (two
+    # tails of at most 1) and parameter counts differ by at least 1, so above a price of 2 every layer takes
+    # its fewest parameters, which fit (checked above).
+    lo, hi = 0.0, 1.0
     while cost(pick(hi)) > budget:
         lo, hi = hi, hi * 10
-        if hi > 1e12:  # only ties left between choices of equal loss: take the smallest of each
-            return {name: (int(o[2][o[1].argmin()]), int(o[3][o[1].argmin()])) for name, o in options.items()}
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if cost(pick(mid)) <= budget else (mid, hi)

@@ -285,6 +285,7 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
 
     budget = int(total / target) - rest
     if how == "global":
+        @functools.cache  # the floor's bisection and the allocation read the same floors' choices
         def options_at(floor: int) -> dict[str, allocation.Choices]:
             return {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
                                              functools.partial(_grid_params, m), floor) for name, m in layers.items()}

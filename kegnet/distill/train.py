@@ -187,10 +187,10 @@ def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.T
     if bn_stats is not None:
         bn_stats.clear()  # the exam's passes since the last step
     s_logits = student(x)
-    if bn_stats is not None:
-        loss_bn = config.bn_stats_weight * bn_stats.pop()  # this pass only: the distorted views come later
     s_feat = s_pen.value if s_pen is not None else None  # before the distorted views overwrite it
     loss = kd_loss(s_logits, t_logits, config.temperature)
+    if bn_stats is not None:  # this pass only: the distorted views come later
+        loss = loss + config.bn_stats_weight * bn_stats.pop()
     if taps:
         t_feats = {k: v.detach() for k, v in taps[0].outputs.items()}
         loss = loss + (config.feature_weight or 0.0) * feature_loss(taps[1].outputs, t_feats)
@@ -201,8 +201,6 @@ def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.T
         loss = loss + relational_loss(config, *pair)
     if config.self_distill_weight > 0 or config.self_distill_mmd_weight > 0:
         loss = loss + self_distill_loss(config, student, s_pen, x, rng)
-    if bn_stats is not None:
-        loss = loss + loss_bn
     return loss
 
 

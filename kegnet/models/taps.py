@@ -65,12 +65,13 @@ class PenultimateTap(Hooks):
 
 
 class BatchNormStatistics(Hooks):
-    """Distance of synthetic batches' feature statistics to the teacher's BatchNorm running statistics.
+    """Distance of batches' feature statistics to a model's BatchNorm running statistics.
 
     DeepInversion (Yin et al. 2020): each BatchNorm layer remembers the mean and variance of its input over
     the real training data; samples whose batches reproduce them look like that data to every layer, not
-    only to the classifier head. Statistics are taken per generator (``groups`` equal slices of the batch),
-    so each generator must match them on its own. ``pop()`` returns the sum over layers of the last forward.
+    only to the classifier head. Statistics are taken per ``groups`` equal slices of the batch (one per
+    generator in generator training, so each must match them on its own; one for the student's term).
+    ``pop()`` returns the sum over layers and passes since the last ``pop`` or ``clear``.
     """
 
     def __init__(self, model: nn.Module, groups: int) -> None:
