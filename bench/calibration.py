@@ -54,6 +54,7 @@ class Point:
     kl: float | None = None
     per_source: dict[str, float] = field(default_factory=dict)
     generator_exam: bool = True  # the exam held generator samples (not noise only)
+    calibrated: bool = True  # generators of a kind "high" may be given for (kegnet.distill.confidence)
     kept: bool = True  # the student the job returned (a suite run returns one of its candidates)
 
     @property
@@ -66,7 +67,7 @@ class Point:
 
     @property
     def level(self) -> str:
-        return level(self.estimate, self.generator_exam)
+        return level(self.estimate, self.generator_exam, self.calibrated)
 
 
 def suite_points(data: dict[str, Any]) -> list[Point]:
@@ -82,7 +83,7 @@ def suite_points(data: dict[str, Any]) -> list[Point]:
             for recipe, c in run["candidates"].items():
                 points.append(Point(e["entry"], f"seed {run['seed']} {recipe}", teacher, c["accuracy"],
                                     c["agreement"], c.get("balanced"), c.get("kl"), c.get("per_source", {}),
-                                    kept=c.get("chosen", False)))
+                                    kept=c.get("chosen", False), calibrated=run.get("calibrated") is not False))
     return points
 
 
@@ -104,7 +105,8 @@ def scenario_points(data: dict[str, Any], name: str) -> tuple[list[Point], list[
                 sources = conf.get("exam", {}).get("sources", {})
                 exam.append(Point(teacher, run, teacher_accuracy, acc, conf.get("agreement", agree),
                                   conf.get("balanced"), conf.get("kl"),
-                                  conf.get("per_source", {}), any(s.startswith("kegnet/") for s in sources)))
+                                  conf.get("per_source", {}), any(s.startswith("kegnet/") for s in sources),
+                                  calibrated=conf.get("calibrated") is not False))
             elif name in EXAM_AGREEMENT_FILES:
                 exam.append(Point(teacher, run, teacher_accuracy, acc, agree,
                                   generator_exam=row["method"].startswith("kegnet")))
@@ -158,9 +160,9 @@ def fit_above(values: list[float], margin: float = MARGIN) -> float:
 
 def fit(points: list[Point], stat: Callable[[Point], float | None] = lambda p: p.estimate,
         margin: float = MARGIN) -> tuple[float, float]:
-    """(high, low): "high" above every student with a generator exam that lost more than ``LIMIT`` points,
-    "low" below nothing that lost more than ``LARGE``."""
-    bad = [v for p in points if p.generator_exam and p.loss > LIMIT and (v := stat(p)) is not None]
+    """(high, low): "high" above every student with a calibrated generator exam that lost more than ``LIMIT``
+    points, "low" below nothing that lost more than ``LARGE``."""
+    bad = [v for p in points if p.generator_exam and p.calibrated and p.loss > LIMIT and (v := stat(p)) is not None]
     large = [v for p in points if p.loss > LARGE and (v := stat(p)) is not None]
     return fit_above(bad, margin), fit_above(large, margin)
 
@@ -172,7 +174,7 @@ def _levels(points: list[Point], high: float, low: float,
     for p in points:
         v = stat(p)
         if v is not None:
-            out["high" if v >= high and (p.generator_exam or not needs_generators)
+            out["high" if v >= high and ((p.generator_exam and p.calibrated) or not needs_generators)
                 else "low" if v < low else "medium"].append(p)
     return out
 

@@ -237,6 +237,11 @@ class DistillConfig(_Strict):
     noise_share: float = Field(
         0.0, ge=0.0, le=1.0, description="share of each student batch drawn as Gaussian noise instead (any sampler)",
     )
+    trainable: Literal["all", "factorized"] = Field(
+        "all", description="which of the student's parameters fine-tuning trains: all, or only the factorized "
+                           "layers' (the layers left whole stay the teacher's own; within the seed spread of "
+                           "all on the lcnet teachers: docs/benchmarks.md, the ONNX loss taken apart)",
+    )
     student_dropout: bool = Field(
         False, description="keep the student's dropout layers active while it trains (off by default: "
                            "docs/benchmarks.md measures both)",

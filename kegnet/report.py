@@ -77,6 +77,9 @@ class Confidence(_Section):
                                                       "absent; it was the estimate)")
     generator_exam: bool | None = Field(None, description="the exam held generator samples; without them the "
                                                           "level is at most medium")
+    calibrated: bool | None = Field(None, description="the generators are of a kind the levels were calibrated "
+                                                      "on (kegnet.distill.confidence.is_calibrated); if not, the "
+                                                      "level is at most medium (reports before 2026-12-05: absent)")
 
 
 class Evaluation(_Section):

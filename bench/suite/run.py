@@ -87,6 +87,7 @@ def run_entry(entry: str, seeds: int, device: str, recipes: list[Recipe],
         out["runs"].append({
             "seed": seed, "seconds": seconds, "timings_s": result.report.timings_s,
             "chosen": conf["chosen"], "estimate": conf["estimate"], "warnings": conf["warnings"],
+            "calibrated": conf.get("calibrated"),
             "candidates": {name: {"accuracy": accuracy(model, x_test, y_test), **conf["candidates"][name]}
                            for name, model in result.candidates.items()},
         })

@@ -127,7 +127,7 @@ def distill(
     rng = torch.Generator(device=device).manual_seed(seed)
     sampler, adversary, pool = _training_samples(teacher, sampler, config, tuple(exam.x.shape[1:]), num_sources,
                                                  diversity_beta, rng, device)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(_trainable(student, config, feature_layers), lr=config.lr)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.steps, 1))
                  if config.schedule == "cosine" else None)
 
@@ -176,6 +176,15 @@ def distill(
                     on_eval(step, {"loss": mean_loss, "agreement": result.curve[-1]["agreement"]})
     student.load_state_dict(best_state)
     return result
+
+
+def _trainable(student: nn.Module, config: DistillConfig, factorized: list[str] | None) -> list[nn.Parameter]:
+    """The parameters fine-tuning updates: all, or with ``trainable: factorized`` those of the ``factorized``
+    modules only (all when none are named: a student with nothing factorized)."""
+    if config.trainable == "all" or not factorized:
+        return list(student.parameters())
+    modules = dict(student.named_modules())
+    return [p for name in factorized if name in modules for p in modules[name].parameters()]
 
 
 def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None,

@@ -64,6 +64,11 @@ class PenultimateTap(Hooks):
         self.value = inputs[0]
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer (running statistics of its training data)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 class BatchNormStatistics(Hooks):
     """Distance of batches' feature statistics to a model's BatchNorm running statistics.
 
@@ -112,4 +117,4 @@ def ensemble_members(model: nn.Module) -> list[nn.Module]:
     return list(members) if isinstance(members, nn.ModuleList) else [model]
 
 
-__all__ = ["BatchNormStatistics", "FeatureTap", "Hooks", "PenultimateTap", "ensemble_members"]
+__all__ = ["BatchNormStatistics", "FeatureTap", "Hooks", "PenultimateTap", "ensemble_members", "has_batchnorm"]

@@ -34,7 +34,7 @@ from kegnet.compression.plan import SLOWER, check_layers, drop_slower_layers, re
 from kegnet.config import MAX_TEACHERS, ClassifierConfig, Recipe, auto_recipe
 from kegnet.cost import JobCost, estimate_cost, profile_model
 from kegnet.distill import DistillResult, distill
-from kegnet.distill.confidence import assess, estimate_of
+from kegnet.distill.confidence import assess, estimate_of, is_calibrated
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
 from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
 from kegnet.errors import CompressionError, KegnetError, NothingToFactorize
@@ -42,6 +42,7 @@ from kegnet.evaluation import evaluate, read_eval_set
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.generation.samplers import MixedSampler
 from kegnet.metrics import count_macs, count_parameters
+from kegnet.models.taps import has_batchnorm
 from kegnet.report import Agreement, ClassifyReport, Quantization, Sizes, Speed, Teachers
 from kegnet.spec import ModelSpec
 from kegnet.tasks.base import Run, Stage, Task, TaskOutcome, TeacherSource
@@ -454,6 +455,14 @@ EXAM_MEASURE = ("share of the synthetic exam (held-out generator and noise sampl
                 "student's top class is the teacher's")
 
 
+def _calibrated(job: _Job) -> bool:
+    """Whether the job's exam is of a kind the confidence levels were calibrated on (is_calibrated)."""
+    assert job.teacher is not None
+    gcfg, bn = job.config.generator, has_batchnorm(job.teacher)
+    matched = job.generators is not None and bn and gcfg.batchnorm_prior > 0 and gcfg.teacher_mode == "eval"
+    return is_calibrated(job.spec.arch, matched, bn)
+
+
 def _finish(job: _Job) -> TaskOutcome:
     assert job.teacher is not None and job.student is not None and job.plan is not None and job.before is not None
     spec, result, student = job.spec, job.distill_result, job.student
@@ -467,7 +476,7 @@ def _finish(job: _Job) -> TaskOutcome:
                                             student=count_macs(student, spec.input_shape)),
         layer_latency=job.layer_latency, teachers=teachers, recipe=job.chosen,
         confidence=assess({name: c.grade for name, c in job.candidates.items()}, job.chosen, job.before,
-                          spec.num_classes, job.exam.sources if job.exam else {}),
+                          spec.num_classes, job.exam.sources if job.exam else {}, _calibrated(job)),
         evaluation=job.evaluation, generator_curve=job.generator_curve,
         distill_curve=result.curve if result else [], fit=job.fit, quantization=job.quantization,
         **job.exported)

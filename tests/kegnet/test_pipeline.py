@@ -135,6 +135,7 @@ def test_recipes_give_one_student_each_and_the_exam_picks_one(tmp_path: Path, sm
     chosen = conf["candidates"][conf["chosen"]]
     assert conf["chosen"] == result.report.classify.recipe and chosen["balanced"] >= best - 0.005  # ties go by KL
     assert conf["estimate"] == min(chosen["agreement"], chosen["balanced"]) and conf["generator_exam"]
+    assert conf["calibrated"]  # a BatchNorm teacher whose statistics the generators matched
     assert result.student is result.candidates[conf["chosen"]]
     assert conf["exam"]["samples"] >= 64 and set(conf["exam"]["sources"]) >= {"kegnet/one_hot", "gaussian"}
 
@@ -197,3 +198,10 @@ def test_the_report_warns_when_every_rank_collapsed_to_one(tmp_path: Path, small
     result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0)
     assert any("every factorized layer has rank 1" in w for w in result.report.warnings)
     assert any(line.startswith("warning: every factorized layer has rank 1") for line in result.report.lines())
+
+
+def test_generators_without_the_batchnorm_prior_are_not_calibrated(tmp_path: Path, small_cnn, small_cnn_spec) -> None:
+    # Samples that did not match the teacher's statistics can be easy and unlike the data: never "high".
+    cfg = tiny_config(generator={"batchnorm_prior": 0.0}, distill={"steps": 0})
+    conf = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0).report.classify.confidence
+    assert conf.calibrated is False and conf.level != "high"

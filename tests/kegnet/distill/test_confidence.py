@@ -1,6 +1,6 @@
 """The manifest's confidence section: estimate, level, and warnings a user can act on."""
 
-from kegnet.distill.confidence import HIGH, LOW, assess, estimate_of, level
+from kegnet.distill.confidence import HIGH, LOW, assess, estimate_of, is_calibrated, level
 from kegnet.distill.exam import Grade
 
 SOURCES = {"kegnet/one_hot": 50, "gaussian": 25, "uniform": 25}
@@ -57,3 +57,14 @@ def test_low_estimates_regressions_laggards_weak_and_unseen_classes_are_flagged(
 def test_without_fine_tuning_the_decomposed_student_is_what_is_assessed() -> None:
     c = assess({}, None, _grade(0.89), 2, SOURCES)
     assert c["estimate"] == 0.89 and c["level"] == "medium" and c["chosen"] is None and c["candidates"] == {}
+
+
+def test_an_exam_the_levels_were_not_calibrated_on_is_at_most_medium() -> None:
+    c = assess({"kegnet/simplex": _grade(0.99)}, "kegnet/simplex", _grade(0.9), 2, SOURCES, calibrated=False)
+    assert c["level"] == "medium" and not c["calibrated"] and "at most medium" in " | ".join(c["warnings"])
+    assert level(0.99, calibrated=False) == "medium" and level(LOW - 1e-6, calibrated=False) == "low"
+    # Matched BatchNorm statistics, or a built-in BatchNorm-free architecture; not an ONNX graph without them.
+    assert is_calibrated("timm:lcnet_050", batchnorm_matched=True, has_batchnorm=True)
+    assert not is_calibrated("timm:lcnet_050", batchnorm_matched=False, has_batchnorm=True)
+    assert is_calibrated("lenet5", batchnorm_matched=False, has_batchnorm=False)
+    assert not is_calibrated("onnx", batchnorm_matched=False, has_batchnorm=False)

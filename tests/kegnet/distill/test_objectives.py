@@ -115,6 +115,17 @@ def test_batchnorm_statistics_term_pulls_the_students_statistics_toward_the_runn
                                                  strict=True))
 
 
+def test_trainable_factorized_leaves_the_other_layers_as_they_are() -> None:
+    teacher, student = nets()
+    before = copy.deepcopy(student.state_dict())
+    cfg = DistillConfig(steps=20, batch_size=32, eval_every=10, holdout_samples=64, select_best=False,
+                        trainable="factorized")
+    distill(teacher, student, NoiseSampler("gaussian", (8,), CPU), cfg, device=CPU, seed=0, feature_layers=["2"])
+    after = student.state_dict()
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["0.bias"], before["0.bias"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+
+
 def test_ensemble_teacher_goes_through_distill() -> None:
     from kegnet.distill.ensemble import TeacherEnsemble
 
