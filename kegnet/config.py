@@ -66,7 +66,8 @@ class CompressionConfig(_Strict):
     layers: list[LayerPattern] | None = Field(
         None, max_length=256,
         description="module names or globs; default: every conv except the first, and every linear except the "
-                    "head where linears hold more weights than those convs (ViTs, ConvNeXts, MLPs)",
+                    "head where linears hold more weights than those convs (ViTs, ConvNeXts, MLPs) or where the "
+                    "global allocation places the ranks (rank_method ratio, the default)",
     )
     rank_method: RankMethod = Field(
         "ratio", description="ratio (default): the ranks that reach target_ratio; evbmf: each layer's rank estimated "

@@ -71,16 +71,17 @@ def _fused_attention_projections(model: nn.Module) -> dict[str, str]:
             for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
 
 
-def select_layers(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
+def select_layers(model: nn.Module, patterns: list[str] | None, all_linears: bool = False) -> dict[str, nn.Module]:
     """Layers named by ``patterns`` (exact names or globs). Default: every conv but the first (the stem
     sees raw pixels and is tiny), plus every linear but the classifier head when those linears hold more
-    weights than the convs chosen (ViTs, ConvNeXts, MLPs: there the weights are in the linears)."""
+    weights than the convs chosen (ViTs, ConvNeXts, MLPs: there the weights are in the linears) or when
+    ``all_linears`` (an allocation that leaves whole what costs most, so more candidates cannot starve one)."""
     candidates = _factorizable(model)
     if patterns is None:
         convs = [n for n, m in candidates.items() if isinstance(m, nn.Conv2d)][1:]
         linears = [n for n, m in candidates.items() if isinstance(m, nn.Linear)][:-1]
         weight = lambda names: sum(candidates[n].weight.numel() for n in names)  # noqa: E731
-        names = set(convs) | (set(linears) if weight(linears) > weight(convs) else set())
+        names = set(convs) | (set(linears) if all_linears or weight(linears) > weight(convs) else set())
         return {n: m for n, m in candidates.items() if n in names}
     chosen: dict[str, nn.Module] = {}
     for pattern in patterns:
@@ -199,7 +200,9 @@ def _compressible(model: nn.Module, config: CompressionConfig, plan: Compression
     layers: dict[str, nn.Module] = {}
     if config.layers is None:
         plan.skipped.update(_fused_attention_projections(model))
-    for name, m in select_layers(model, config.layers).items():
+    # The global allocation may take the reduction from a small linear (LeNet-5's fc1) and leave a conv whole.
+    all_linears = config.rank_method == "ratio" and config.allocation == "global"
+    for name, m in select_layers(model, config.layers, all_linears).items():
         if isinstance(m, nn.Conv2d) and m.groups > 1 and m.in_channels // m.groups == 1:
             plan.skipped[name] = "depthwise convolution: one input channel per group leaves nothing to factorize"
         elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" and m.groups > 1:

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from kegnet import create_model
 from kegnet.compression import CompressionPlan, LowRankLinear, Tucker2Conv2d, apply_plan, evbmf_rank, plan_compression
 from kegnet.config import CompressionConfig
 from kegnet.errors import CompressionError
@@ -55,6 +56,16 @@ def test_default_layers_skip_first_conv_and_depthwise() -> None:
     mlp = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 3))
     plan = plan_compression(mlp, CompressionConfig(rank_method="fraction", rank_fraction=0.25))
     assert [p.name for p in plan.layers] == ["0", "2"]
+
+
+def test_the_global_allocation_also_weighs_the_linears_that_hold_less_than_the_convs() -> None:
+    torch.manual_seed(0)
+    lenet = create_model("lenet5", input_shape=(1, 32, 32), num_classes=10)  # fc1 (10k) beside conv3 (48k)
+    considered = lambda plan: {p.name for p in plan.layers} | set(plan.skipped)  # noqa: E731
+    assert "fc1" not in considered(plan_compression(lenet, CompressionConfig(rank_method="fraction")))
+    assert "fc1" not in considered(plan_compression(lenet, CompressionConfig(allocation="uniform")))
+    plan = plan_compression(lenet, CompressionConfig(target_ratio=4.1, keep_slower=True))
+    assert "fc1" in considered(plan) and "fc2" not in considered(plan)  # the head never
 
 
 def test_layers_that_would_not_shrink_are_skipped() -> None:

@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, generator_part, grade
+from kegnet.distill.exam import (
+    Exam,
+    Grade,
+    build_exam,
+    choose,
+    confident_part,
+    exam_sources,
+    generator_part,
+    grade,
+)
 from kegnet.generation import KegNetSampler
 
 
@@ -44,6 +53,16 @@ def test_the_generator_part_keeps_the_generator_samples_in_order() -> None:
     noise_only = Exam(x, x, {"gaussian": 4, "uniform": 4})
     generators_only = Exam(x, x, {"kegnet/one_hot": 8})
     assert generator_part(noise_only) is noise_only and generator_part(generators_only) is generators_only
+
+
+def test_the_confident_part_keeps_the_samples_the_teacher_is_sure_of() -> None:
+    sure, torn = [10.0, 0.0], [0.1, 0.0]  # softmax: 0.99995 and 0.52 for class 0
+    logits = torch.tensor([sure, torn, sure, torn, sure])
+    exam = Exam(torch.arange(5.0).unsqueeze(1), logits, {"kegnet/pairs": 2, "gaussian": 3})
+    part = confident_part(exam, 0.9)
+    assert part.x.flatten().tolist() == [0, 2, 4] and part.sources == {"kegnet/pairs": 1, "gaussian": 2}
+    torn_only = Exam(torch.zeros(2, 1), torch.tensor([torn, torn]), {"gaussian": 2})
+    assert confident_part(torn_only) is torn_only
 
 
 def test_the_teacher_scores_perfectly_and_a_different_model_does_not() -> None:

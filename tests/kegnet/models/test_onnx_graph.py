@@ -21,6 +21,8 @@ from kegnet import ModelSpec, create_model, load_student, run_pipeline
 from kegnet.checkpoint import open_teacher
 from kegnet.errors import CheckpointError, SpecError
 from kegnet.models.onnx_graph import CONVERTER_OPSET, OnnxLimits, parse, read_graph
+from kegnet.models.taps import has_batchnorm
+from kegnet.tasks.classify import FOLDED_BATCHNORM
 from tests.conftest import tiny_config
 
 IMG = (3, 32, 32)
@@ -100,6 +102,9 @@ def test_pipeline_on_an_onnx_resnet18(tmp_path: Path) -> None:
     assert {p["name"] for p in m["classify"]["plan"]["layers"]} == set(layers)
     assert m["parameters"]["student"] < m["parameters"]["teacher"]
     assert m["classify"]["onnx_check"]["max_abs_diff"] < 1e-3
+    # The exporter folded BatchNorm into the convs: the generators had nothing to match, and the job says so.
+    assert any(w.startswith(FOLDED_BATCHNORM) for w in m["warnings"])
+    assert m["classify"]["confidence"]["calibrated"] is False and m["classify"]["confidence"]["level"] != "high"
     x = torch.randn(5, *IMG, generator=torch.Generator().manual_seed(3))
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -110,6 +115,19 @@ def test_pipeline_on_an_onnx_resnet18(tmp_path: Path) -> None:
             load_student(out)
         reloaded = load_student(out, onnx_teacher=path)
         torch.testing.assert_close(reloaded(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_warnings_advice_keeps_batchnorm_in_the_graph(tmp_path: Path) -> None:
+    # torch.onnx.export(..., dynamo=False, do_constant_folding=False), as FOLDED_BATCHNORM's warning says.
+    path = tmp_path / "kept.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_module("resnet18"), (torch.randn(2, *IMG),), str(path), dynamo=False,
+                          do_constant_folding=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    assert has_batchnorm(open_teacher(path, ModelSpec(arch="onnx")).model)
+    assert not has_batchnorm(open_teacher(_export(_module("resnet18"), tmp_path / "folded.onnx", dynamo=False),
+                                          ModelSpec(arch="onnx")).model)
 
 
 # Bad and hostile files ------------------------------------------------------------------------------------
