@@ -180,11 +180,12 @@ def distill(
 
 def _trainable(student: nn.Module, config: DistillConfig, factorized: list[str] | None) -> list[nn.Parameter]:
     """The parameters fine-tuning updates: all, or with ``trainable: factorized`` those of the ``factorized``
-    modules only (all when none are named: a student with nothing factorized)."""
+    modules only (all when none of them is in the student: nothing was factorized)."""
     if config.trainable == "all" or not factorized:
         return list(student.parameters())
     modules = dict(student.named_modules())
-    return [p for name in factorized if name in modules for p in modules[name].parameters()]
+    chosen = [p for name in factorized if name in modules for p in modules[name].parameters()]
+    return chosen or list(student.parameters())
 
 
 def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
