@@ -38,7 +38,7 @@ from bench.scenarios import LENET
 from bench.suite.teachers import suite_teacher
 from kegnet import ClassifierConfig, ModelSpec, export, load_teacher, run_pipeline
 from kegnet.compression import quantize
-from kegnet.distill.exam import build_exam, confident_part, exam_sources, generator_part, grade
+from kegnet.distill.exam import Grade, build_exam, confident_part, exam_sources, generator_part, grade
 from kegnet.generation import KegNetSampler
 from kegnet.tasks.classify import calibration_set
 
@@ -135,20 +135,20 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
     sure = confident_part(exam)  # the samples the teacher gives one class 90%+: a third column
     quantize.prepare(paths["fp32"], work / "prepared.onnx")
     rows: dict[str, dict[str, Any]] = {name: {"calibration": "-"} for name in paths}
+    whole: dict[str, Grade] = {}  # each model's grade on the whole exam
     for row, (x_cal, source) in calibrations.items():
         (work / row).mkdir()
         method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, exam, threads)
-        paths[row] = work / row / f"{method}.onnx"
-        rows[row] = {"calibration": source, "method": method, "exam_agreement": grades[method].agreement,
-                     "methods": {m: g.agreement for m, g in grades.items()}}
-    rows["fp32"]["exam_agreement"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam).agreement
+        paths[row], whole[row] = work / row / f"{method}.onnx", grades[method]
+        rows[row] = {"calibration": source, "method": method, "methods": {m: g.agreement for m, g in grades.items()}}
+    whole["fp32"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam)
     for row, path in paths.items():
         rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
         if row != "teacher":
             model = quantize.OnnxModel(path, threads)
-            rows[row]["generator_exam_agreement"] = grade(model, part).agreement
-            rows[row]["confident_exam_agreement"] = grade(model, sure).agreement
-            rows[row]["per_source"] = grade(model, exam).per_source
+            rows[row] |= {"exam_agreement": whole[row].agreement, "per_source": whole[row].per_source,
+                          "generator_exam_agreement": grade(model, part).agreement,
+                          "confident_exam_agreement": grade(model, sure).agreement}
     latency = quantize.time_in_turns(paths, spec.input_shape, threads=threads, repeats=repeats, budget_s=budget_s,
                                      seed=seed)
     for row in rows:

@@ -50,10 +50,10 @@ def level(estimate: float, generator_exam: bool = True, calibrated: bool = True)
     return "high" if estimate >= HIGH and generator_exam and calibrated else "medium"
 
 
-def is_calibrated(arch: str, batchnorm_matched: bool, has_batchnorm: bool) -> bool:
+def is_calibrated(arch: str, batchnorm_matched: bool) -> bool:
     """Whether a job's exam is of a kind the levels were calibrated on: its generators matched the teacher's
     BatchNorm statistics (``batchnorm_matched``), or the teacher is a built-in BatchNorm-free architecture."""
-    return batchnorm_matched or (arch in CALIBRATED_WITHOUT_PRIOR and not has_batchnorm)
+    return batchnorm_matched or arch in CALIBRATED_WITHOUT_PRIOR
 
 
 def assess(candidates: dict[str, Grade], chosen: str | None, before: Grade, num_classes: int,

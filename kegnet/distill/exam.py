@@ -77,16 +77,8 @@ def generator_part(exam: Exam) -> Exam:
     A second reading of a model's exam (``python -m bench.int8`` prints both): the noise samples alone can
     move a grade that says little about data-like inputs.
     """
-    keep, start, sources = [], 0, {}
-    for name, n in exam.sources.items():
-        if name.startswith("kegnet/"):
-            keep.append(torch.arange(start, start + n))
-            sources[name] = n
-        start += n
-    if not keep or len(sources) == len(exam.sources):
-        return exam
-    idx = torch.cat(keep).to(exam.x.device)
-    return Exam(exam.x[idx], exam.teacher_logits[idx], sources)
+    keep = torch.cat([torch.full((n,), name.startswith("kegnet/")) for name, n in exam.sources.items()])
+    return exam if bool(keep.all()) or not bool(keep.any()) else _subset(exam, keep.to(exam.x.device))
 
 
 def confident_part(exam: Exam, threshold: float = 0.9) -> Exam:
@@ -97,8 +89,12 @@ def confident_part(exam: Exam, threshold: float = 0.9) -> Exam:
     of the model (int8 rounding) flips the class; real inputs of a good teacher mostly lie far from them.
     """
     keep = exam.teacher_logits.softmax(1).amax(1) >= threshold
-    if not bool(keep.any()):
-        return exam
+    return _subset(exam, keep) if bool(keep.any()) else exam
+
+
+def _subset(exam: Exam, keep: torch.Tensor) -> Exam:
+    """The samples of ``exam`` where the boolean mask ``keep`` (N,) is true, in order, with their sources
+    counted again (a source left with none is dropped)."""
     sources, start = {}, 0
     for name, n in exam.sources.items():
         if (kept := int(keep[start:start + n].sum())) > 0:

@@ -21,7 +21,7 @@ from kegnet.errors import Cancelled
 from kegnet.generation.codes import sample_labels
 from kegnet.generation.losses import decoder_loss, diversity_loss, smoothness_loss
 from kegnet.generation.models import Decoder, make_generator
-from kegnet.models.taps import BatchNormStatistics, PenultimateTap, ensemble_members
+from kegnet.models.taps import BatchNormStatistics, PenultimateTap, batchnorm_layers, ensemble_members
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,11 @@ def _priors(frozen: nn.Module, config: GeneratorConfig, input_shape: tuple[int, 
             features = [PenultimateTap(m) for m in ensemble_members(frozen)]
         except ValueError:  # no nn.Linear head (an ONNX graph ending in MatMul): nothing to reward
             log.info("the teacher has no nn.Linear head: the activation reward is off")
-    statistics = (BatchNormStatistics(frozen, config.num_generators)
-                  if config.batchnorm_prior > 0 and config.teacher_mode == "eval" else None)
-    if statistics is not None and not statistics.layers:
-        statistics = None  # nothing to match: the teacher has no BatchNorm
+    statistics = BatchNormStatistics(frozen, config.num_generators) if batchnorm_prior_applies(frozen, config) else None
     return activation, features, statistics
+
+
+def batchnorm_prior_applies(teacher: nn.Module, config: GeneratorConfig) -> bool:
+    """Whether the generators match ``teacher``'s BatchNorm running statistics: the prior is on, the teacher
+    runs in eval mode (train mode uses batch statistics) and it has BatchNorm layers with running statistics."""
+    return config.batchnorm_prior > 0 and config.teacher_mode == "eval" and bool(batchnorm_layers(teacher))

@@ -64,9 +64,10 @@ class PenultimateTap(Hooks):
         self.value = inputs[0]
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has a BatchNorm layer (running statistics of its training data)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """``model``'s BatchNorm layers that keep running statistics (those of its training data)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and m.running_mean is not None]
 
 
 class BatchNormStatistics(Hooks):
@@ -83,8 +84,7 @@ class BatchNormStatistics(Hooks):
         super().__init__()
         self.groups = groups
         self.terms: list[torch.Tensor] = []
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats and m.running_mean is not None]
+        self.layers = batchnorm_layers(model)
         self._handles = [m.register_forward_pre_hook(self._measure) for m in self.layers]
 
     def _measure(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -117,4 +117,4 @@ def ensemble_members(model: nn.Module) -> list[nn.Module]:
     return list(members) if isinstance(members, nn.ModuleList) else [model]
 
 
-__all__ = ["BatchNormStatistics", "FeatureTap", "Hooks", "PenultimateTap", "ensemble_members", "has_batchnorm"]
+__all__ = ["BatchNormStatistics", "FeatureTap", "Hooks", "PenultimateTap", "batchnorm_layers", "ensemble_members"]

@@ -41,8 +41,9 @@ from kegnet.errors import CompressionError, KegnetError, NothingToFactorize
 from kegnet.evaluation import evaluate, read_eval_set
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.generation.samplers import MixedSampler
+from kegnet.generation.train import batchnorm_prior_applies
 from kegnet.metrics import count_macs, count_parameters
-from kegnet.models.taps import has_batchnorm
+from kegnet.models.taps import batchnorm_layers
 from kegnet.report import Agreement, ClassifyReport, Quantization, Sizes, Speed, Teachers
 from kegnet.spec import ModelSpec
 from kegnet.tasks.base import Run, Stage, Task, TaskOutcome, TeacherSource
@@ -458,9 +459,8 @@ EXAM_MEASURE = ("share of the synthetic exam (held-out generator and noise sampl
 def _calibrated(job: _Job) -> bool:
     """Whether the job's exam is of a kind the confidence levels were calibrated on (is_calibrated)."""
     assert job.teacher is not None
-    gcfg, bn = job.config.generator, has_batchnorm(job.teacher)
-    matched = job.generators is not None and bn and gcfg.batchnorm_prior > 0 and gcfg.teacher_mode == "eval"
-    return is_calibrated(job.spec.arch, matched, bn)
+    matched = job.generators is not None and batchnorm_prior_applies(job.teacher, job.config.generator)
+    return is_calibrated(job.spec.arch, matched)
 
 
 def _finish(job: _Job) -> TaskOutcome:
@@ -521,7 +521,7 @@ def _warnings(job: _Job) -> list[str]:
     if job.unfactorized is not None:
         warnings.append(f"no layer was factorized ({job.unfactorized}): the student is the teacher itself, "
                         "written to be quantized (compression.quantize int8)")
-    if (job.spec.arch == "onnx" and job.generators is not None and not has_batchnorm(job.teacher)
+    if (job.spec.arch == "onnx" and job.generators is not None and not batchnorm_layers(job.teacher)
             and any(isinstance(m, nn.Conv2d) for m in job.teacher.modules())):
         warnings.append(f"{FOLDED_BATCHNORM}: if the network was trained with BatchNorm, export it with those "
                         "layers kept (torch.onnx.export(..., dynamo=False, do_constant_folding=False)) so that the "

@@ -64,7 +64,7 @@ def test_an_exam_the_levels_were_not_calibrated_on_is_at_most_medium() -> None:
     assert c["level"] == "medium" and not c["calibrated"] and "at most medium" in " | ".join(c["warnings"])
     assert level(0.99, calibrated=False) == "medium" and level(LOW - 1e-6, calibrated=False) == "low"
     # Matched BatchNorm statistics, or a built-in BatchNorm-free architecture; not an ONNX graph without them.
-    assert is_calibrated("timm:lcnet_050", batchnorm_matched=True, has_batchnorm=True)
-    assert not is_calibrated("timm:lcnet_050", batchnorm_matched=False, has_batchnorm=True)
-    assert is_calibrated("lenet5", batchnorm_matched=False, has_batchnorm=False)
-    assert not is_calibrated("onnx", batchnorm_matched=False, has_batchnorm=False)
+    assert is_calibrated("timm:lcnet_050", batchnorm_matched=True)
+    assert not is_calibrated("timm:lcnet_050", batchnorm_matched=False)
+    assert is_calibrated("lenet5", batchnorm_matched=False)
+    assert not is_calibrated("onnx", batchnorm_matched=False)

@@ -21,7 +21,7 @@ from kegnet import ModelSpec, create_model, load_student, run_pipeline
 from kegnet.checkpoint import open_teacher
 from kegnet.errors import CheckpointError, SpecError
 from kegnet.models.onnx_graph import CONVERTER_OPSET, OnnxLimits, parse, read_graph
-from kegnet.models.taps import has_batchnorm
+from kegnet.models.taps import batchnorm_layers
 from kegnet.tasks.classify import FOLDED_BATCHNORM
 from tests.conftest import tiny_config
 
@@ -125,8 +125,8 @@ def test_the_warnings_advice_keeps_batchnorm_in_the_graph(tmp_path: Path) -> Non
         torch.onnx.export(_module("resnet18"), (torch.randn(2, *IMG),), str(path), dynamo=False,
                           do_constant_folding=False, opset_version=17, input_names=["x"],
                           dynamic_axes={"x": {0: "batch"}})
-    assert has_batchnorm(open_teacher(path, ModelSpec(arch="onnx")).model)
-    assert not has_batchnorm(open_teacher(_export(_module("resnet18"), tmp_path / "folded.onnx", dynamo=False),
+    assert batchnorm_layers(open_teacher(path, ModelSpec(arch="onnx")).model)
+    assert not batchnorm_layers(open_teacher(_export(_module("resnet18"), tmp_path / "folded.onnx", dynamo=False),
                                           ModelSpec(arch="onnx")).model)
 
 
