@@ -318,7 +318,7 @@ def _run_peers(args: argparse.Namespace) -> None:
     out = args.out or RESULTS / "peers.json"
     methods = args.methods.split(",") if args.methods else list(METHODS)
     result = run_peers(args.entries.split(","), methods, args.seeds, args.device, out, seconds=args.seconds,
-                       extra=args.config, budgets=args.budgets)
+                       extra=args.config, budgets=args.budgets, first_seed=args.first_seed)
     result["command"] = shlex.join(["python", "-m", "bench", *sys.argv[1:]])
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
@@ -357,8 +357,8 @@ def main() -> None:
     parser.add_argument("--entries", default=None, help="suite: comma-separated subset of bench/suite/teachers.py")
     parser.add_argument("--recipes", default=None, help="suite: comma-separated subset of the recipes (names as in "
                                                         "the table, e.g. kegnet/pairs+noise0.5,gaussian)")
-    parser.add_argument("--first-seed", type=int, default=0, help="suite: the first seed (convnets run one seed per "
-                                                                   "part: --seeds 1 --first-seed 1 is seed 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="suite and peers: the first seed (convnets run one "
+                                                                   "seed per part: --seeds 1 --first-seed 1 is seed 1)")
     parser.add_argument("--variants", type=json.loads, default=None,
                         help='suite: configurations side by side, e.g. \'{"today": {}, "fit": {"compression": {"fit": '
                              '"outputs"}}}\' (bench/suite/variants.py; one table of starts and students)')

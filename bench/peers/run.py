@@ -123,9 +123,9 @@ def kegnet_rows(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 def run_peers(entries: list[str], methods: list[str], seeds: int, device: str, out: Path,
               seconds: float | None = None, extra: dict[str, Any] | None = None,
-              budgets: Path | None = None) -> dict[str, Any]:
-    """Every entry × seed; the JSON is rewritten after each, so a long run can be read as it goes. With
-    ``budgets`` (an earlier peers JSON), each entry's KegNet row and time come from there."""
+              budgets: Path | None = None, first_seed: int = 0) -> dict[str, Any]:
+    """Every entry × seed (``first_seed`` onward); the JSON is rewritten after each, so a long run can be read
+    as it goes. With ``budgets`` (an earlier peers JSON), each entry's KegNet row and time come from there."""
     unknown = [m for m in methods if m not in METHODS] + [e for e in entries if e not in ENTRIES]
     if unknown:
         raise ValueError(f"unknown methods or entries: {unknown}")
@@ -138,7 +138,7 @@ def run_peers(entries: list[str], methods: list[str], seeds: int, device: str, o
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     earlier = kegnet_rows(budgets) if budgets is not None else {}
     for entry in entries:
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             result["rows"].append(run_entry(entry, methods, seed, dev, seconds, extra, earlier.get((entry, seed))))
             out.write_text(json.dumps(result, indent=2))
             print(table(result["rows"], methods), flush=True)

@@ -71,6 +71,12 @@ def permuted(task: Split) -> Split:
     return (x.flatten(1)[:, perm].view_as(x), y, xt.flatten(1)[:, perm].view_as(xt), yt)
 
 
+def rgb(task: Split) -> Split:
+    """Grey images replicated to 3 channels (N, 3, H, W): what a torchvision net, built for colour, takes."""
+    x, y, xt, yt = task
+    return x.expand(-1, 3, -1, -1).contiguous(), y, xt.expand(-1, 3, -1, -1).contiguous(), yt
+
+
 def merged(a: Split, b: Split) -> Split:
     """Two 10-class image tasks as one 20-class task (b's classes after a's)."""
     offset = int(a[1].max()) + 1
@@ -87,6 +93,7 @@ TASKS: dict[str, Callable[[], Split]] = {
     "pendigits-imbalanced": lambda: imbalanced(uci("pendigits"), 0.7),
     "mnist": lambda: images("mnist"),
     "fashion": lambda: images("fashion-mnist"),
+    "fashion-rgb": lambda: rgb(images("fashion-mnist")),
     "mnist-5class": lambda: first_classes(images("mnist"), 5),
     "mnist-permuted": lambda: permuted(images("mnist")),
     "mnist-imbalanced": lambda: imbalanced(images("mnist"), 0.7),

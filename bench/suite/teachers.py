@@ -66,6 +66,10 @@ ENTRIES: dict[str, Entry] = {
                               shared="kegnet-fashion-resnet14.pth.tar"),
     "mnist-lcnet": Entry("mnist", "timm:lcnet_050", _LIBRARY_RATIO, steps=600),
     "fashion-lcnet": Entry("fashion", "timm:lcnet_050", _LIBRARY_RATIO, steps=600),
+    # The library nets of bench/scenarios.py, as suite entries (so their starts and students are tabled);
+    # trained for a budget, not to convergence (bench/teachers.py's step counts).
+    "fashion-resnet18": Entry("fashion-rgb", "torchvision:resnet18", _LIBRARY_RATIO, steps=200),
+    "fashion-mobilenetv3": Entry("fashion", "timm:mobilenetv3_small_100", _LIBRARY_RATIO, steps=120),
 }
 
 

@@ -101,3 +101,20 @@ def test_suite_variants_share_a_start_only_where_fine_tuning_alone_differs() -> 
     for other in ({"generator": {"batchnorm_prior": 10}}, {"compression": {"fit": "weights"}},
                   {"distill": {"label_codes": "simplex"}}):
         assert _start_key(config_for("letter", extra=other)) != base
+
+
+def test_suite_library_entries_get_inputs_their_nets_take() -> None:
+    import torch
+
+    from bench.suite.tasks import rgb
+    from bench.suite.teachers import ENTRIES, spec_of
+    from kegnet import create_model
+
+    grey = (torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 2, 9]), torch.rand(2, 1, 32, 32), torch.tensor([0, 9]))
+    task = rgb(grey)
+    assert task[0].shape == (4, 3, 32, 32) and torch.equal(task[2][:, 2], grey[2][:, 0])
+    for name, split in (("fashion-resnet18", task), ("fashion-mobilenetv3", grey)):
+        spec = spec_of(name, split)
+        assert spec.num_classes == 10 and ENTRIES[name].steps > 0
+        model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=10).eval()
+        assert model(split[2]).shape == (2, 10)
