@@ -172,9 +172,12 @@ def _anchored_fit(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, rank: 
     w = np.linalg.solve(metric, cross + lam * prior)
     root = np.linalg.cholesky(metric).T  # metric = rootᵀ root, root upper triangular
     u, s, qh = np.linalg.svd(root @ w, full_matrices=False)
-    scale = np.sqrt(s[:rank])  # the singular values split evenly between the two factors, as the weight fit does
-    first = solve_triangular(root, u[:, :rank] * scale, lower=False)
-    return first, qh[:rank].T * scale
+    k = min(rank, len(s))  # a rank above min(d, C_out) (ResNet-18's [10, 512] Tucker-2: d = 90) adds nothing
+    scale = np.sqrt(s[:k])  # the singular values split evenly between the two factors, as the weight fit does
+    first = solve_triangular(root, u[:, :k] * scale, lower=False)
+    last = qh[:k].T * scale
+    # The components past k are zero: the map has no more, and the layer keeps its shape.
+    return np.pad(first, ((0, 0), (0, rank - k))), np.pad(last, ((0, 0), (0, rank - k)))
 
 
 def _set(layer: nn.Module, first: np.ndarray, last: np.ndarray) -> None:

@@ -330,6 +330,8 @@ def _distill(job: _Job) -> None:
         def on_eval(step: int, metrics: dict[str, float], i: int = i, name: str = name) -> None:
             what = f"student step {step}/{dcfg.steps}" if len(recipes) == 1 else (
                 f"recipe {i + 1}/{len(recipes)} ({name}): student step {step}/{dcfg.steps}")
+            if "lr" in metrics:  # the retry from the start (kegnet.distill.train.distill)
+                what += f", again at lr {metrics['lr']:.2g}: no step beat the start"
             job.report("finetune", (i + step / dcfg.steps) / len(recipes), what, step=step, total=dcfg.steps,
                        recipe=name, **metrics)
 
@@ -482,7 +484,7 @@ def _finish(job: _Job) -> TaskOutcome:
         **job.exported)
     agreement = None if result is None else Agreement(
         measure=EXAM_MEASURE, before_finetune=result.initial_agreement, final=result.best_agreement,
-        best_step=result.best_step)
+        best_step=result.best_step, lr=result.lr, retried=result.retried)
     core = {"architecture": job.architecture, "parameters": params,
             "compression_ratio": params.teacher / params.student, "agreement": agreement,
             "speed": Speed(device=str(job.device), unit="ms", **job.latency), "warnings": _warnings(job)}

@@ -118,3 +118,22 @@ def test_suite_library_entries_get_inputs_their_nets_take() -> None:
         assert spec.num_classes == 10 and ENTRIES[name].steps > 0
         model = create_model(spec.arch, input_shape=spec.input_shape, num_classes=10).eval()
         assert model(split[2]).shape == (2, 10)
+
+
+def test_ceiling_finetune_moves_the_student_to_its_teacher() -> None:
+    import copy
+
+    import torch
+
+    from bench.ceiling import finetune
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(8, 5).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # a start near the teacher, as a decomposition gives
+        student.weight.add_(0.2 * torch.randn_like(student.weight))
+    x = torch.randn(2048, 8)
+    before = (student(x).argmax(1) == teacher(x).argmax(1)).float().mean()
+    tuned = finetune(student, teacher, x, steps=3000, seed=0)
+    after = (tuned(x).argmax(1) == teacher(x).argmax(1)).float().mean()
+    assert after > before + 0.1 and after > 0.9

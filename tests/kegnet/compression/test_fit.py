@@ -63,3 +63,15 @@ def test_a_strong_anchor_gives_back_the_weight_fit() -> None:
     fit_to_outputs(teacher, refit, plan, _inputs(64, 0), anchor=1e9)
     maps = [(m[0].last.weight[:, :, 0, 0] @ m[0].first.weight[:, :, 0, 0]) for m in (weight_fit, refit)]
     assert torch.allclose(maps[0], maps[1], atol=1e-4)
+
+
+def test_a_rank_above_what_the_layer_reads_is_fit_with_zero_components() -> None:
+    """A Tucker-2 plan of [in 1, out 12] on a 3×3 conv reads 1·9 = 9 features but keeps 12 output components
+    (the global allocation gives ResNet-18 [10, 512]): the fit fills the 9 and zeroes the rest."""
+    teacher = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1)).eval()
+    plan = plan_compression(teacher, CompressionConfig(layers=["2"], rank_method="explicit", ranks={"2": (1, 12)}))
+    student = apply_plan(teacher, plan)
+    errors = fit_to_outputs(teacher, student, plan, _inputs(64, 0))
+    assert errors["2"]["after"] <= errors["2"]["before"]
+    core = student[2].core.weight  # (12, 1, 3, 3): output components past the 9 are zero
+    assert core.shape == (12, 1, 3, 3) and int((core.flatten(1).abs().sum(1) > 0).sum()) == 9

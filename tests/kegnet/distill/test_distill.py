@@ -101,3 +101,28 @@ def test_noise_share_mixes_gaussian_noise_into_the_batches() -> None:
     assert (x == 1).all(dim=1).sum() == 6  # 2 of the 8 rows are noise
     x, y = MixedSampler(Ones(), Ones(), 0.5).sample(8, rng)
     assert y is not None and len(y) == 8
+
+
+def test_a_start_no_step_beats_is_fine_tuned_again_at_a_lower_rate() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    start = copy.deepcopy(teacher)
+    with torch.no_grad():  # close to the teacher, as a good decomposition is
+        start[0].weight.add_(0.05 * torch.randn_like(start[0].weight))
+    sampler = NoiseSampler("gaussian", (8,), torch.device("cpu"))
+    # lr 1.0 throws the student off at the first step; the retry runs at 1.0 * 0.001.
+    cfg = DistillConfig(steps=100, batch_size=128, lr=1.0, eval_every=25, holdout_samples=512, retry_lr=1e-3)
+    student = copy.deepcopy(start)
+    result = distill(teacher, student, sampler, cfg, device=torch.device("cpu"), seed=0)
+    assert result.retried and result.lr == 1e-3 and result.best_step > 0
+    assert result.best_agreement > result.initial_agreement
+    assert [r.get("lr") for r in result.curve] == [None] * 5 + [1e-3] * 4  # the first pass, then the retry
+
+    never = copy.deepcopy(start)
+    kept = distill(teacher, never, sampler, cfg.model_copy(update={"retry_lr": 0.0}), device=torch.device("cpu"),
+                   seed=0)
+    assert not kept.retried and kept.best_step == 0 and kept.lr == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(never.state_dict().values(), start.state_dict().values(),
+                                                 strict=True))  # the start, untouched
