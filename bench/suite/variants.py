@@ -68,6 +68,7 @@ def run_variant_entry(entry: str, seeds: int, first_seed: int, device: str, vari
                 "seed": seed, "start": starts[start_key][0], "start_exam": starts[start_key][1],
                 "accuracy": accuracy(job.student, x_test, y_test), "chosen": conf.chosen, "estimate": conf.estimate,
                 "level": conf.level, "ratio": job.report.compression_ratio, "seconds": seconds, "timings_s": timings,
+                "retried": job.report.agreement.retried if job.report.agreement else None,
                 "fit": job.report.classify.fit, "ranks": {p["name"]: [p["in_rank"], p["out_rank"]]
                                                           for p in job.report.classify.plan["layers"]},
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
