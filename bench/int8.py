@@ -86,6 +86,12 @@ TEACHERS: dict[str, Teacher] = {
                            {**_LIBRARY_BUDGET, "compression": {"rank_method": "ratio", "target_ratio": 2.5}},
                            "timm lcnet_050 trained on MNIST (bench/suite); the default plan (global allocation) "
                            "for 2.5x, latency filter on; the library CPU budget"),
+    **{name: Teacher(_suite(name), {**_LIBRARY_BUDGET, "compression": {"rank_method": "ratio", "target_ratio": 2.5,
+                                                                        "n_iter_max": 1}},
+                     f"{arch} trained on Fashion-MNIST (bench/suite); the default plan for 2.5x, latency filter on; "
+                     "the library CPU budget")
+       for name, arch in (("fashion-resnet18", "torchvision ResNet-18"),
+                          ("fashion-mobilenetv3", "timm mobilenetv3_small_100"))},
 }
 SAMPLES = 512  # calibration samples of every row (the job's default)
 
