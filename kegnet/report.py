@@ -44,8 +44,9 @@ class Agreement(_Section):
     final: float | None = Field(None, description="the student returned (the step kept by selection)")
     best_step: int | None = None
     lr: float | None = Field(None, description="the learning rate of the kept steps")
-    retried: bool = Field(False, description="no step at distill.lr beat the start, so fine-tuning ran once more "
-                                             "at lr times distill.retry_lr (the curve's points with an lr)")
+    retried: bool = Field(False, description="the first graded step at distill.lr fell below the start, so "
+                                             "fine-tuning ran once more at lr times distill.retry_lr (the curve's "
+                                             "points with an lr)")
 
 
 class Speed(_Section):

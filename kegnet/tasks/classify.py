@@ -331,7 +331,7 @@ def _distill(job: _Job) -> None:
             what = f"student step {step}/{dcfg.steps}" if len(recipes) == 1 else (
                 f"recipe {i + 1}/{len(recipes)} ({name}): student step {step}/{dcfg.steps}")
             if "lr" in metrics:  # the retry from the start (kegnet.distill.train.distill)
-                what += f", again at lr {metrics['lr']:.2g}: no step beat the start"
+                what += f", again at lr {metrics['lr']:.2g}: the first pass fell below the start"
             job.report("finetune", (i + step / dcfg.steps) / len(recipes), what, step=step, total=dcfg.steps,
                        recipe=name, **metrics)
 

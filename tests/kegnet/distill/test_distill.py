@@ -25,6 +25,7 @@ def test_distillation_raises_synthetic_agreement_and_keeps_the_best() -> None:
     assert result.best_agreement > 0.85 > result.initial_agreement
     assert result.best_agreement == max(r["agreement"] for r in result.curve)
     assert [r["step"] for r in result.curve] == [0, 50, 100, 150, 200]
+    assert not result.retried and result.lr == cfg.lr  # the first graded step beat the start: one pass
 
 
 def test_mix_samples_mixes_only_the_requested_share() -> None:
@@ -103,7 +104,7 @@ def test_noise_share_mixes_gaussian_noise_into_the_batches() -> None:
     assert y is not None and len(y) == 8
 
 
-def test_a_start_no_step_beats_is_fine_tuned_again_at_a_lower_rate() -> None:
+def test_a_start_the_first_pass_falls_below_is_fine_tuned_again_at_a_lower_rate() -> None:
     import copy
 
     torch.manual_seed(0)
