@@ -1,8 +1,8 @@
-"""``python -m bench.ceiling ENTRY [--steps 1500,12000] [--variants JSON]``: what a student structure can reach
+"""``python -m bench.ceiling ENTRY [--steps 1500,12000] [--config JSON]``: what a student structure can reach
 with the real training data, the ceiling no data-free method can pass.
 
 The suite entry's student (its compression, a ``tucker-only`` job: the decomposed start, no fine-tuning) is
-fine-tuned on the entry's **real training split** by the product's objective (KD at T=4 from the teacher,
+fine-tuned on the entry's **real training split** by the product's objective (``kegnet.distill.kd_loss`` at T=4,
 Adam 1e-3, batch 256, cosine schedule), once per budget in ``--steps``, each from the same start, scored on the
 real test split. A data-free target above this ceiling cannot be met by better samples: it needs a larger student.
 Real data appears only here, never in the product.
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.datasets import accuracy
 from bench.suite.run import config_for
 from bench.suite.teachers import ENTRIES, suite_teacher
 from kegnet import load_teacher, run_pipeline
+from kegnet.distill import kd_loss
 
 log = logging.getLogger("bench.ceiling")
 
@@ -63,8 +63,8 @@ def finetune(student: nn.Module, teacher: nn.Module, x: torch.Tensor, steps: int
     for _ in range(steps):
         xb = x[torch.randint(0, len(x), (BATCH,), generator=gen)]
         with torch.no_grad():
-            soft = F.softmax(teacher(xb) / TEMPERATURE, 1)
-        loss = F.kl_div(F.log_softmax(student(xb) / TEMPERATURE, 1), soft, reduction="batchmean") * TEMPERATURE**2
+            target = teacher(xb)
+        loss = kd_loss(student(xb), target, TEMPERATURE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
