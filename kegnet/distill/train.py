@@ -127,14 +127,16 @@ def distill(
     best_state = copy.deepcopy(student.state_dict())
     initial = best_state  # the start, for a retry (best_state is replaced, never changed in place)
     result.lr = config.lr
+    may_retry = config.select_best and config.retry_lr > 0
     best_state, _ = _train(teacher, student, sampler, config, config.lr, exam, result, best_state, device=device,
                            seed=seed, num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel,
-                           diversity_beta=diversity_beta, feature_layers=feature_layers)
+                           diversity_beta=diversity_beta, feature_layers=feature_layers,
+                           stop_below=first if may_retry else None)
     # The first graded step fell below the start: the rate throws a close start away (a large net: Fashion
-    # ResNet-18 in docs/benchmarks.md, where later steps could still fool the exam at 600 steps). Once more
-    # from the start at a lower rate; the exam keeps the best step of both passes, or the start.
+    # ResNet-18 in docs/benchmarks.md, where later steps could still fool the exam at 600 steps). That pass
+    # stopped there; once more from the start at a lower rate, and the exam keeps its best step or the start.
     dipped = len(result.curve) > 1 and result.curve[1]["agreement"] < first
-    if dipped and config.select_best and config.retry_lr > 0:
+    if dipped and may_retry:
         lr = config.lr * config.retry_lr
         log.info("the first graded step fell below the start on the exam (%.4f < %.4f); again at lr %.2g",
                  result.curve[1]["agreement"], first, lr)
@@ -154,10 +156,11 @@ def _train(teacher: nn.Module, student: nn.Module, sampler: Sampler, config: Dis
            result: DistillResult, best_state: dict[str, torch.Tensor], *, device: torch.device, seed: int,
            num_sources: int, on_eval: Callable[[int, dict[str, float]], None] | None,
            should_cancel: Callable[[], bool] | None, diversity_beta: float,
-           feature_layers: list[str] | None) -> tuple[dict[str, torch.Tensor], bool]:
+           feature_layers: list[str] | None, stop_below: float | None = None) -> tuple[dict[str, torch.Tensor], bool]:
     """``config.steps`` steps at learning rate ``lr`` from the student as it is, graded on ``exam`` every
     ``eval_every``; adds to ``result``'s curve and returns the state of the best step so far and whether a
-    step of this pass became it."""
+    step of this pass became it. With ``stop_below``, the pass ends at its first graded step if that scores
+    below it (the caller retries at a lower rate: the rest of this pass would be time thrown away)."""
     improved = False
     rng = torch.Generator(device=device).manual_seed(seed)
     sampler, adversary, pool = _training_samples(teacher, sampler, config, tuple(exam.x.shape[1:]), num_sources,
@@ -211,6 +214,8 @@ def _train(teacher: nn.Module, student: nn.Module, sampler: Sampler, config: Dis
                 if on_eval:
                     on_eval(step, {"loss": mean_loss, "agreement": result.curve[-1]["agreement"],
                                    **({"lr": lr} if result.retried else {})})
+                if stop_below is not None and step <= config.eval_every and result.curve[-1]["agreement"] < stop_below:
+                    break
     return best_state, improved
 
 
