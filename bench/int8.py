@@ -6,7 +6,9 @@ chosen on the job's synthetic exam (kegnet.compression.quantize.best_method):
 
 - ``int8``: the job's own synthetic samples (the kept recipe's mix, the same draw as the job's);
 - ``int8-gaussian``: standard Gaussian noise;
-- ``int8-real``: the real training split (the ceiling: bench only, never the product).
+- ``int8-real``: the real training split (the ceiling: bench only, never the product);
+- with ``--both-ranges``, each again with the other weight range (``compression.quantize_reduce_range``
+  flipped: 7-bit weights where the config has 8), suffixed ``-7bit`` or ``-8bit``: the same student, paired.
 
 Rows report real test accuracy (onnxruntime), agreement with the teacher on the synthetic exam (the whole exam,
 which chooses the method as in the job, its generator samples alone, and the samples the teacher gives one class
@@ -18,6 +20,7 @@ threads). Real data appears only here.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import platform
@@ -103,7 +106,7 @@ def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> flo
 
 
 def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
-        extra: dict[str, Any], job: bool = True) -> dict[str, Any]:
+        extra: dict[str, Any], job: bool = True, both_ranges: bool = False) -> dict[str, Any]:
     teacher, spec, (x_train, _, x_test, y_test) = TEACHERS[name].build()
     teacher = teacher.eval()
     sections = {k: dict(v) for k, v in TEACHERS[name].config.items()}
@@ -142,11 +145,16 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
     quantize.prepare(paths["fp32"], work / "prepared.onnx")
     rows: dict[str, dict[str, Any]] = {name: {"calibration": "-"} for name in paths}
     whole: dict[str, Grade] = {}  # each model's grade on the whole exam
-    for row, (x_cal, source) in calibrations.items():
+    reduce = cfg.compression.quantize_reduce_range
+    ranges = {"": reduce, **({"-8bit" if reduce else "-7bit": not reduce} if both_ranges else {})}
+    for (row, (x_cal, source)), (suffix, reduce_range) in itertools.product(calibrations.items(), ranges.items()):
+        row += suffix
         (work / row).mkdir()
-        method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, exam, threads)
+        method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, exam, threads,
+                                              reduce_range=reduce_range)
         paths[row], whole[row] = work / row / f"{method}.onnx", grades[method]
-        rows[row] = {"calibration": source, "method": method, "methods": {m: g.agreement for m, g in grades.items()}}
+        rows[row] = {"calibration": source, "method": method, "reduce_range": reduce_range,
+                     "methods": {m: g.agreement for m, g in grades.items()}}
     whole["fp32"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam)
     for row, path in paths.items():
         rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
@@ -190,13 +198,15 @@ def main() -> None:
     parser.add_argument("--config", type=json.loads, default={}, help="JSON config sections over the teacher's")
     parser.add_argument("--no-job", action="store_true", help="no compression job: the teacher's ONNX file "
                         "quantized with Gaussian and real calibration only (no generators, so no int8 row)")
+    parser.add_argument("--both-ranges", action="store_true", help="every int8 row also with the other weight "
+                        "range (compression.quantize_reduce_range flipped), on the same student")
     parser.add_argument("--out", type=Path, help="JSON of the rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         result = run(args.teacher, args.seed, args.threads, Path(tmp), args.repeats, args.budget_s, args.config,
-                     not args.no_job)
+                     not args.no_job, args.both_ranges)
     result |= {"command": "python -m bench.int8 " + shlex.join(sys.argv[1:]), "machine": platform.processor()
                or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     print(table(result))

@@ -127,6 +127,11 @@ class CompressionConfig(_Strict):
                             "layer is worth factorizing, the teacher itself is quantized instead of failing",
     )
     quantize_samples: int = Field(512, ge=64, le=8192, description="synthetic calibration samples (int8)")
+    quantize_reduce_range: bool = Field(
+        False, description="int8: weights in a 7-bit range, onnxruntime's advice for x86 CPUs without VNNI whose "
+                           "8-bit dot products can saturate (the full range was as accurate or more on every "
+                           "teacher measured, docs/benchmarks.md)",
+    )
     quantize_max_drop: float = Field(
         0.01, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher on the synthetic exam "
                                           "(fp32 ONNX -> int8) for which the int8 model is kept",

@@ -8,9 +8,11 @@ each is tried and the one whose model agrees best with the teacher on the job's 
 the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of exam agreement; otherwise
 the job keeps fp32 only and says why.
 
-Weights are 7-bit (``reduce_range``): onnxruntime's advice for x86 CPUs without VNNI, whose 8-bit dot products
-can saturate; it costs little accuracy and is safe on every CPU. onnxruntime is an optional extra
-(``kegnet[onnx]``), imported only when a model is quantized.
+Weights use the full 8-bit range. onnxruntime suggests a 7-bit range (``reduce_range``) for x86 CPUs without
+VNNI, whose u8·s8 dot products can saturate; measured on such a CPU (docs/benchmarks.md, issue 22) the full
+range was as accurate or more on all four teachers tried (up to +0.5 points) and no slower, and the exam check
+below still refuses a model that saturation spoils. onnxruntime is an optional extra (``kegnet[onnx]``),
+imported only when a model is quantized.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from kegnet.report import Quantization
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
-SETTINGS = {"format": "QDQ", "weights": "int8, per channel, 7-bit range (reduce_range)", "activations": "uint8"}
+SETTINGS = {"format": "QDQ", "weights": "int8, per channel", "activations": "uint8"}
 CALIBRATION_BATCH = 64
 BATCHES = (1, 64)
 
@@ -99,8 +101,9 @@ def prepare(fp32: Path, path: Path) -> None:
     quant_pre_process(str(fp32), str(path))
 
 
-def quantize(prepared: Path, path: Path, calibration: torch.Tensor, method: str) -> None:
-    """Write ``path``: ``prepared`` (see ``prepare``) quantized to INT8, ranges from ``calibration`` by ``method``."""
+def quantize(prepared: Path, path: Path, calibration: torch.Tensor, method: str, reduce_range: bool = False) -> None:
+    """Write ``path``: ``prepared`` (see ``prepare``) quantized to INT8, ranges from ``calibration`` by ``method``;
+    ``reduce_range``: weights in 7 bits."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -109,19 +112,20 @@ def quantize(prepared: Path, path: Path, calibration: torch.Tensor, method: str)
     reader = _calibration_reader(name, calibration.detach().float().cpu().numpy())
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
         quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method])
 
 
 def best_method(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam, threads: int = 1,
-                should_cancel: Callable[[], bool] | None = None) -> tuple[str, dict[str, Grade]]:
+                should_cancel: Callable[[], bool] | None = None,
+                reduce_range: bool = False) -> tuple[str, dict[str, Grade]]:
     """Quantize with every calibration method into ``work/<method>.onnx``; the method whose model agrees best
     with the teacher on ``exam``, and every method's grade."""
     grades: dict[str, Grade] = {}
     for method in METHODS:
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled while quantizing")
-        quantize(prepared, work / f"{method}.onnx", calibration, method)
+        quantize(prepared, work / f"{method}.onnx", calibration, method, reduce_range)
         grades[method] = grade(OnnxModel(work / f"{method}.onnx", threads), exam)
     return choose(grades), grades
 
@@ -169,7 +173,7 @@ def _verdict(fp32: Grade, int8: Grade, latency: dict[str, dict[str, float]], max
 def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, exam: Exam,
                  input_shape: tuple[int, ...], *, max_drop: float, tolerance: float, threads: int = 1,
                  repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
-                 should_cancel: Callable[[], bool] | None = None) -> Quantization:
+                 should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False) -> Quantization:
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized with the best calibration method, checked, and
     written to ``out`` only when it is not slower and agrees within ``max_drop``; the report says why not."""
     import onnxruntime as ort
@@ -177,7 +181,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
         work = Path(tmp)
         prepare(fp32, work / "prepared.onnx")
-        method, grades = best_method(work / "prepared.onnx", work, calibration, exam, threads, should_cancel)
+        method, grades = best_method(work / "prepared.onnx", work, calibration, exam, threads, should_cancel,
+                                     reduce_range)
         chosen = work / f"{method}.onnx"
         fp32_grade = grade(OnnxModel(fp32, threads), exam)
         latency = time_in_turns({"fp32": fp32, "int8": chosen}, input_shape, threads=threads, repeats=repeats,
@@ -196,7 +201,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
         exam_agreement={"fp32": fp32_grade.agreement, "int8": grades[method].agreement,
                         "drop": fp32_grade.agreement - grades[method].agreement, "max_drop": max_drop},
         latency_ms=latency, threads=threads, bytes=sizes,
-        settings={**SETTINGS, "runtime": f"onnxruntime {ort.__version__}"})
+        settings={**SETTINGS, "weight_range": "7-bit (reduce_range)" if reduce_range else "8-bit",
+                  "runtime": f"onnxruntime {ort.__version__}"})
 
 
 def _grade_figures(g: Grade) -> dict[str, float]:

@@ -435,7 +435,7 @@ def _quantize(job: _Job) -> Quantization:
         job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
         max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
         repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
-        should_cancel=job.report.should_cancel)
+        should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:

@@ -66,3 +66,22 @@ def test_time_in_turns_reports_each_model_and_batch(lenet) -> None:
     assert set(t) == {"a", "b"}
     assert set(t["a"]) == {"batch1_ms", "batch1_min_ms", "batch64_ms", "batch64_min_ms"}
     assert 0 < t["a"]["batch1_min_ms"] <= t["a"]["batch1_ms"]
+
+
+def test_weights_use_the_full_8_bit_range_unless_reduce_range(lenet, tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    _, fp32, _, calibration = lenet
+    quantize.prepare(fp32, tmp_path / "prepared.onnx")
+
+    def widest_weight(reduce_range: bool) -> int:
+        path = tmp_path / f"{reduce_range}.onnx"
+        quantize.quantize(tmp_path / "prepared.onnx", path, calibration, "minmax", reduce_range)
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8]
+        return max(int(np.abs(w.astype(np.int32)).max()) for w in weights if w.size > 1)
+
+    assert widest_weight(False) == 127  # per-channel symmetric: each channel's largest weight maps to +-127
+    assert widest_weight(True) <= 64  # 7 bits: +-63 (onnxruntime's reduce_range)
