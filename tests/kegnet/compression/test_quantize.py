@@ -85,3 +85,15 @@ def test_weights_use_the_full_8_bit_range_unless_reduce_range(lenet, tmp_path: P
 
     assert widest_weight(False) == 127  # per-channel symmetric: each channel's largest weight maps to +-127
     assert widest_weight(True) <= 64  # 7 bits: +-63 (onnxruntime's reduce_range)
+
+
+def test_every_calibration_method_gives_its_own_ranges(lenet, tmp_path: Path) -> None:
+    """Entropy through quantize_static alone would be the MinMax model byte for byte (128 bins, one candidate)."""
+    _, fp32, _, calibration = lenet
+    quantize.prepare(fp32, tmp_path / "prepared.onnx")
+    files = {}
+    for method in quantize.METHODS:
+        quantize.quantize(tmp_path / "prepared.onnx", tmp_path / f"{method}.onnx", calibration, method)
+        files[method] = (tmp_path / f"{method}.onnx").read_bytes()
+    assert len(set(files.values())) == len(quantize.METHODS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared.onnx", *(f"{m}.onnx" for m in files)])
