@@ -256,14 +256,9 @@ class DistillConfig(_Strict):
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
     retry_lr: float = Field(
         0.1, ge=0.0, lt=1.0,
-        description="when the first graded step falls below the start on the synthetic exam, fine-tune once "
-                    "more from the start at lr times this and keep the best step of both passes (0: never); "
-                    "with select_best only (Fashion ResNet-18 in docs/benchmarks.md)",
-    )
-    retry_stops_first_pass: bool = Field(
-        False, description="with a retry, end the first pass at its dip instead of running it out: one graded "
-                           "interval more instead of a second pass, but the steps that would have recovered after "
-                           "the dip are lost (docs/benchmarks.md: -0.8 points on Fashion lcnet_050)",
+        description="when the first graded step falls below the start on the synthetic exam, stop there and "
+                    "fine-tune once more from the start at lr times this, keeping its best step or the start "
+                    "(0: never); with select_best only (Fashion ResNet-18 in docs/benchmarks.md)",
     )
     # Relational KD (Park et al. 2019, kegnet/distill/relational.py): the student keeps the teacher's
     # pairwise distances and triplet angles between samples, whatever the feature widths.

@@ -45,8 +45,8 @@ class Agreement(_Section):
     best_step: int | None = None
     lr: float | None = Field(None, description="the learning rate of the kept steps")
     retried: bool = Field(False, description="the first graded step at distill.lr fell below the start, so "
-                                             "fine-tuning ran once more from the start at lr times "
-                                             "distill.retry_lr (the curve's points with an lr)")
+                                             "fine-tuning stopped there and ran once more from the start at lr "
+                                             "times distill.retry_lr (the curve's points with an lr)")
 
 
 class Speed(_Section):

@@ -131,11 +131,10 @@ def distill(
     best_state, _ = _train(teacher, student, sampler, config, config.lr, exam, result, best_state, device=device,
                            seed=seed, num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel,
                            diversity_beta=diversity_beta, feature_layers=feature_layers,
-                           stop_below=first if may_retry and config.retry_stops_first_pass else None)
-    # The first graded step fell below the start: the rate may throw a close start away (a large net: Fashion
-    # ResNet-18 in docs/benchmarks.md, where later steps could still fool the exam at 600 steps). Once more
-    # from the start at a lower rate; the exam keeps the best step of both passes (of the retry alone where
-    # the first pass stopped at its dip: cheaper, but Fashion lcnet_050's first pass recovers after its dip).
+                           stop_below=first if may_retry else None)
+    # The first graded step fell below the start: the rate throws a close start away (a large net: Fashion
+    # ResNet-18 in docs/benchmarks.md, where later steps could still fool the exam at 600 steps). That pass
+    # stopped there; once more from the start at a lower rate, and the exam keeps its best step or the start.
     dipped = len(result.curve) > 1 and result.curve[1]["agreement"] < first
     if dipped and may_retry:
         lr = config.lr * config.retry_lr
