@@ -129,8 +129,8 @@ class CompressionConfig(_Strict):
     quantize_samples: int = Field(512, ge=64, le=8192, description="synthetic calibration samples (int8)")
     quantize_reduce_range: bool = Field(
         False, description="int8: weights in a 7-bit range, onnxruntime's advice for x86 CPUs without VNNI whose "
-                           "8-bit dot products can saturate (the full range was as accurate or more on every "
-                           "teacher measured, docs/benchmarks.md)",
+                           "8-bit dot products can saturate (the full range was more accurate on four of five "
+                           "teachers measured on such a CPU, docs/benchmarks.md)",
     )
     quantize_max_drop: float = Field(
         0.01, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher on the synthetic exam "

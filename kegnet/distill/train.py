@@ -130,13 +130,11 @@ def distill(
     may_retry = config.select_best and config.retry_lr > 0
     best_state, _ = _train(teacher, student, sampler, config, config.lr, exam, result, best_state, device=device,
                            seed=seed, num_sources=num_sources, on_eval=on_eval, should_cancel=should_cancel,
-                           diversity_beta=diversity_beta, feature_layers=feature_layers,
-                           stop_below=first if may_retry else None)
+                           diversity_beta=diversity_beta, feature_layers=feature_layers, stop_on_dip=may_retry)
     # The first graded step fell below the start: the rate throws a close start away (a large net: Fashion
     # ResNet-18 in docs/benchmarks.md, where later steps could still fool the exam at 600 steps). That pass
     # stopped there; once more from the start at a lower rate, and the exam keeps its best step or the start.
-    dipped = len(result.curve) > 1 and result.curve[1]["agreement"] < first
-    if dipped and may_retry:
+    if may_retry and _first_step_dipped(result):
         lr = config.lr * config.retry_lr
         log.info("the first graded step fell below the start on the exam (%.4f < %.4f); again at lr %.2g",
                  result.curve[1]["agreement"], first, lr)
@@ -156,11 +154,12 @@ def _train(teacher: nn.Module, student: nn.Module, sampler: Sampler, config: Dis
            result: DistillResult, best_state: dict[str, torch.Tensor], *, device: torch.device, seed: int,
            num_sources: int, on_eval: Callable[[int, dict[str, float]], None] | None,
            should_cancel: Callable[[], bool] | None, diversity_beta: float,
-           feature_layers: list[str] | None, stop_below: float | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+           feature_layers: list[str] | None, stop_on_dip: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
     """``config.steps`` steps at learning rate ``lr`` from the student as it is, graded on ``exam`` every
     ``eval_every``; adds to ``result``'s curve and returns the state of the best step so far and whether a
-    step of this pass became it. With ``stop_below``, the pass ends at its first graded step if that scores
-    below it (the caller retries at a lower rate: the rest of this pass would be time thrown away)."""
+    step of this pass became it. With ``stop_on_dip`` (the first pass only), the pass ends at its first graded
+    step if that scores below the start (the caller retries at a lower rate: the rest would be time thrown
+    away)."""
     improved = False
     rng = torch.Generator(device=device).manual_seed(seed)
     sampler, adversary, pool = _training_samples(teacher, sampler, config, tuple(exam.x.shape[1:]), num_sources,
@@ -214,9 +213,14 @@ def _train(teacher: nn.Module, student: nn.Module, sampler: Sampler, config: Dis
                 if on_eval:
                     on_eval(step, {"loss": mean_loss, "agreement": result.curve[-1]["agreement"],
                                    **({"lr": lr} if result.retried else {})})
-                if stop_below is not None and step <= config.eval_every and result.curve[-1]["agreement"] < stop_below:
+                if stop_on_dip and len(result.curve) == 2 and _first_step_dipped(result):
                     break
     return best_state, improved
+
+
+def _first_step_dipped(result: DistillResult) -> bool:
+    """The first graded step of the first pass scored below the start on the exam."""
+    return len(result.curve) > 1 and result.curve[1]["agreement"] < result.initial_agreement
 
 
 def _trainable(student: nn.Module, config: DistillConfig, factorized: list[str] | None) -> list[nn.Parameter]:
