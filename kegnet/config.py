@@ -133,8 +133,9 @@ class CompressionConfig(_Strict):
                            "teachers measured on such a CPU, docs/benchmarks.md)",
     )
     quantize_max_drop: float = Field(
-        0.01, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher on the synthetic exam "
-                                          "(fp32 ONNX -> int8) for which the int8 model is kept",
+        0.02, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher (fp32 ONNX -> int8) "
+                                          "on the synthetic exam samples the teacher is sure of (the whole exam "
+                                          "where it is sure of too few) for which the int8 model is kept",
     )
 
     @model_validator(mode="after")
@@ -256,9 +257,10 @@ class DistillConfig(_Strict):
     select_best: bool = Field(True, description="keep the step with the best held-out synthetic agreement")
     retry_lr: float = Field(
         0.1, ge=0.0, lt=1.0,
-        description="when the first graded step falls below the start on the synthetic exam, stop there and "
-                    "fine-tune once more from the start at lr times this, keeping its best step or the start "
-                    "(0: never); with select_best only (Fashion ResNet-18 in docs/benchmarks.md)",
+        description="when the first graded step falls below the start on the synthetic exam and on its samples "
+                    "the teacher is sure of, stop there and fine-tune once more from the start at lr times this, "
+                    "keeping its best step or the start (0: never); with select_best only (Fashion ResNet-18 in "
+                    "docs/benchmarks.md)",
     )
     # Relational KD (Park et al. 2019, kegnet/distill/relational.py): the student keeps the teacher's
     # pairwise distances and triplet angles between samples, whatever the feature widths.

@@ -44,9 +44,10 @@ class Agreement(_Section):
     final: float | None = Field(None, description="the student returned (the step kept by selection)")
     best_step: int | None = None
     lr: float | None = Field(None, description="the learning rate of the kept steps")
-    retried: bool = Field(False, description="the first graded step at distill.lr fell below the start, so "
-                                             "fine-tuning stopped there and ran once more from the start at lr "
-                                             "times distill.retry_lr (the curve's points with an lr)")
+    retried: bool = Field(False, description="the first graded step at distill.lr fell below the start (on the "
+                                             "exam and on its samples the teacher is sure of), so fine-tuning "
+                                             "stopped there and ran once more from the start at lr times "
+                                             "distill.retry_lr (the curve's points with an lr)")
 
 
 class Speed(_Section):
@@ -104,8 +105,11 @@ class Quantization(_Section):
     method: str | None = Field(None, description="the calibration method kept: minmax, entropy or percentile")
     calibration: dict[str, Any] = Field(default_factory=dict, description="source (a sample recipe or "
                                         "'gaussian'; never data), samples, method, and every method's exam grade")
-    exam_agreement: dict[str, float] = Field(default_factory=dict, description="fp32, int8, drop, max_drop: "
-                                             "top-class agreement with the teacher on the synthetic exam")
+    exam_agreement: dict[str, float] = Field(default_factory=dict, description="fp32, int8, drop: top-class "
+                                             "agreement with the teacher on the whole synthetic exam")
+    check: dict[str, Any] = Field(default_factory=dict, description="what decided whether the int8 model is kept: "
+                                  "on (the exam samples the teacher is sure of, or the whole exam), samples, fp32, "
+                                  "int8, drop, max_drop")
     latency_ms: dict[str, dict[str, float]] = Field(default_factory=dict, description="fp32 and int8 in "
                                                     "onnxruntime on the CPU, timed in turns: batch1_ms, "
                                                     "batch1_min_ms, batch64_ms, batch64_min_ms")
@@ -121,7 +125,9 @@ class Quantization(_Section):
                 f"{self.calibration.get('source')} samples): {size['fp32'] / size['int8']:.2f}x smaller, batch 1 / 64 "
                 f"{lat['int8']['batch1_ms']:.3g} / {lat['int8']['batch64_ms']:.3g} ms against "
                 f"{lat['fp32']['batch1_ms']:.3g} / {lat['fp32']['batch64_ms']:.3g} ms (fp32), exam agreement "
-                f"{agree['int8']:.4f} against {agree['fp32']:.4f}")
+                f"{agree['int8']:.4f} against {agree['fp32']:.4f}"
+                + (f" ({self.check['int8']:.4f} against {self.check['fp32']:.4f} on the {self.check['on']})"
+                   if self.check.get("on", "whole exam") != "whole exam" else ""))
 
 
 class ClassifyReport(_Section):

@@ -5,8 +5,17 @@ op): weights int8 per output channel, activations uint8 with ranges from calibra
 job's own synthetic samples (never data). The calibration method (MinMax, Entropy, Percentile) is not fixed:
 each is tried and the one whose model agrees best with the teacher on the job's synthetic exam is kept
 (kegnet.distill.exam.choose). Then the checks of the latency filter: the int8 model must not run slower than
-the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of exam agreement; otherwise
-the job keeps fp32 only and says why.
+the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of agreement with the teacher on
+the exam samples the teacher is sure of (``check_part``); otherwise the job keeps fp32 only and says why.
+
+Why not the whole exam: most of its generator samples sit on the teacher's decision boundaries (class mixes),
+where any rounding flips the class. Measured on five teachers over fourteen runs (docs/benchmarks.md, issue 22),
+the job's int8 models, −2.00 to +1.25 points from their fp32 model on real data, lost 1-18 points of whole-exam
+agreement (the same models calibrated on real data 10-55), so the whole exam refused every int8 model. On the
+samples the teacher gives one class 90% or more they lost at most 1.2 points, while Gaussian-noise calibration
+lost 2.7-28 points on thirteen of fourteen (LeNet-5's, 9 points lower on real data, among them). It guards
+against a broken model; it does not estimate accuracy (MobileNetV3-small's int8 model 2.00 points lower lost
+nothing there).
 
 Weights use the full 8-bit range. onnxruntime suggests a 7-bit range (``reduce_range``) for x86 CPUs without
 VNNI, whose u8·s8 dot products can saturate; measured on such a CPU (docs/benchmarks.md, issue 22) the full
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kegnet.distill.exam import Exam, Grade, choose, grade
+from kegnet.distill.exam import SURE, Exam, Grade, agreement_on, choose, grade, sure_part
 from kegnet.errors import Cancelled
 from kegnet.report import Quantization
 
@@ -183,13 +192,22 @@ def time_in_turns(paths: dict[str, Path], input_shape: tuple[int, ...], *, threa
     return out
 
 
-def _verdict(fp32: Grade, int8: Grade, latency: dict[str, dict[str, float]], max_drop: float,
-             tolerance: float) -> str | None:
-    """Why the int8 model is not kept (slower than fp32, or too far from the teacher), or None."""
-    drop = fp32.agreement - int8.agreement
-    if drop > max_drop:
-        return (f"its agreement with the teacher on the synthetic exam fell by {drop:.4f} ({fp32.agreement:.4f} -> "
-                f"{int8.agreement:.4f}), more than compression.quantize_max_drop {max_drop:g}")
+def check_part(exam: Exam) -> tuple[Exam, str]:
+    """The part of ``exam`` that decides whether an int8 model is kept, and its name for the report: the samples
+    the teacher is sure of (``kegnet.distill.exam.sure_part``), or the whole exam where too few are (stricter:
+    it refuses more good models)."""
+    sure = sure_part(exam)
+    if sure is None:
+        return exam, "whole exam"
+    return sure, f"exam samples the teacher gives one class {SURE:.0%} or more"
+
+
+def _verdict(check: dict[str, Any], latency: dict[str, dict[str, float]], tolerance: float) -> str | None:
+    """Why the int8 model is not kept (slower than fp32, or too far from the teacher on ``check``), or None."""
+    if check["drop"] > check["max_drop"]:
+        return (f"its agreement with the teacher on the synthetic {check['on']} ({check['samples']}) fell by "
+                f"{check['drop']:.4f} ({check['fp32']:.4f} -> {check['int8']:.4f}), more than "
+                f"compression.quantize_max_drop {check['max_drop']:g}")
     for b in BATCHES:
         f, i = latency["fp32"][f"batch{b}_min_ms"], latency["int8"][f"batch{b}_min_ms"]
         if i > f * (1 + tolerance):
@@ -202,7 +220,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                  repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
                  should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False) -> Quantization:
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized with the best calibration method, checked, and
-    written to ``out`` only when it is not slower and agrees within ``max_drop``; the report says why not."""
+    written to ``out`` only when it is not slower and loses at most ``max_drop`` of agreement with the teacher on
+    ``check_part(exam)``; the report says why not."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
@@ -212,9 +231,13 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                                      reduce_range)
         chosen = work / f"{method}.onnx"
         fp32_grade = grade(OnnxModel(fp32, threads), exam)
+        part, on = check_part(exam)
+        agree = {name: agreement_on(OnnxModel(p, threads), part) for name, p in (("fp32", fp32), ("int8", chosen))}
+        check = {"on": on, "samples": len(part.x), **agree, "drop": agree["fp32"] - agree["int8"],
+                 "max_drop": max_drop}
         latency = time_in_turns({"fp32": fp32, "int8": chosen}, input_shape, threads=threads, repeats=repeats,
                                 budget_s=budget_s, seed=seed)
-        why_not = _verdict(fp32_grade, grades[method], latency, max_drop, tolerance)
+        why_not = _verdict(check, latency, tolerance)
         sizes = {"fp32": fp32.stat().st_size, "int8": chosen.stat().st_size}
         if why_not is None:
             shutil.move(str(chosen), str(out))
@@ -226,7 +249,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
         calibration={"source": source, "samples": len(calibration), "method": method,
                      "methods": {m: _grade_figures(g) for m, g in grades.items()}},
         exam_agreement={"fp32": fp32_grade.agreement, "int8": grades[method].agreement,
-                        "drop": fp32_grade.agreement - grades[method].agreement, "max_drop": max_drop},
+                        "drop": fp32_grade.agreement - grades[method].agreement},
+        check=check,
         latency_ms=latency, threads=threads, bytes=sizes,
         settings={**SETTINGS, "weight_range": "7-bit (reduce_range)" if reduce_range else "8-bit",
                   "runtime": f"onnxruntime {ort.__version__}"})
@@ -236,5 +260,5 @@ def _grade_figures(g: Grade) -> dict[str, float]:
     return {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl}
 
 
-__all__ = ["METHODS", "OnnxModel", "best_method", "missing_runtime", "prepare", "quantize", "quantize_job",
-           "time_in_turns"]
+__all__ = ["METHODS", "OnnxModel", "best_method", "check_part", "missing_runtime", "prepare", "quantize",
+           "quantize_job", "time_in_turns"]

@@ -92,6 +92,24 @@ def confident_part(exam: Exam, threshold: float = 0.9) -> Exam:
     return _subset(exam, keep) if bool(keep.any()) else exam
 
 
+# The samples the teacher is sure of (``sure_part``): it gives one class this much probability. Fewer than
+# MIN_SURE_SAMPLES of them are too few for one flip not to decide alone.
+SURE = 0.9
+MIN_SURE_SAMPLES = 16
+
+
+def sure_part(exam: Exam) -> Exam | None:
+    """The exam's samples the teacher gives one class at least ``SURE`` of its probability, or None where fewer
+    than ``MIN_SURE_SAMPLES`` are.
+
+    A second reading for decisions the whole exam misjudges because most of its samples sit on decision
+    boundaries: whether an int8 model is kept (kegnet.compression.quantize) and whether fine-tuning retries at a
+    lower rate (kegnet.distill.train).
+    """
+    sure = confident_part(exam, SURE)
+    return None if sure is exam or len(sure.x) < MIN_SURE_SAMPLES else sure
+
+
 def _subset(exam: Exam, keep: torch.Tensor) -> Exam:
     """The samples of ``exam`` where the boolean mask ``keep`` (N,) is true, in order, with their sources
     counted again (a source left with none is dropped)."""

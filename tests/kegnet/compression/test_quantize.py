@@ -8,7 +8,7 @@ import torch
 
 from kegnet import export, load_teacher
 from kegnet.compression import quantize
-from kegnet.distill.exam import build_exam, exam_sources
+from kegnet.distill.exam import MIN_SURE_SAMPLES, SURE, build_exam, exam_sources
 from tests.conftest import LENET_SPEC, MNIST_TEACHER, needs_shared
 
 pytest.importorskip("onnxruntime")
@@ -55,9 +55,31 @@ def test_the_job_keeps_fp32_only_when_the_agreement_bound_is_not_met(lenet, tmp_
     q = quantize.quantize_job(fp32, out, calibration, "gaussian", exam, LENET_SPEC.input_shape, max_drop=-1.0,
                               tolerance=10.0, repeats=3, budget_s=0.05)
     assert not q.kept and q.file is None and not out.exists()
-    assert "agreement with the teacher on the synthetic exam fell" in q.reason
+    assert "agreement with the teacher on the synthetic" in q.reason and "fell by" in q.reason
+    assert q.check["max_drop"] == -1.0 and q.check["drop"] == pytest.approx(q.check["fp32"] - q.check["int8"])
     assert list(tmp_path.iterdir()) == []  # no working files left behind
     assert q.bytes["int8"] < q.bytes["fp32"]  # still measured, for the report
+
+
+def test_the_check_reads_the_samples_the_teacher_is_sure_of(lenet) -> None:
+    teacher, _, exam, _ = lenet
+    part, on = quantize.check_part(exam)  # noise samples: this teacher is sure of a few of them at most
+    sure = (exam.teacher_logits.softmax(1).amax(1) >= SURE).sum().item()
+    if sure >= MIN_SURE_SAMPLES:
+        assert len(part.x) == sure and on.startswith("exam samples the teacher")
+    else:
+        assert part is exam and on == "whole exam"
+    # An exam of samples the teacher is sure of (its own inputs made larger) is read on that part only.
+    x = torch.cat([exam.x, 4 * exam.x])
+    with torch.no_grad():
+        logits = teacher(x)
+    from kegnet.distill.exam import Exam
+
+    wide = Exam(x, logits, {"a": len(exam.x), "b": len(exam.x)})
+    part, on = quantize.check_part(wide)
+    n = int((logits.softmax(1).amax(1) >= SURE).sum())
+    assert n >= MIN_SURE_SAMPLES and len(part.x) == n < len(x) and on != "whole exam"
+    assert (part.teacher_logits.softmax(1).amax(1) >= SURE).all()
 
 
 def test_time_in_turns_reports_each_model_and_batch(lenet) -> None:

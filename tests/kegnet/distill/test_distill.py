@@ -129,3 +129,36 @@ def test_a_start_the_first_pass_falls_below_is_fine_tuned_again_at_a_lower_rate(
     assert not kept.retried and kept.best_step == 0 and kept.lr == 1.0
     assert all(torch.equal(a, b) for a, b in zip(never.state_dict().values(), start.state_dict().values(),
                                                  strict=True))  # the start, untouched
+
+
+def test_the_retry_waits_for_the_samples_the_teacher_is_sure_of_to_fall_too() -> None:
+    from kegnet.distill.exam import MIN_SURE_SAMPLES, Exam
+    from kegnet.distill.train import DistillResult, _dip_test
+
+    teacher = nn.Linear(1, 2)
+    with torch.no_grad():  # logits (x, -x): the boundary at 0, sure far from it
+        teacher.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        teacher.bias.zero_()
+    far = torch.cat([torch.linspace(3, 5, 20), -torch.linspace(3, 5, 20)])
+    near = torch.linspace(-0.1, 0.1, 41)
+    x = torch.cat([far, near]).unsqueeze(1)
+    with torch.no_grad():
+        exam = Exam(x, teacher(x), {"samples": len(x)})
+    result = DistillResult(best_step=0, best_agreement=1.0, initial_agreement=1.0,
+                           curve=[{"step": 0, "agreement": 1.0}, {"step": 25, "agreement": 0.8}])
+    dipped = _dip_test(teacher, exam, result)
+    shifted = nn.Linear(1, 2)  # moved the boundary a little: only boundary samples change class
+    flipped = nn.Linear(1, 2)  # every class swapped
+    with torch.no_grad():
+        shifted.weight.copy_(teacher.weight)
+        shifted.bias.copy_(torch.tensor([0.2, -0.2]))
+        flipped.weight.copy_(-teacher.weight)
+        flipped.bias.zero_()
+    assert not dipped(shifted) and dipped(flipped)
+    # A step that did not fall on the whole exam never retries.
+    result.curve[1]["agreement"] = 1.0
+    assert not dipped(flipped)
+    # Where the teacher is sure of too few samples, the whole exam decides alone.
+    few = Exam(exam.x[-(MIN_SURE_SAMPLES + 10):], exam.teacher_logits[-(MIN_SURE_SAMPLES + 10):], {"samples": 26})
+    result.curve[1]["agreement"] = 0.8
+    assert _dip_test(teacher, few, result)(shifted)
