@@ -9,11 +9,11 @@ the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` 
 the exam samples the teacher is sure of (``check_part``); otherwise the job keeps fp32 only and says why.
 
 Why not the whole exam: most of its generator samples sit on the teacher's decision boundaries (class mixes),
-where any rounding flips the class. Measured on five teachers over fourteen runs (docs/benchmarks.md, issue 22),
+where any rounding flips the class. Measured on five teachers over fifteen runs (docs/benchmarks.md, issue 22),
 the job's int8 models, −2.00 to +1.25 points from their fp32 model on real data, lost 1-18 points of whole-exam
 agreement (the same models calibrated on real data 10-55), so the whole exam refused every int8 model. On the
 samples the teacher gives one class 90% or more they lost at most 1.2 points, while Gaussian-noise calibration
-lost 2.7-28 points on thirteen of fourteen (LeNet-5's, 9 points lower on real data, among them). It guards
+lost 2.7-28 points on thirteen of fifteen (LeNet-5's, 9 points lower on real data, among them). It guards
 against a broken model; it does not estimate accuracy (MobileNetV3-small's int8 model 2.00 points lower lost
 nothing there).
 
