@@ -22,21 +22,11 @@ from torch import nn
 
 import kegnet.distill.train as train
 import kegnet.tasks.classify as classify
+from bench.datasets import accuracy
 from bench.suite.run import config_for
 from bench.suite.teachers import suite_teacher
 from kegnet import run_pipeline
 from kegnet.distill.exam import Exam, confident_part, generator_part, grade
-
-log = logging.getLogger("bench.steps")
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    hits = sum(int((model(a).argmax(1) == b).sum()) for a, b in zip(x.split(1000), y.split(1000), strict=True))
-    model.train(was_training)
-    return hits / len(y)
 
 
 def run(entry: str, seed: int, retry: bool) -> dict[str, Any]:
@@ -49,7 +39,7 @@ def run(entry: str, seed: int, retry: bool) -> dict[str, Any]:
         points.append({"step": step, "lr": lr, "agreement": g.agreement, "balanced": g.balanced, "kl": g.kl,
                        "confident": grade(student, sure).agreement, "confident_n": len(sure.x),
                        "generator": grade(student, generator_part(exam)).agreement,
-                       "real": _accuracy(student, x_test, y_test)})
+                       "real": accuracy(student, x_test, y_test)})
 
     # Wrap the two places a step is seen: the start (the task's call of distill) and each graded step.
     distill, evaluate = classify.distill, train._evaluate
@@ -71,7 +61,7 @@ def run(entry: str, seed: int, retry: bool) -> dict[str, Any]:
             result = run_pipeline(path, spec, config_for(entry, extra=extra), tmp, device="cpu", seed=seed)
     finally:
         classify.distill, train._evaluate = distill, evaluate
-    return {"entry": entry, "seed": seed, "retry": retry, "final_real": _accuracy(result.student, x_test, y_test),
+    return {"entry": entry, "seed": seed, "retry": retry, "final_real": accuracy(result.student, x_test, y_test),
             "points": points}
 
 

@@ -230,9 +230,10 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
         method, grades = best_method(work / "prepared.onnx", work, calibration, exam, threads, should_cancel,
                                      reduce_range)
         chosen = work / f"{method}.onnx"
-        fp32_grade = grade(OnnxModel(fp32, threads), exam)
+        fp32_model = OnnxModel(fp32, threads)
+        fp32_grade = grade(fp32_model, exam)
         part, on = check_part(exam)
-        agree = {name: agreement_on(OnnxModel(p, threads), part) for name, p in (("fp32", fp32), ("int8", chosen))}
+        agree = {"fp32": agreement_on(fp32_model, part), "int8": agreement_on(OnnxModel(chosen, threads), part)}
         check = {"on": on, "samples": len(part.x), **agree, "drop": agree["fp32"] - agree["int8"],
                  "max_drop": max_drop}
         latency = time_in_turns({"fp32": fp32, "int8": chosen}, input_shape, threads=threads, repeats=repeats,
