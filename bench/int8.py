@@ -7,6 +7,8 @@ chosen on the job's synthetic exam (kegnet.compression.quantize.best_method):
 - ``int8``: the job's own synthetic samples (the kept recipe's mix, the same draw as the job's);
 - ``int8-gaussian``: standard Gaussian noise;
 - ``int8-real``: the real training split (the ceiling: bench only, never the product);
+- with ``--bias-correction``, each int8 model again with its biases corrected on its own calibration samples
+  (``kegnet.compression.bias_correction``), suffixed ``-bc``: the same model, paired;
 - with ``--both-ranges``, each again with the other weight range (``compression.quantize_reduce_range``
   flipped: 7-bit weights where the config has 8), suffixed ``-7bit`` or ``-8bit``: the same student, paired.
 
@@ -41,6 +43,7 @@ from bench.scenarios import LENET
 from bench.suite.teachers import suite_teacher
 from kegnet import ClassifierConfig, ModelSpec, export, load_teacher, run_pipeline
 from kegnet.compression import quantize
+from kegnet.compression.bias_correction import correct_bias
 from kegnet.distill.exam import Grade, build_exam, confident_part, exam_sources, generator_part, grade
 from kegnet.generation import KegNetSampler
 from kegnet.tasks.classify import calibration_set
@@ -106,7 +109,8 @@ def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> flo
 
 
 def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
-        extra: dict[str, Any], job: bool = True, both_ranges: bool = False) -> dict[str, Any]:
+        extra: dict[str, Any], job: bool = True, both_ranges: bool = False,
+        bias_correction: bool = False) -> dict[str, Any]:
     teacher, spec, (x_train, _, x_test, y_test) = TEACHERS[name].build()
     teacher = teacher.eval()
     sections = {k: dict(v) for k, v in TEACHERS[name].config.items()}
@@ -155,6 +159,12 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
         paths[row], whole[row] = work / row / f"{method}.onnx", grades[method]
         rows[row] = {"calibration": source, "method": method, "reduce_range": reduce_range,
                      "methods": {m: g.agreement for m, g in grades.items()}}
+        if bias_correction:  # the same model, its biases corrected on the same samples: a paired row
+            corrected = work / row / "bias-corrected.onnx"
+            done = correct_bias(work / "prepared.onnx", paths[row], corrected, x_cal, threads)
+            paths[row + "-bc"] = corrected
+            whole[row + "-bc"] = grade(quantize.OnnxModel(corrected, threads), exam)
+            rows[row + "-bc"] = {**rows[row], "method": f"{method} + bias correction", "bias_correction": done}
     whole["fp32"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam)
     for row, path in paths.items():
         rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
@@ -200,13 +210,15 @@ def main() -> None:
                         "quantized with Gaussian and real calibration only (no generators, so no int8 row)")
     parser.add_argument("--both-ranges", action="store_true", help="every int8 row also with the other weight "
                         "range (compression.quantize_reduce_range flipped), on the same student")
+    parser.add_argument("--bias-correction", action="store_true", help="every int8 row also bias-corrected on "
+                        "its calibration samples (kegnet.compression.bias_correction), suffixed -bc")
     parser.add_argument("--out", type=Path, help="JSON of the rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         result = run(args.teacher, args.seed, args.threads, Path(tmp), args.repeats, args.budget_s, args.config,
-                     not args.no_job, args.both_ranges)
+                     not args.no_job, args.both_ranges, args.bias_correction)
     result |= {"command": "python -m bench.int8 " + shlex.join(sys.argv[1:]), "machine": platform.processor()
                or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     print(table(result))

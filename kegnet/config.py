@@ -132,6 +132,10 @@ class CompressionConfig(_Strict):
                            "8-bit dot products can saturate (the full range was more accurate on four of five "
                            "teachers measured on such a CPU, docs/benchmarks.md)",
     )
+    quantize_bias_correction: bool = Field(
+        False, description="int8: shift each quantized layer's bias so that its mean output per channel on the "
+                           "calibration samples matches the fp32 model's (kegnet.compression.bias_correction)",
+    )
     quantize_max_drop: float = Field(
         0.02, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher (fp32 ONNX -> int8) "
                                           "on the synthetic exam samples the teacher is sure of (the whole exam "

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kegnet.compression.bias_correction import correct_bias
 from kegnet.distill.exam import SURE, Exam, Grade, agreement_on, choose, grade, sure_part
 from kegnet.errors import Cancelled
 from kegnet.report import Quantization
@@ -218,10 +219,12 @@ def _verdict(check: dict[str, Any], latency: dict[str, dict[str, float]], tolera
 def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, exam: Exam,
                  input_shape: tuple[int, ...], *, max_drop: float, tolerance: float, threads: int = 1,
                  repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
-                 should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False) -> Quantization:
+                 should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False,
+                 bias_correction: bool = False) -> Quantization:
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized with the best calibration method, checked, and
     written to ``out`` only when it is not slower and loses at most ``max_drop`` of agreement with the teacher on
-    ``check_part(exam)``; the report says why not."""
+    ``check_part(exam)``; the report says why not. ``bias_correction``: the chosen model's biases corrected on
+    ``calibration`` first (kegnet.compression.bias_correction)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
@@ -230,6 +233,11 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
         method, grades = best_method(work / "prepared.onnx", work, calibration, exam, threads, should_cancel,
                                      reduce_range)
         chosen = work / f"{method}.onnx"
+        int8_grade, corrected = grades[method], None
+        if bias_correction:
+            corrected = correct_bias(work / "prepared.onnx", chosen, work / "corrected.onnx", calibration, threads)
+            chosen = work / "corrected.onnx"
+            int8_grade = grade(OnnxModel(chosen, threads), exam)
         fp32_model = OnnxModel(fp32, threads)
         fp32_grade = grade(fp32_model, exam)
         part, on = check_part(exam)
@@ -248,9 +256,10 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
     return Quantization(
         kept=why_not is None, file=out.name if why_not is None else None, reason=why_not, method=method,
         calibration={"source": source, "samples": len(calibration), "method": method,
+                     **({"bias_correction": corrected} if corrected is not None else {}),
                      "methods": {m: _grade_figures(g) for m, g in grades.items()}},
-        exam_agreement={"fp32": fp32_grade.agreement, "int8": grades[method].agreement,
-                        "drop": fp32_grade.agreement - grades[method].agreement},
+        exam_agreement={"fp32": fp32_grade.agreement, "int8": int8_grade.agreement,
+                        "drop": fp32_grade.agreement - int8_grade.agreement},
         check=check,
         latency_ms=latency, threads=threads, bytes=sizes,
         settings={**SETTINGS, "weight_range": "7-bit (reduce_range)" if reduce_range else "8-bit",

@@ -435,7 +435,8 @@ def _quantize(job: _Job) -> Quantization:
         job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
         max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
         repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
-        should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range)
+        should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range,
+        bias_correction=cfg.quantize_bias_correction)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:

@@ -119,3 +119,17 @@ def test_every_calibration_method_gives_its_own_ranges(lenet, tmp_path: Path) ->
         files[method] = (tmp_path / f"{method}.onnx").read_bytes()
     assert len(set(files.values())) == len(quantize.METHODS)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared.onnx", *(f"{m}.onnx" for m in files)])
+
+
+def test_bias_correction_changes_the_kept_model_and_is_reported(lenet, tmp_path: Path) -> None:
+    _, fp32, exam, calibration = lenet
+    files = {}
+    for corrected in (False, True):
+        out = tmp_path / f"{corrected}.int8.onnx"
+        q = quantize.quantize_job(fp32, out, calibration, "gaussian", exam, LENET_SPEC.input_shape, max_drop=1.0,
+                                  tolerance=10.0, repeats=3, budget_s=0.05, bias_correction=corrected)
+        assert q.kept
+        files[corrected] = out.read_bytes()
+        assert ("bias_correction" in q.calibration) == corrected
+    assert q.calibration["bias_correction"]["layers"] == 5  # LeNet-5's two convs and three linears
+    assert len(files[True]) == len(files[False]) and files[True] != files[False]  # only bias values moved
