@@ -15,6 +15,7 @@ output is the pre-activation one, as the fp32 graph's is.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kegnet.errors import Cancelled
+
 log = logging.getLogger(__name__)
 
-BATCH = 64
+BATCH = 16  # samples per run: the fp32 pass returns every corrected layer's output at once
 LAYERS = ("Conv", "Gemm")
 
 
@@ -87,21 +90,26 @@ def _channel_means(model: Any, outputs: list[str], samples: np.ndarray, threads:
     return {name: s / counts[name] for name, s in sums.items()}
 
 
-def correct_bias(fp32: Path, int8: Path, out: Path, samples: torch.Tensor, threads: int = 1) -> dict[str, Any]:
+def correct_bias(fp32: Path, int8: Path, out: Path, samples: torch.Tensor, threads: int = 1,
+                 should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Write ``out``: ``int8`` (a QDQ model quantized from ``fp32``) with each quantized Conv/Gemm bias shifted so
     that the layer's mean output per channel on ``samples`` ``(N, *input_shape)`` matches ``fp32``'s, layer by
     layer in graph order. Returns ``{"layers", "skipped", "mean_abs_shift"}``: layers corrected, Conv/Gemm nodes
-    without a quantized bias (left as they are), and the mean absolute bias change in the output's units."""
+    left as they are (no quantized bias, or no node of that name in ``fp32``), and the mean absolute bias change
+    in the output's units."""
     import onnx
     from onnx import numpy_helper
 
     x = samples.detach().float().cpu().numpy()
     reference, model = onnx.load(str(fp32)), onnx.load(str(int8))
-    layers = _biased_layers(model)
+    in_reference = {n.name for n in reference.graph.node}
+    layers = [layer for layer in _biased_layers(model) if layer.node in in_reference]
     targets = _layer_means(reference, [layer.node for layer in layers], x, threads)
     initializers = {i.name: i for i in model.graph.initializer}
     shifts = []
     for layer in layers:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("cancelled while correcting the int8 model's biases")
         current = _layer_means(model, [layer.node], x, threads)[layer.node]
         shift = targets[layer.node] - current
         bias, scale = (numpy_helper.to_array(initializers[n]) for n in (layer.bias, layer.scale))
@@ -111,8 +119,10 @@ def correct_bias(fp32: Path, int8: Path, out: Path, samples: torch.Tensor, threa
         shifts.append(float(np.abs(shift).mean()))
     onnx.save(model, str(out))
     skipped = sum(1 for n in model.graph.node if n.op_type in LAYERS) - len(layers)
-    return {"layers": len(layers), "skipped": skipped,
-            "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0}
+    done = {"layers": len(layers), "skipped": skipped, "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0}
+    log.info("bias correction: %d layers corrected, %d left, mean shift %.3g", done["layers"], skipped,
+             done["mean_abs_shift"])
+    return done
 
 
 def _layer_means(model: Any, nodes: list[str], x: np.ndarray, threads: int) -> dict[str, np.ndarray]:

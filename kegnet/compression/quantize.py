@@ -235,7 +235,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
         chosen = work / f"{method}.onnx"
         int8_grade, corrected = grades[method], None
         if bias_correction:
-            corrected = correct_bias(work / "prepared.onnx", chosen, work / "corrected.onnx", calibration, threads)
+            corrected = correct_bias(work / "prepared.onnx", chosen, work / "corrected.onnx", calibration, threads,
+                                     should_cancel)
             chosen = work / "corrected.onnx"
             int8_grade = grade(OnnxModel(chosen, threads), exam)
         fp32_model = OnnxModel(fp32, threads)
