@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kegnet.compression.onnx_session import open_session
 from kegnet.errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ def _channel_means(model: Any, outputs: list[str], samples: np.ndarray, threads:
     """The mean over samples (and positions) of each tensor in ``outputs`` per channel (axis 1):
     ``{name: (C,)}``; the tensors are made graph outputs of a copy of ``model``."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     probe = onnx.ModelProto()
@@ -74,10 +74,7 @@ def _channel_means(model: Any, outputs: list[str], samples: np.ndarray, threads:
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                               for name in outputs if name not in known)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = open_session(probe.SerializeToString(), threads)
     input_name = session.get_inputs()[0].name
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from kegnet.compression.bias_correction import correct_bias
+from kegnet.compression.onnx_session import open_session
 from kegnet.distill.exam import SURE, Exam, Grade, agreement_on, choose, grade, sure_part
 from kegnet.errors import Cancelled
 from kegnet.report import Quantization
@@ -64,21 +65,12 @@ def missing_runtime() -> str | None:
     return None
 
 
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3  # its warnings about unused initializers are not the user's concern
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 class OnnxModel(nn.Module):
     """An onnxruntime session behind ``nn.Module``'s call, so the exam grades it like a torch student."""
 
     def __init__(self, path: Path, threads: int = 1) -> None:
         super().__init__()
-        self.session = _session(path, threads)
+        self.session = open_session(path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +108,7 @@ def quantize(prepared: Path, path: Path, calibration: torch.Tensor, method: str,
     ``reduce_range``: weights in 7 bits."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    name = _session(prepared, 1).get_inputs()[0].name
+    name = open_session(prepared, 1).get_inputs()[0].name
     samples = calibration.detach().float().cpu().numpy()
     # Entropy's ranges come in as overrides (below); quantize_static then only needs a calibrator to run.
     method_of = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.MinMax,
@@ -172,7 +164,7 @@ def time_in_turns(paths: dict[str, Path], input_shape: tuple[int, ...], *, threa
                   seed: int = 0) -> dict[str, dict[str, float]]:
     """Milliseconds per run of each model at each batch (median and fastest), runs alternating between the
     models so that all see the same machine: ``{name: {"batch1_ms", "batch1_min_ms", ...}}``."""
-    sessions = {name: _session(p, threads) for name, p in paths.items()}
+    sessions = {name: open_session(p, threads) for name, p in paths.items()}
     out: dict[str, dict[str, float]] = {name: {} for name in paths}
     rng = np.random.default_rng(seed)
     for b in batches:
