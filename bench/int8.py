@@ -10,7 +10,10 @@ chosen on the job's synthetic exam (kegnet.compression.quantize.best_method):
 - with ``--bias-correction``, each int8 model again with its biases corrected on its own calibration samples
   (``kegnet.compression.bias_correction``), suffixed ``-bc``: the same model, paired;
 - with ``--both-ranges``, each again with the other weight range (``compression.quantize_reduce_range``
-  flipped: 7-bit weights where the config has 8), suffixed ``-7bit`` or ``-8bit``: the same student, paired.
+  flipped: 7-bit weights where the config has 8), suffixed ``-7bit`` or ``-8bit``: the same student, paired;
+- with ``--both-equalization``, each again with the range equalization inside factorized layers
+  (kegnet.compression.equalization, on the row's own calibration samples; by default on every row but the
+  Gaussian one, as in the job) flipped, suffixed ``-noeq`` or ``-eq``: the same student, paired.
 
 Rows report real test accuracy (onnxruntime), agreement with the teacher on the synthetic exam (the whole exam,
 which chooses the method as in the job, its generator samples alone, and the samples the teacher gives one class
@@ -44,6 +47,7 @@ from bench.suite.teachers import suite_teacher
 from kegnet import ClassifierConfig, ModelSpec, export, load_teacher, run_pipeline
 from kegnet.compression import quantize
 from kegnet.compression.bias_correction import correct_bias
+from kegnet.compression.equalization import equalize
 from kegnet.distill.exam import Grade, build_exam, confident_part, exam_sources, generator_part, grade
 from kegnet.generation import KegNetSampler
 from kegnet.tasks.classify import calibration_set
@@ -110,7 +114,7 @@ def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> flo
 
 def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
         extra: dict[str, Any], job: bool = True, both_ranges: bool = False,
-        bias_correction: bool = False) -> dict[str, Any]:
+        bias_correction: bool = False, both_equalization: bool = False) -> dict[str, Any]:
     teacher, spec, (x_train, _, x_test, y_test) = TEACHERS[name].build()
     teacher = teacher.eval()
     sections = {k: dict(v) for k, v in TEACHERS[name].config.items()}
@@ -149,19 +153,31 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
     quantize.prepare(paths["fp32"], work / "prepared.onnx")
     rows: dict[str, dict[str, Any]] = {name: {"calibration": "-"} for name in paths}
     whole: dict[str, Grade] = {}  # each model's grade on the whole exam
-    reduce = cfg.compression.quantize_reduce_range
+    reduce, eq = cfg.compression.quantize_reduce_range, cfg.compression.quantize_equalize
     ranges = {"": reduce, **({"-8bit" if reduce else "-7bit": not reduce} if both_ranges else {})}
-    for (row, (x_cal, source)), (suffix, reduce_range) in itertools.product(calibrations.items(), ranges.items()):
-        row += suffix
+    for (row, (x_cal, source)), (r_suffix, reduce_range), flipped in itertools.product(
+            calibrations.items(), ranges.items(), (False, True) if both_equalization else (False,)):
+        equalized = eq and source != "gaussian"  # as in the job: never on noise
+        if flipped:
+            equalized, r_suffix = not equalized, r_suffix + ("-eq" if not equalized else "-noeq")
+        row += r_suffix
         (work / row).mkdir()
-        method, grades = quantize.best_method(work / "prepared.onnx", work / row, x_cal, exam, threads,
-                                              reduce_range=reduce_range)
+        prepared, eq_done = work / "prepared.onnx", None
+        if equalized:  # on the row's own calibration samples, as the job does on its own
+            prepared = work / row / "equalized.onnx"
+            eq_done = equalize(work / "prepared.onnx", prepared, x_cal, threads)
+        method, grades = quantize.best_method(prepared, work / row, x_cal, exam, threads, reduce_range=reduce_range)
         paths[row], whole[row] = work / row / f"{method}.onnx", grades[method]
-        rows[row] = {"calibration": source, "method": method, "reduce_range": reduce_range,
-                     "methods": {m: g.agreement for m, g in grades.items()}}
+        # Every method's real accuracy too: how much the exam's choice costs against the best of the three.
+        rows[row] = {"calibration": source, "method": method, "reduce_range": reduce_range, "equalization": eq_done,
+                     "methods": {m: g.agreement for m, g in grades.items()},
+                     "methods_grades": {m: {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl}
+                                        for m, g in grades.items()},
+                     "methods_test_accuracy": {m: _accuracy(work / row / f"{m}.onnx", x_test, y_test, threads)
+                                               for m in grades}}
         if bias_correction:  # the same model, its biases corrected on the same samples: a paired row
             corrected = work / row / "bias-corrected.onnx"
-            done = correct_bias(work / "prepared.onnx", paths[row], corrected, x_cal, threads)
+            done = correct_bias(prepared, paths[row], corrected, x_cal, threads)
             paths[row + "-bc"] = corrected
             whole[row + "-bc"] = grade(quantize.OnnxModel(corrected, threads), exam)
             rows[row + "-bc"] = {**rows[row], "method": f"{method} + bias correction", "bias_correction": done}
@@ -184,14 +200,16 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
 def table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     fp32 = rows["fp32"]
-    lines = ["| row | calibration | method | test acc. % | exam agreement %: whole / generator samples / confident "
-             "samples | bytes | "
-             "smaller than student.onnx | batch 1 ms | batch 64 ms | speed-up 1 / 64 |", "|---" * 10 + "|"]
+    lines = ["| row | calibration | method | test acc. % | test acc. % by method: minmax / entropy / percentile | "
+             "exam agreement %: whole / generator samples / confident samples | bytes | "
+             "smaller than student.onnx | batch 1 ms | batch 64 ms | speed-up 1 / 64 |", "|---" * 11 + "|"]
     for name, r in rows.items():
         exam = " / ".join(f"{100 * r[k]:.2f}" if k in r else "-"
                           for k in ("exam_agreement", "generator_exam_agreement", "confident_exam_agreement"))
+        by_method = " / ".join(f"{100 * a:.2f}" for a in r.get("methods_test_accuracy", {}).values()) or "-"
         lines.append(
-            f"| {name} | {r['calibration']} | {r.get('method', '-')} | {100 * r['test_accuracy']:.2f} | {exam} | "
+            f"| {name} | {r['calibration']} | {r.get('method', '-')} | {100 * r['test_accuracy']:.2f} | {by_method} | "
+            f"{exam} | "
             f"{r['bytes']:,} | {fp32['bytes'] / r['bytes']:.2f}x | {r['batch1_ms']:.3f} | {r['batch64_ms']:.2f} | "
             f"{fp32['batch1_min_ms'] / r['batch1_min_ms']:.2f}x / "
             f"{fp32['batch64_min_ms'] / r['batch64_min_ms']:.2f}x |")
@@ -212,13 +230,15 @@ def main() -> None:
                         "range (compression.quantize_reduce_range flipped), on the same student")
     parser.add_argument("--bias-correction", action="store_true", help="every int8 row also bias-corrected on "
                         "its calibration samples (kegnet.compression.bias_correction), suffixed -bc")
+    parser.add_argument("--both-equalization", action="store_true", help="every int8 row also with the range "
+                        "equalization (compression.quantize_equalize) flipped, on the same student")
     parser.add_argument("--out", type=Path, help="JSON of the rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         result = run(args.teacher, args.seed, args.threads, Path(tmp), args.repeats, args.budget_s, args.config,
-                     not args.no_job, args.both_ranges, args.bias_correction)
+                     not args.no_job, args.both_ranges, args.bias_correction, args.both_equalization)
     result |= {"command": "python -m bench.int8 " + shlex.join(sys.argv[1:]), "machine": platform.processor()
                or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     print(table(result))

@@ -132,6 +132,11 @@ class CompressionConfig(_Strict):
                            "8-bit dot products can saturate (the full range was more accurate on four of five "
                            "teachers measured on such a CPU, docs/benchmarks.md)",
     )
+    quantize_equalize: bool = Field(
+        True, description="int8: first bring the channels between the linear maps of each factorized layer to one "
+                          "range on the calibration samples, compensated in the next map so that the fp32 model is "
+                          "unchanged (kegnet.compression.equalization)",
+    )
     quantize_bias_correction: bool = Field(
         False, description="int8: shift each quantized layer's bias so that its mean output per channel on the "
                            "calibration samples matches the fp32 model's (kegnet.compression.bias_correction)",

@@ -2,11 +2,13 @@
 
 onnxruntime's ``quantize_static`` writes a QDQ model (QuantizeLinear/DequantizeLinear around each quantized
 op): weights int8 per output channel, activations uint8 with ranges from calibration. Calibration data are the
-job's own synthetic samples (never data). The calibration method (MinMax, Entropy, Percentile) is not fixed:
-each is tried and the one whose model agrees best with the teacher on the job's synthetic exam is kept
-(kegnet.distill.exam.choose). Then the checks of the latency filter: the int8 model must not run slower than
-the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of agreement with the teacher on
-the exam samples the teacher is sure of (``check_part``); otherwise the job keeps fp32 only and says why.
+job's own synthetic samples (never data). Before calibration, the channels inside each factorized layer are
+brought to one range (kegnet.compression.equalization: exact in fp32). The calibration method (MinMax, Entropy,
+Percentile) is not fixed: each is tried and the one whose model agrees best with the teacher on the job's
+synthetic exam is kept (kegnet.distill.exam.choose). Then the checks of the latency filter: the int8 model must
+not run slower than the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of agreement
+with the teacher on the exam samples the teacher is sure of (``check_part``); otherwise the job keeps fp32 only
+and says why.
 
 Why not the whole exam: most of its generator samples sit on the teacher's decision boundaries (class mixes),
 where any rounding flips the class. Measured on five teachers over fifteen runs (docs/benchmarks.md, issue 22),
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from kegnet.compression.bias_correction import correct_bias
+from kegnet.compression.equalization import equalize
 from kegnet.compression.onnx_session import open_session
 from kegnet.distill.exam import SURE, Exam, Grade, agreement_on, choose, grade, sure_part
 from kegnet.errors import Cancelled
@@ -52,6 +55,10 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 SETTINGS = {"format": "QDQ", "weights": "int8, per channel", "activations": "uint8"}
 CALIBRATION_BATCH = 64
+# The int8 model should compute what its fp32 model computes: the exam's KL from the teacher measures that on
+# every sample, while agreement counts the few boundary samples whose class flips. Over the methods of eight int8
+# models of lcnet_050 students, KL's choice was the best on real data in each (docs/benchmarks.md, issue 22).
+CHOOSE_BY = "kl"
 BATCHES = (1, 64)
 
 
@@ -148,15 +155,15 @@ def _entropy_ranges(prepared: Path, augmented: Path, name: str, samples: np.ndar
 def best_method(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam, threads: int = 1,
                 should_cancel: Callable[[], bool] | None = None,
                 reduce_range: bool = False) -> tuple[str, dict[str, Grade]]:
-    """Quantize with every calibration method into ``work/<method>.onnx``; the method whose model agrees best
-    with the teacher on ``exam``, and every method's grade."""
+    """Quantize with every calibration method into ``work/<method>.onnx``; the method whose model is closest to
+    the teacher on ``exam`` (``CHOOSE_BY``), and every method's grade."""
     grades: dict[str, Grade] = {}
     for method in METHODS:
         if should_cancel is not None and should_cancel():
             raise Cancelled("cancelled while quantizing")
         quantize(prepared, work / f"{method}.onnx", calibration, method, reduce_range)
         grades[method] = grade(OnnxModel(work / f"{method}.onnx", threads), exam)
-    return choose(grades), grades
+    return choose(grades, by=CHOOSE_BY), grades
 
 
 def time_in_turns(paths: dict[str, Path], input_shape: tuple[int, ...], *, threads: int = 1,
@@ -212,23 +219,27 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                  input_shape: tuple[int, ...], *, max_drop: float, tolerance: float, threads: int = 1,
                  repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
                  should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False,
-                 bias_correction: bool = False) -> Quantization:
+                 equalize_ranges: bool = True, bias_correction: bool = False) -> Quantization:
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized with the best calibration method, checked, and
     written to ``out`` only when it is not slower and loses at most ``max_drop`` of agreement with the teacher on
-    ``check_part(exam)``; the report says why not. ``bias_correction``: the chosen model's biases corrected on
-    ``calibration`` first (kegnet.compression.bias_correction)."""
+    ``check_part(exam)``; the report says why not. ``equalize_ranges``: the channels inside factorized layers
+    brought to one range on ``calibration`` first (kegnet.compression.equalization); ``bias_correction``: the
+    chosen model's biases corrected on ``calibration`` (kegnet.compression.bias_correction)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
         work = Path(tmp)
-        prepare(fp32, work / "prepared.onnx")
-        method, grades = best_method(work / "prepared.onnx", work, calibration, exam, threads, should_cancel,
-                                     reduce_range)
+        prepared = work / "prepared.onnx"
+        prepare(fp32, prepared)
+        equalized = None
+        if equalize_ranges:  # the same fp32 function: the reference of the bias correction too
+            equalized = equalize(prepared, work / "equalized.onnx", calibration, threads, should_cancel)
+            prepared = work / "equalized.onnx"
+        method, grades = best_method(prepared, work, calibration, exam, threads, should_cancel, reduce_range)
         chosen = work / f"{method}.onnx"
         int8_grade, corrected = grades[method], None
         if bias_correction:
-            corrected = correct_bias(work / "prepared.onnx", chosen, work / "corrected.onnx", calibration, threads,
-                                     should_cancel)
+            corrected = correct_bias(prepared, chosen, work / "corrected.onnx", calibration, threads, should_cancel)
             chosen = work / "corrected.onnx"
             int8_grade = grade(OnnxModel(chosen, threads), exam)
         fp32_model = OnnxModel(fp32, threads)
@@ -249,6 +260,7 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
     return Quantization(
         kept=why_not is None, file=out.name if why_not is None else None, reason=why_not, method=method,
         calibration={"source": source, "samples": len(calibration), "method": method,
+                     **({"equalization": equalized} if equalized is not None else {}),
                      **({"bias_correction": corrected} if corrected is not None else {}),
                      "methods": {m: _grade_figures(g) for m, g in grades.items()}},
         exam_agreement={"fp32": fp32_grade.agreement, "int8": int8_grade.agreement,

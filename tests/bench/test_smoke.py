@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_mnist_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "mnist.json"
     cmd = [sys.executable, "-m", "bench", "mnist", "--seeds", "2", "--scale", "0.004", "--test-limit", "500",
-           "--device", "cpu", "--methods", "tucker-only,kegnet", "--out", str(out)]
+           "--device", "cpu", "--methods", "tucker-only,kegnet", "--out", str(out),
+           "--config", '{"generator": {"batch_size": 64}, "distill": {"batch_size": 64, "holdout_samples": 512}}']
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| 4.10x | kegnet |" in proc.stdout
@@ -77,7 +78,9 @@ def test_library_scenario_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(teachers, "IMAGE_STEPS", {"fashion-mobilenetv3": 2})
     monkeypatch.setattr(teachers, "fashion_inputs", lambda split, c: tuple(t[:256] for t in small(split, c)))
     config = {"generator": {"batch_size": 8}, "distill": {"batch_size": 8, "holdout_samples": 64},
-              "compression": {"keep_slower": True, "latency_repeats": 3, "latency_budget_s": 0.05}}
+              # the weight fit: the output refit's tests are tests/kegnet/compression/test_fit.py (here it took 3/4
+              # of the time)
+              "compression": {"keep_slower": True, "latency_repeats": 3, "latency_budget_s": 0.05, "fit": "weights"}}
     result = run("fashion-mobilenetv3", 1, "cpu", 0.01, test_limit=64, methods=["tucker-only", "gaussian", "kegnet"],
                  settings=["2.5x"], extra=config)
     rows = {r["method"]: r for r in result["rows"]}

@@ -12,7 +12,9 @@ def test_cli_compresses_the_shared_mnist_teacher(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "kegnet", "compress", str(MNIST_TEACHER), "--arch", "lenet5",
            "--input-shape", "1,32,32", "--num-classes", "10", "--out", str(out), "--layers", "conv2,conv3",
            "--num-generators", "2", "--generator-steps", "10", "--distill-steps", "20", "--rank-method", "evbmf",
-           "--device", "cpu", "--keep-slower"]
+           "--device", "cpu", "--keep-slower",
+           # smaller batches than the defaults' 256 and 2,048 exam samples: the flags' effect is the same
+           "--config", '{"generator": {"batch_size": 64}, "distill": {"batch_size": 64, "holdout_samples": 512}}']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(4.10x)" in proc.stdout and "agreement with the teacher: " in proc.stdout

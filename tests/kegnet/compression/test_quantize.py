@@ -38,6 +38,7 @@ def test_the_int8_model_is_written_smaller_and_agrees(lenet) -> None:
     assert out.stat().st_size * 3 < fp32.stat().st_size  # int8 weights: about 4x fewer bytes
     assert q.method in quantize.METHODS and set(q.calibration["methods"]) == set(quantize.METHODS)
     assert q.calibration["source"] == "gaussian" and q.calibration["samples"] == 128
+    assert q.calibration["equalization"]["pairs"] == 0  # the teacher itself: no factorized layer to equalize
     assert set(q.latency_ms) == {"fp32", "int8"} and q.latency_ms["int8"]["batch64_ms"] > 0
     # It loads in onnxruntime and predicts what the fp32 model predicts on samples it was not calibrated on.
     x = torch.randn(200, *LENET_SPEC.input_shape, generator=torch.Generator().manual_seed(3))

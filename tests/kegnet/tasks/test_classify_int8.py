@@ -33,6 +33,8 @@ def test_a_job_writes_the_int8_student_and_reports_it(tmp_path: Path) -> None:
     assert q["kept"] == (tmp_path / "student.int8.onnx").is_file() == ("student.int8.onnx" in files)
     assert q["calibration"]["source"] == result.report.classify.recipe  # the kept recipe's mix, never data
     assert q["calibration"]["samples"] == 64 and q["method"] in ("minmax", "entropy", "percentile")
+    # conv3's Tucker-2 factors (first -> core -> last, nothing between): two pairs whose ranges were equalized
+    assert q["calibration"]["equalization"]["pairs"] == 2
     assert q["bytes"]["fp32"] == files["student.onnx"]["bytes"]
     if q["kept"]:
         session = ort.InferenceSession(str(tmp_path / "student.int8.onnx"))
