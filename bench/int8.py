@@ -2,7 +2,7 @@
 
 One job with ``compression.quantize: int8`` (the product's path: the student, or the teacher where no layer is
 worth factorizing), then the job's ``student.onnx`` quantized three ways, each with its calibration method
-chosen on the job's synthetic exam (kegnet.compression.quantize.best_method):
+chosen on the job's synthetic exam (kegnet.compression.quantize.best_int8):
 
 - ``int8``: the job's own synthetic samples (the kept recipe's mix, the same draw as the job's);
 - ``int8-gaussian``: standard Gaussian noise;
@@ -47,7 +47,6 @@ from bench.suite.teachers import suite_teacher
 from kegnet import ClassifierConfig, ModelSpec, export, load_teacher, run_pipeline
 from kegnet.compression import quantize
 from kegnet.compression.bias_correction import correct_bias
-from kegnet.compression.equalization import equalize
 from kegnet.distill.exam import Grade, build_exam, confident_part, exam_sources, generator_part, grade
 from kegnet.generation import KegNetSampler
 from kegnet.tasks.classify import calibration_set
@@ -112,6 +111,12 @@ def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> flo
     return hits / len(y)
 
 
+def _candidate_path(work: Path, name: str) -> Path:
+    """Where ``quantize.best_int8`` wrote candidate ``name`` ("entropy", "equalized entropy", ...)."""
+    equalized = name.startswith("equalized ")
+    return (work / "equalized" if equalized else work) / f"{name.removeprefix('equalized ')}.onnx"
+
+
 def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
         extra: dict[str, Any], job: bool = True, both_ranges: bool = False,
         bias_correction: bool = False, both_equalization: bool = False) -> dict[str, Any]:
@@ -157,27 +162,28 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
     ranges = {"": reduce, **({"-8bit" if reduce else "-7bit": not reduce} if both_ranges else {})}
     for (row, (x_cal, source)), (r_suffix, reduce_range), flipped in itertools.product(
             calibrations.items(), ranges.items(), (False, True) if both_equalization else (False,)):
-        equalized = eq and source != "gaussian"  # as in the job: never on noise
+        # As in the job: the plain and the equalized model both candidates, never equalized on noise.
+        candidates = "both" if eq and source != "gaussian" else "plain"
         if flipped:
-            equalized, r_suffix = not equalized, r_suffix + ("-eq" if not equalized else "-noeq")
+            candidates, r_suffix = ("plain", r_suffix + "-noeq") if candidates == "both" else \
+                ("equalized", r_suffix + "-eq")
         row += r_suffix
         (work / row).mkdir()
-        prepared, eq_done = work / "prepared.onnx", None
-        if equalized:  # on the row's own calibration samples, as the job does on its own
-            prepared = work / row / "equalized.onnx"
-            eq_done = equalize(work / "prepared.onnx", prepared, x_cal, threads)
-        method, grades = quantize.best_method(prepared, work / row, x_cal, exam, threads, reduce_range=reduce_range)
-        paths[row], whole[row] = work / row / f"{method}.onnx", grades[method]
-        # Every method's real accuracy too: how much the exam's choice costs against the best of the three.
-        rows[row] = {"calibration": source, "method": method, "reduce_range": reduce_range, "equalization": eq_done,
+        best = quantize.best_int8(work / "prepared.onnx", work / row, x_cal, exam, threads=threads,
+                                  reduce_range=reduce_range, candidates=candidates)
+        method, grades = best.method, best.grades
+        paths[row], whole[row] = best.path, best.grade
+        # Every candidate's real accuracy too: how much the exam's choice costs against the best of them.
+        rows[row] = {"calibration": source, "method": ("equalized " if best.equalized else "") + method,
+                     "reduce_range": reduce_range, "equalization": best.equalization,
                      "methods": {m: g.agreement for m, g in grades.items()},
                      "methods_grades": {m: {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl}
                                         for m, g in grades.items()},
-                     "methods_test_accuracy": {m: _accuracy(work / row / f"{m}.onnx", x_test, y_test, threads)
+                     "methods_test_accuracy": {m: _accuracy(_candidate_path(work / row, m), x_test, y_test, threads)
                                                for m in grades}}
         if bias_correction:  # the same model, its biases corrected on the same samples: a paired row
             corrected = work / row / "bias-corrected.onnx"
-            done = correct_bias(prepared, paths[row], corrected, x_cal, threads)
+            done = correct_bias(best.reference, paths[row], corrected, x_cal, threads)
             paths[row + "-bc"] = corrected
             whole[row + "-bc"] = grade(quantize.OnnxModel(corrected, threads), exam)
             rows[row + "-bc"] = {**rows[row], "method": f"{method} + bias correction", "bias_correction": done}
@@ -200,7 +206,8 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
 def table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     fp32 = rows["fp32"]
-    lines = ["| row | calibration | method | test acc. % | test acc. % by method: minmax / entropy / percentile | "
+    lines = ["| row | calibration | method | test acc. % | test acc. % of each candidate: minmax / entropy / "
+             "percentile (plain, then equalized) | "
              "exam agreement %: whole / generator samples / confident samples | bytes | "
              "smaller than student.onnx | batch 1 ms | batch 64 ms | speed-up 1 / 64 |", "|---" * 11 + "|"]
     for name, r in rows.items():

@@ -10,6 +10,7 @@ from torch import nn
 
 from kegnet.compression import quantize
 from kegnet.compression.equalization import equalize
+from kegnet.distill.exam import Exam
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -73,3 +74,17 @@ def test_a_model_without_pairs_is_written_unchanged(tmp_path: Path) -> None:
     before, after = (onnx.load(str(p)).graph.initializer for p in (tmp_path / "fp32.onnx", tmp_path / "out.onnx"))
     assert all(np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
                for a, b in zip(before, after, strict=True))
+
+
+def test_the_job_keeps_the_candidate_closest_to_the_teacher(models, tmp_path: Path) -> None:
+    prepared, _, samples, _ = models
+    x = torch.randn(256, 1, 14, 14, generator=torch.Generator().manual_seed(4))
+    exam = Exam(x, quantize.OnnxModel(prepared)(x), {"gaussian": len(x)})
+    best = quantize.best_int8(prepared, tmp_path, samples, exam)
+    assert set(best.grades) == {*quantize.METHODS, *(f"equalized {m}" for m in quantize.METHODS)}
+    assert best.grade.kl == min(g.kl for g in best.grades.values())
+    assert best.equalized and best.reference == tmp_path / "equalized.onnx" and best.path.is_file()
+    assert best.equalization is not None and best.equalization["pairs"] == 2
+    (tmp_path / "plain").mkdir()
+    plain = quantize.best_int8(prepared, tmp_path / "plain", samples, exam, candidates="plain")
+    assert set(plain.grades) == set(quantize.METHODS) and not plain.equalized and plain.equalization is None
