@@ -133,9 +133,10 @@ class CompressionConfig(_Strict):
                            "teachers measured on such a CPU, docs/benchmarks.md)",
     )
     quantize_equalize: bool = Field(
-        True, description="int8: first bring the channels between the linear maps of each factorized layer to one "
-                          "range on the calibration samples, compensated in the next map so that the fp32 model is "
-                          "unchanged (kegnet.compression.equalization)",
+        True, description="int8: also quantize a copy whose channels between the linear maps of each factorized "
+                          "layer are brought to one range on the calibration samples (compensated in the next map: "
+                          "the same fp32 function; kegnet.compression.equalization), and keep whichever int8 model "
+                          "is closer to the teacher on the exam; never on Gaussian-noise calibration",
     )
     quantize_bias_correction: bool = Field(
         False, description="int8: shift each quantized layer's bias so that its mean output per channel on the "

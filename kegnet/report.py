@@ -121,7 +121,8 @@ class Quantization(_Section):
         if not self.kept:
             return f"no int8 model: {self.reason}"
         lat, agree, size = self.latency_ms, self.exam_agreement, self.bytes
-        return (f"int8 model ({self.method} calibration on {self.calibration.get('samples')} "
+        equalized = "range-equalized, " if (self.calibration.get("equalization") or {}).get("kept") else ""
+        return (f"int8 model ({equalized}{self.method} calibration on {self.calibration.get('samples')} "
                 f"{self.calibration.get('source')} samples): {size['fp32'] / size['int8']:.2f}x smaller, batch 1 / 64 "
                 f"{lat['int8']['batch1_ms']:.3g} / {lat['int8']['batch64_ms']:.3g} ms against "
                 f"{lat['fp32']['batch1_ms']:.3g} / {lat['fp32']['batch64_ms']:.3g} ms (fp32), exam agreement "
