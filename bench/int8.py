@@ -171,10 +171,10 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
         (work / row).mkdir()
         best = quantize.best_int8(work / "prepared.onnx", work / row, x_cal, exam, threads=threads,
                                   reduce_range=reduce_range, candidates=candidates)
-        method, grades = best.method, best.grades
+        grades = best.grades
         paths[row], whole[row] = best.path, best.grade
         # Every candidate's real accuracy too: how much the exam's choice costs against the best of them.
-        rows[row] = {"calibration": source, "method": ("equalized " if best.equalized else "") + method,
+        rows[row] = {"calibration": source, "method": ("equalized " if best.equalized else "") + best.method,
                      "reduce_range": reduce_range, "equalization": best.equalization,
                      "methods": {m: g.agreement for m, g in grades.items()},
                      "methods_grades": {m: {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl}
@@ -186,7 +186,8 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
             done = correct_bias(best.reference, paths[row], corrected, x_cal, threads)
             paths[row + "-bc"] = corrected
             whole[row + "-bc"] = grade(quantize.OnnxModel(corrected, threads), exam)
-            rows[row + "-bc"] = {**rows[row], "method": f"{method} + bias correction", "bias_correction": done}
+            rows[row + "-bc"] = {**rows[row], "method": f"{rows[row]['method']} + bias correction",
+                                 "bias_correction": done}
     whole["fp32"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam)
     for row, path in paths.items():
         rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}

@@ -191,8 +191,8 @@ def best_int8(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam,
     calibration method (``candidates`` "plain" or "both") and its range-equalized copy quantized likewise
     ("equalized" or "both"; kegnet.compression.equalization on ``calibration``). Equalization is a candidate,
     not a fixed step: it made the lcnet_050 and MobileNetV3-small int8 models 0.7-7.4 points better on real data
-    and LeNet-5's 5.5 points worse (its rank channels' ranges 7,500x apart; docs/benchmarks.md), and the exam's
-    KL chose right in each."""
+    and LeNet-5's 5.5 points worse (its rank channels' ranges only 5x apart: the next map's weights lost more
+    than the activations gained; docs/benchmarks.md), and the exam's KL chose between them right in each."""
     grades: dict[str, Grade] = {}
     equalization, sources = None, {}
     if candidates in ("plain", "both"):
