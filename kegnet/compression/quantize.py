@@ -268,11 +268,11 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                  repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
                  should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False,
                  equalize_ranges: bool = True, bias_correction: bool = False) -> Quantization:
-    """The job's INT8 step: ``fp32`` (``student.onnx``) quantized with the best calibration method, checked, and
-    written to ``out`` only when it is not slower and loses at most ``max_drop`` of agreement with the teacher on
-    ``check_part(exam)``; the report says why not. ``equalize_ranges``: the channels inside factorized layers
-    brought to one range on ``calibration`` first (kegnet.compression.equalization); ``bias_correction``: the
-    chosen model's biases corrected on ``calibration`` (kegnet.compression.bias_correction)."""
+    """The job's INT8 step: ``fp32`` (``student.onnx``) quantized as ``best_int8`` chooses, checked, and written to
+    ``out`` only when it is not slower and loses at most ``max_drop`` of agreement with the teacher on
+    ``check_part(exam)``; the report says why not. ``equalize_ranges``: the range-equalized copy is a candidate
+    too (kegnet.compression.equalization); ``bias_correction``: the chosen model's biases corrected on
+    ``calibration`` (kegnet.compression.bias_correction)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
