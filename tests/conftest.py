@@ -49,8 +49,9 @@ def tiny_config(method: str = "kegnet", **sections: dict) -> ClassifierConfig:
     """A budget of a few steps per stage: exercises every code path in seconds."""
     base = {
         "generator": {"num_generators": 2, "steps": 4, "batch_size": 16},
-        # Tiny layers are slower factorized (three calls for one): keep them, and time them briefly.
-        "compression": {"keep_slower": True, "latency_repeats": 3, "latency_budget_s": 0.01},
+        # Tiny layers are slower factorized (three calls for one): keep them, and time them briefly; the output
+        # refit (fit: auto) on 64 samples, not 2,048.
+        "compression": {"keep_slower": True, "latency_repeats": 3, "latency_budget_s": 0.01, "fit_samples": 64},
         "distill": {"steps": 6, "batch_size": 16, "holdout_samples": 64, "eval_every": 3,
                     "samples_per_generator": 64},
     }
