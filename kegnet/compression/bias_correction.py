@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kegnet.compression.onnx_session import open_session
+from kegnet.compression.onnx_session import intermediate_values
 from kegnet.errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -65,22 +65,11 @@ def _output_of(model: Any, node_name: str) -> str:
 
 def _channel_means(model: Any, outputs: list[str], samples: np.ndarray, threads: int) -> dict[str, np.ndarray]:
     """The mean over samples (and positions) of each tensor in ``outputs`` per channel (axis 1):
-    ``{name: (C,)}``; the tensors are made graph outputs of a copy of ``model``."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                              for name in outputs if name not in known)
-    session = open_session(probe.SerializeToString(), threads)
-    input_name = session.get_inputs()[0].name
+    ``{name: (C,)}``."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for start in range(0, len(samples), BATCH):
-        values = session.run(outputs, {input_name: samples[start:start + BATCH]})
-        for name, value in zip(outputs, values, strict=True):
+    for values in intermediate_values(model, outputs, samples, threads, BATCH):
+        for name, value in values.items():
             axes = tuple(a for a in range(value.ndim) if a != 1)
             sums[name] = sums.get(name, 0.0) + value.astype(np.float64).sum(axis=axes)
             counts[name] = counts.get(name, 0) + value.size // value.shape[1]

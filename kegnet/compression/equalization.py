@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kegnet.compression.onnx_session import open_session
+from kegnet.compression.onnx_session import intermediate_values
 from kegnet.errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -86,18 +86,9 @@ def _pairs(model: Any) -> list[_Pair]:
 
 def _channel_ranges(model: Any, tensors: list[str], samples: np.ndarray, threads: int) -> dict[str, np.ndarray]:
     """``{tensor: (C,)}``: the largest absolute value per channel (axis 1) of each tensor over ``samples``."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
-    session = open_session(probe.SerializeToString(), threads)
-    input_name = session.get_inputs()[0].name
     ranges: dict[str, np.ndarray] = {}
-    for start in range(0, len(samples), BATCH):
-        values = session.run(tensors, {input_name: samples[start:start + BATCH]})
-        for name, value in zip(tensors, values, strict=True):
+    for values in intermediate_values(model, tensors, samples, threads, BATCH):
+        for name, value in values.items():
             axes = tuple(a for a in range(value.ndim) if a != 1)
             peak = np.abs(value).max(axis=axes).astype(np.float64)
             ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak

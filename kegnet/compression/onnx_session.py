@@ -1,11 +1,15 @@
-"""One way to open an ONNX model in onnxruntime for the int8 step (kegnet.compression.quantize and
-kegnet.compression.bias_correction): on the CPU, with a given number of intra-op threads. onnxruntime is an
-optional extra, imported only here and only when called."""
+"""One way to open an ONNX model in onnxruntime for the int8 step (kegnet.compression.quantize,
+kegnet.compression.bias_correction, kegnet.compression.equalization): on the CPU, with a given number of intra-op
+threads; and one way to read a model's intermediate tensors batch by batch. onnxruntime is an optional extra,
+imported only here and only when called."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def open_session(model: Path | bytes, threads: int) -> Any:
@@ -19,4 +23,23 @@ def open_session(model: Path | bytes, threads: int) -> Any:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-__all__ = ["open_session"]
+def intermediate_values(model: Any, tensors: list[str], samples: np.ndarray, threads: int,
+                        batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """``{tensor: value}`` of each tensor named in ``tensors`` for each ``batch`` of ``samples`` ``(N, ...)``, in
+    order: the tensors are made graph outputs of a copy of ``model`` (a ModelProto)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                              for name in tensors if name not in known)
+    session = open_session(probe.SerializeToString(), threads)
+    input_name = session.get_inputs()[0].name
+    for start in range(0, len(samples), batch):
+        values = session.run(tensors, {input_name: samples[start:start + batch]})
+        yield dict(zip(tensors, values, strict=True))
+
+
+__all__ = ["intermediate_values", "open_session"]
