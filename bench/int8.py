@@ -111,12 +111,6 @@ def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> flo
     return hits / len(y)
 
 
-def _candidate_path(work: Path, name: str) -> Path:
-    """Where ``quantize.best_int8`` wrote candidate ``name`` ("entropy", "equalized entropy", ...)."""
-    equalized = name.startswith("equalized ")
-    return (work / "equalized" if equalized else work) / f"{name.removeprefix('equalized ')}.onnx"
-
-
 def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
         extra: dict[str, Any], job: bool = True, both_ranges: bool = False,
         bias_correction: bool = False, both_equalization: bool = False) -> dict[str, Any]:
@@ -174,13 +168,12 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
         grades = best.grades
         paths[row], whole[row] = best.path, best.grade
         # Every candidate's real accuracy too: how much the exam's choice costs against the best of them.
-        rows[row] = {"calibration": source, "method": ("equalized " if best.equalized else "") + best.method,
+        rows[row] = {"calibration": source, "method": best.name,
                      "reduce_range": reduce_range, "equalization": best.equalization,
                      "methods": {m: g.agreement for m, g in grades.items()},
                      "methods_grades": {m: {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl}
                                         for m, g in grades.items()},
-                     "methods_test_accuracy": {m: _accuracy(_candidate_path(work / row, m), x_test, y_test, threads)
-                                               for m in grades}}
+                     "methods_test_accuracy": {m: _accuracy(p, x_test, y_test, threads) for m, p in best.paths.items()}}
         if bias_correction:  # the same model, its biases corrected on the same samples: a paired row
             corrected = work / row / "bias-corrected.onnx"
             done = correct_bias(best.reference, paths[row], corrected, x_cal, threads)

@@ -172,16 +172,31 @@ def best_method(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exa
 class Int8Choice:
     """The int8 model kept among the candidates of ``best_int8``."""
 
-    path: Path  # the chosen QDQ model (in the work folder)
-    method: str  # its calibration method, one of METHODS
-    equalized: bool  # quantized from the range-equalized fp32 model
-    reference: Path  # the fp32 model it was quantized from (the bias correction's reference)
-    grades: dict[str, Grade]  # every candidate's exam grade: "minmax", ..., "equalized minmax", ...
+    name: str  # the kept candidate: "minmax", ..., "equalized minmax", ...
+    grades: dict[str, Grade]  # every candidate's exam grade
+    paths: dict[str, Path]  # every candidate's QDQ model (in the work folder)
+    references: dict[str, Path]  # "" and "equalized ": the fp32 models the candidates were quantized from
     equalization: dict[str, Any] | None  # kegnet.compression.equalization's report, where it ran
 
     @property
+    def equalized(self) -> bool:
+        return self.name.startswith("equalized ")
+
+    @property
+    def method(self) -> str:  # one of METHODS
+        return self.name.removeprefix("equalized ")
+
+    @property
+    def path(self) -> Path:
+        return self.paths[self.name]
+
+    @property
+    def reference(self) -> Path:  # the fp32 model the kept one was quantized from (the bias correction's)
+        return self.references["equalized " if self.equalized else ""]
+
+    @property
     def grade(self) -> Grade:
-        return self.grades[("equalized " if self.equalized else "") + self.method]
+        return self.grades[self.name]
 
 
 def best_int8(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam, *, threads: int = 1,
@@ -194,6 +209,7 @@ def best_int8(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam,
     and LeNet-5's 5.5 points worse (its rank channels' ranges only 5x apart: the next map's weights lost more
     than the activations gained; docs/benchmarks.md), and the exam's KL chose between them right in each."""
     grades: dict[str, Grade] = {}
+    paths: dict[str, Path] = {}
     equalization, sources = None, {}
     if candidates in ("plain", "both"):
         sources[""] = prepared
@@ -206,12 +222,8 @@ def best_int8(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam,
         folder.mkdir(exist_ok=True)
         _, method_grades = best_method(source, folder, calibration, exam, threads, should_cancel, reduce_range)
         grades |= {prefix + m: g for m, g in method_grades.items()}
-    name = choose(grades, by=CHOOSE_BY)
-    equalized = name.startswith("equalized ")
-    method = name.removeprefix("equalized ")
-    folder = work / "equalized" if equalized else work
-    return Int8Choice(folder / f"{method}.onnx", method, equalized, sources["equalized " if equalized else ""],
-                      grades, equalization)
+        paths |= {prefix + m: folder / f"{m}.onnx" for m in method_grades}
+    return Int8Choice(choose(grades, by=CHOOSE_BY), grades, paths, sources, equalization)
 
 
 def time_in_turns(paths: dict[str, Path], input_shape: tuple[int, ...], *, threads: int = 1,
