@@ -436,8 +436,8 @@ def _quantize(job: _Job) -> Quantization:
         max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
         repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
         should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range,
-        # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples cost 2.7 and 5.6 points on
-        # real data, docs/benchmarks.md): only the generators' samples set them.
+        # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples lost 0.13-7.31 points on
+        # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
         equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
         bias_correction=cfg.quantize_bias_correction)
 
