@@ -47,6 +47,7 @@ from bench.suite.teachers import suite_teacher
 from kegnet import ClassifierConfig, ModelSpec, export, load_teacher, run_pipeline
 from kegnet.compression import quantize
 from kegnet.compression.bias_correction import correct_bias
+from kegnet.compression.onnx_compact import compact
 from kegnet.distill.exam import Grade, build_exam, confident_part, exam_sources, generator_part, grade
 from kegnet.generation import KegNetSampler
 from kegnet.tasks.classify import calibration_set
@@ -182,6 +183,10 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
             rows[row + "-bc"] = {**rows[row], "method": f"{rows[row]['method']} + bias correction",
                                  "bias_correction": done}
     whole["fp32"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam)
+    for row in [r for r in paths if r not in ("fp32", "teacher")]:  # as the job writes student.int8.onnx
+        compacted = paths[row].with_name(paths[row].stem + ".compact.onnx")
+        compact(paths[row], compacted, exam.x[:64].numpy(), threads)
+        paths[row] = compacted
     for row, path in paths.items():
         rows[row] |= {"bytes": path.stat().st_size, "test_accuracy": _accuracy(path, x_test, y_test, threads)}
         if row != "teacher":

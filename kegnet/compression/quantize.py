@@ -19,11 +19,14 @@ lost 2.7-28 points on thirteen of fifteen (LeNet-5's, 9 points lower on real dat
 against a broken model; it does not estimate accuracy (MobileNetV3-small's int8 model 2.00 points lower lost
 nothing there).
 
-Weights use the full 8-bit range. onnxruntime suggests a 7-bit range (``reduce_range``) for x86 CPUs without
-VNNI, whose u8·s8 dot products can saturate; measured on such a CPU (docs/benchmarks.md, issue 22) the full
-range was 0.03-0.29 points more accurate on four of five teachers (LeNet-5 0.04 less, another calibration method
-chosen) and no slower, and the exam check below still refuses a model that saturation spoils. onnxruntime is an
-optional extra (``kegnet[onnx]``), imported only when a model is quantized.
+Weights use a 7-bit range (``reduce_range``), onnxruntime's advice for x86 CPUs without VNNI: their u8·s8 dot
+products add two products in 16 bits, which saturate when both weights are near +-127 and both activations near
+255. The int8 file runs on the user's CPU, not the worker's, so the job cannot know whether it will saturate.
+Measured on such a CPU (docs/benchmarks.md, issue 22): the full 8-bit range was 0.03-0.29 points more accurate
+on four of five teachers, but a LeNet-5 student's int8 model lost 3.98 points to saturation with 8-bit weights
+(onnxruntime's unfused QDQ arithmetic on the same model: -0.15) and gained 0.01 with 7-bit ones.
+``compression.quantize_reduce_range: false`` gives the full range. onnxruntime is an optional extra
+(``kegnet[onnx]``), imported only when a model is quantized.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from torch import nn
 
 from kegnet.compression.bias_correction import correct_bias
 from kegnet.compression.equalization import equalize
+from kegnet.compression.onnx_compact import compact
 from kegnet.compression.onnx_session import open_session
 from kegnet.distill.exam import SURE, Exam, Grade, agreement_on, choose, grade, sure_part
 from kegnet.errors import Cancelled
@@ -112,9 +116,9 @@ def prepare(fp32: Path, path: Path) -> None:
     quant_pre_process(str(fp32), str(path))
 
 
-def quantize(prepared: Path, path: Path, calibration: torch.Tensor, method: str, reduce_range: bool = False) -> None:
+def quantize(prepared: Path, path: Path, calibration: torch.Tensor, method: str, reduce_range: bool = True) -> None:
     """Write ``path``: ``prepared`` (see ``prepare``) quantized to INT8, ranges from ``calibration`` by ``method``;
-    ``reduce_range``: weights in 7 bits."""
+    ``reduce_range``: weights in 7 bits (the module says why)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     name = open_session(prepared, 1).get_inputs()[0].name
@@ -156,7 +160,7 @@ def _entropy_ranges(prepared: Path, augmented: Path, name: str, samples: np.ndar
 
 def best_method(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam, threads: int = 1,
                 should_cancel: Callable[[], bool] | None = None,
-                reduce_range: bool = False) -> tuple[str, dict[str, Grade]]:
+                reduce_range: bool = True) -> tuple[str, dict[str, Grade]]:
     """Quantize with every calibration method into ``work/<method>.onnx``; the method whose model is closest to
     the teacher on ``exam`` (``CHOOSE_BY``), and every method's grade."""
     grades: dict[str, Grade] = {}
@@ -200,7 +204,7 @@ class Int8Choice:
 
 
 def best_int8(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam, *, threads: int = 1,
-              should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False,
+              should_cancel: Callable[[], bool] | None = None, reduce_range: bool = True,
               candidates: str = "both") -> Int8Choice:
     """The int8 model closest to the teacher on ``exam`` (``CHOOSE_BY``) among ``prepared`` quantized with every
     calibration method (``candidates`` "plain" or "both") and its range-equalized copy quantized likewise
@@ -278,11 +282,12 @@ def _verdict(check: dict[str, Any], latency: dict[str, dict[str, float]], tolera
 def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, exam: Exam,
                  input_shape: tuple[int, ...], *, max_drop: float, tolerance: float, threads: int = 1,
                  repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
-                 should_cancel: Callable[[], bool] | None = None, reduce_range: bool = False,
+                 should_cancel: Callable[[], bool] | None = None, reduce_range: bool = True,
                  equalize_ranges: bool = True, bias_correction: bool = False) -> Quantization:
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized as ``best_int8`` chooses, checked, and written to
     ``out`` only when it is not slower and loses at most ``max_drop`` of agreement with the teacher on
-    ``check_part(exam)``; the report says why not. ``equalize_ranges``: the range-equalized copy is a candidate
+    ``check_part(exam)``; the report says why not. The file is compacted first (kegnet.compression.onnx_compact:
+the same outputs bit for bit). ``equalize_ranges``: the range-equalized copy is a candidate
     too (kegnet.compression.equalization); ``bias_correction``: the chosen model's biases corrected on
     ``calibration`` (kegnet.compression.bias_correction)."""
     import onnxruntime as ort
@@ -299,6 +304,9 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                                      should_cancel)
             chosen = work / "corrected.onnx"
             int8_grade = grade(OnnxModel(chosen, threads), exam)
+        some = calibration[:CALIBRATION_BATCH].detach().float().cpu().numpy()
+        compacted = compact(chosen, work / "compact.onnx", some, threads)
+        chosen = work / "compact.onnx"
         fp32_model = OnnxModel(fp32, threads)
         fp32_grade = grade(fp32_model, exam)
         part, on = check_part(exam)
@@ -326,6 +334,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
         check=check,
         latency_ms=latency, threads=threads, bytes=sizes,
         settings={**SETTINGS, "weight_range": "7-bit (reduce_range)" if reduce_range else "8-bit",
+                  "file": ("compacted: short tensor names, no metadata" if compacted["bytes_after"] <
+                           compacted["bytes_before"] else "as onnxruntime wrote it"),
                   "runtime": f"onnxruntime {ort.__version__}"})
 
 

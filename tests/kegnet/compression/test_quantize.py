@@ -91,7 +91,7 @@ def test_time_in_turns_reports_each_model_and_batch(lenet) -> None:
     assert 0 < t["a"]["batch1_min_ms"] <= t["a"]["batch1_ms"]
 
 
-def test_weights_use_the_full_8_bit_range_unless_reduce_range(lenet, tmp_path: Path) -> None:
+def test_weights_use_7_bits_unless_the_full_range_is_asked(lenet, tmp_path: Path) -> None:
     import numpy as np
     import onnx
     from onnx import numpy_helper
