@@ -95,9 +95,13 @@ def _channel_ranges(model: Any, tensors: list[str], samples: np.ndarray, threads
     return ranges
 
 
-def _scales(peak: np.ndarray) -> np.ndarray:
-    """``s_i`` that brings channel ``i``'s range ``peak_i`` to the mean range of the live channels."""
-    live = peak > 1e-6 * peak.max()
+def _live(peak: np.ndarray) -> np.ndarray:
+    """The channels that carry anything (a dead channel's range is not raised to the others')."""
+    return peak > 1e-6 * peak.max()
+
+
+def _scales(peak: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """``s_i`` that brings channel ``i``'s range ``peak_i`` to the mean range of the ``live`` channels."""
     scales = np.ones_like(peak)
     scales[live] = peak[live].mean() / peak[live]
     return np.clip(scales, 1 / MAX_SCALE, MAX_SCALE)
@@ -140,11 +144,11 @@ def equalize(fp32: Path, out: Path, samples: torch.Tensor, threads: int = 1,
     spreads, done_pairs = [], 0
     for pair in pairs:
         peak = peaks[pair.between]
-        live = peak > 1e-6 * peak.max()
+        live = _live(peak)
         bias = pair.first.input[2] if len(pair.first.input) > 2 and pair.first.input[2] else None
         if not live.any() or (bias is not None and _size(initializers[bias]) != len(peak)):
             continue  # a silent tensor, or a broadcast bias that cannot be scaled per channel
-        scale = _scales(peak)
+        scale = _scales(peak, live)
         spreads.append((peak[live].max() / peak[live].min(), (peak * scale)[live].max() / (peak * scale)[live].min()))
         done_pairs += 1
         first_axis = 0 if pair.first.op_type == "Conv" or _attribute(pair.first, "transB", 0) else 1
