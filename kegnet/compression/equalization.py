@@ -4,8 +4,9 @@ A factorized layer is two or three linear maps with nothing between them (Tucker
 ``last``; SVD: two Linear layers). The tensor between two of them is quantized per tensor (one uint8 scale for
 all its channels), but its channels can span very different ranges: after fine-tuning, one channel of the
 rank-r tensor may reach 30 times another's. The quiet channels then keep few of the 256 steps, and the next map
-can amplify their rounding: measured on the Fashion lcnet_050 student (docs/benchmarks.md, issue 22), two such
-tensors alone took its MinMax int8 model from 76.8% to 11.2% on real data.
+can amplify their rounding: measured on the Fashion lcnet_050 student (docs/benchmarks.md, issue 22), its plain
+MinMax int8 model (7-bit weights) reached 70.2% on real data against 76.8% in fp32, its equalized one 75.7%.
+(With 8-bit weights it fell to 11.2%, mostly to the CPU's saturating int8 products; kegnet.compression.quantize.)
 
 Because nothing non-linear sits between the two maps, channel ``i`` can be multiplied by ``s_i`` in the first
 map (its weights and bias) and divided by ``s_i`` in the second's input weights without changing the fp32

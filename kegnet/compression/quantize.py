@@ -22,9 +22,9 @@ nothing there).
 Weights use a 7-bit range (``reduce_range``), onnxruntime's advice for x86 CPUs without VNNI: their u8·s8 dot
 products add two products in 16 bits, which saturate when both weights are near +-127 and both activations near
 255. The int8 file runs on the user's CPU, not the worker's, so the job cannot know whether it will saturate.
-Measured on such a CPU (docs/benchmarks.md, issue 22): the full 8-bit range was 0.03-0.29 points more accurate
-on four of five teachers, but a LeNet-5 student's int8 model lost 3.98 points to saturation with 8-bit weights
-(onnxruntime's unfused QDQ arithmetic on the same model: -0.15) and gained 0.01 with 7-bit ones.
+Measured on such a CPU (docs/benchmarks.md, issue 22): a LeNet-5 student's int8 model lost 3.98 points to
+saturation with 8-bit weights (onnxruntime's unfused QDQ arithmetic on the same file: -0.15) and none with 7-bit
+ones; over seven bench runs 7 bits were better on four and 0.10-0.66 points worse on three.
 ``compression.quantize_reduce_range: false`` gives the full range. onnxruntime is an optional extra
 (``kegnet[onnx]``), imported only when a model is quantized.
 """
@@ -209,9 +209,9 @@ def best_int8(prepared: Path, work: Path, calibration: torch.Tensor, exam: Exam,
     """The int8 model closest to the teacher on ``exam`` (``CHOOSE_BY``) among ``prepared`` quantized with every
     calibration method (``candidates`` "plain" or "both") and its range-equalized copy quantized likewise
     ("equalized" or "both"; kegnet.compression.equalization on ``calibration``). Equalization is a candidate,
-    not a fixed step: it made the lcnet_050 and MobileNetV3-small int8 models 0.7-7.4 points better on real data
-    and LeNet-5's 5.5 points worse (its rank channels' ranges only 5x apart: the next map's weights lost more
-    than the activations gained; docs/benchmarks.md), and the exam's KL chose between them right in each."""
+    not a fixed step: with 7-bit weights it made the Fashion lcnet_050 int8 models up to 5.6 points better on real
+    data and moved the other teachers' by -0.9 to +1.9 (docs/benchmarks.md, issue 22), so the exam's KL
+    chooses."""
     grades: dict[str, Grade] = {}
     paths: dict[str, Path] = {}
     equalization, sources = None, {}
