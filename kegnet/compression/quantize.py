@@ -287,8 +287,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized as ``best_int8`` chooses, checked, and written to
     ``out`` only when it is not slower and loses at most ``max_drop`` of agreement with the teacher on
     ``check_part(exam)``; the report says why not. The file is compacted first (kegnet.compression.onnx_compact:
-the same outputs bit for bit). ``equalize_ranges``: the range-equalized copy is a candidate
-    too (kegnet.compression.equalization); ``bias_correction``: the chosen model's biases corrected on
+    the same outputs bit for bit). ``equalize_ranges``: the range-equalized copy is a candidate too
+    (kegnet.compression.equalization); ``bias_correction``: the chosen model's biases corrected on
     ``calibration`` (kegnet.compression.bias_correction)."""
     import onnxruntime as ort
 
