@@ -131,8 +131,8 @@ class CompressionConfig(_Strict):
         True, description="int8: weights in a 7-bit range, onnxruntime's advice for x86 CPUs without VNNI, whose "
                           "8-bit dot products can saturate: the int8 file runs on the user's CPU, whichever it is "
                           "(a LeNet-5 student lost 3.98 points to saturation with 8-bit weights on such a CPU, "
-                          "none with 7; over nine bench runs 7 bits were better on four, 0.10-0.66 worse on "
-                          "five; docs/benchmarks.md); false: the full 8-bit range",
+                          "none with 7; over ten bench runs 7 bits were better on four, 0.10-1.04 worse on "
+                          "six; docs/benchmarks.md); false: the full 8-bit range (a CPU with VNNI or AMX)",
     )
     quantize_equalize: bool = Field(
         True, description="int8: also quantize a copy whose channels between the linear maps of each factorized "

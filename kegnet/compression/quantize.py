@@ -24,7 +24,7 @@ products add two products in 16 bits, which saturate when both weights are near 
 255. The int8 file runs on the user's CPU, not the worker's, so the job cannot know whether it will saturate.
 Measured on such a CPU (docs/benchmarks.md, issue 22): a LeNet-5 student's int8 model lost 3.98 points to
 saturation with 8-bit weights (onnxruntime's unfused QDQ arithmetic on the same file: -0.15) and none with 7-bit
-ones; over nine bench runs 7 bits were better on four and 0.10-0.66 points worse on five.
+ones; over ten bench runs 7 bits were better on four and 0.10-1.04 points worse on six.
 ``compression.quantize_reduce_range: false`` gives the full range. onnxruntime is an optional extra
 (``kegnet[onnx]``), imported only when a model is quantized.
 """
