@@ -32,14 +32,16 @@ def _drop_zero_bias_zero_points(graph: Any) -> None:
     from onnx import numpy_helper
 
     initializers = {t.name: t for t in graph.initializer}
+    dropped = set()
     for node in graph.node:
         zero_point = initializers.get(node.input[2]) if node.op_type == "DequantizeLinear" and len(node.input) == 3 \
             else None
         if zero_point is not None and zero_point.data_type == onnx.TensorProto.INT32 and \
                 not numpy_helper.to_array(zero_point).any():
+            dropped.add(node.input[2])
             del node.input[2]
     used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
+    kept = [t for t in graph.initializer if t.name in used or t.name not in dropped]  # only the zero points go
     del graph.initializer[:]
     graph.initializer.extend(kept)
 
