@@ -63,3 +63,16 @@ def test_a_rewrite_that_changes_outputs_keeps_the_file_as_it_was(int8, tmp_path:
     sizes = onnx_compact.compact(source, tmp_path / "compact.onnx", x)
     assert (tmp_path / "compact.onnx").read_bytes() == source.read_bytes()
     assert sizes["bytes_after"] == sizes["bytes_before"]
+
+
+def test_a_rewrite_onnxruntime_cannot_load_keeps_the_file_as_it_was(int8, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    source, x = int8
+
+    def break_graph(graph) -> None:  # a rewrite gone wrong: a node reads a tensor nothing makes
+        graph.node[-1].input[0] = "nowhere"
+
+    monkeypatch.setattr(onnx_compact, "_drop_default_attributes", break_graph)
+    sizes = onnx_compact.compact(source, tmp_path / "compact.onnx", x)
+    assert (tmp_path / "compact.onnx").read_bytes() == source.read_bytes()
+    assert sizes["bytes_after"] == sizes["bytes_before"]
