@@ -268,16 +268,18 @@ def _ratio_ranks(model: nn.Module, layers: dict[str, nn.Module], config: Compres
                  tails: dict[str, tuple[np.ndarray, np.ndarray]], *, whole_model: bool) -> dict[str, tuple[int, int]]:
     """Ranks at ``config.ratio`` for the whole model, or (``whole_model=False``) for ``layers`` alone."""
     if config.allocation != "uniform":
-        return _spectral_ranks(model, layers, config.ratio, tails, config.allocation, whole_model=whole_model)
+        return _spectral_ranks(model, layers, config.ratio, tails, config.allocation, whole_model=whole_model,
+                               floor_classes=config.rank_floor)
     fraction = _fraction_for_ratio(model, layers, config.ratio, whole_model=whole_model)
     return {name: _fraction_ranks(m, fraction) for name, m in layers.items()}
 
 
 def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: float,
-                    tails: dict[str, tuple[np.ndarray, np.ndarray]], how: str, *, whole_model: bool = True
-                    ) -> dict[str, tuple[int, int]]:
+                    tails: dict[str, tuple[np.ndarray, np.ndarray]], how: str, *, whole_model: bool = True,
+                    floor_classes: float = 1.0) -> dict[str, tuple[int, int]]:
     """Ranks at the target ratio by the layers' spectra (``kegnet.compression.allocation``): every layer
-    keeping the same share of its energy (``balanced``), or the least energy lost in all (``global``)."""
+    keeping the same share of its energy (``balanced``), or the least energy lost in all (``global``, no rank
+    below ``floor_classes`` times the class count where the target allows)."""
     before = {name: sum(p.numel() for p in m.parameters()) for name, m in layers.items()}
     total = sum(p.numel() for p in model.parameters()) if whole_model else sum(before.values())
     rest = total - sum(before.values())
@@ -293,8 +295,8 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
             return {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
                                              functools.partial(_grid_params, m), floor) for name, m in layers.items()}
 
-        # No rank below the class count, or where that cannot reach the target, the highest floor that can.
-        floor = allocation.highest_floor(options_at, _classes(model), budget)
+        # No rank below the floor, or where that cannot reach the target, the highest floor that can.
+        floor = allocation.highest_floor(options_at, max(1, round(floor_classes * _classes(model))), budget)
         ranks = None if floor is None else allocation.global_ranks(options_at(floor), budget)
     else:
         eps = allocation.balanced_eps(tails, before, params_of, budget)

@@ -97,3 +97,17 @@ def test_global_says_when_the_ratio_is_out_of_reach() -> None:
     with pytest.raises(CompressionError, match="out of reach"):
         plan_compression(_model(), CompressionConfig(layers=["0"], rank_method="ratio", target_ratio=3.0,
                                                      allocation="global"))
+
+
+def test_the_rank_floor_is_a_multiple_of_the_class_count_and_gives_way_to_the_ratio() -> None:
+    model = _model()  # 4 classes
+
+    def ranks(floor: float) -> tuple[list[int], float]:
+        plan = plan_compression(model, CompressionConfig(layers=["0", "2", "4"], rank_method="ratio",
+                                                         target_ratio=8.0, allocation="global", rank_floor=floor))
+        return [p.in_rank for p in plan.layers], count_parameters(model) / count_parameters(apply_plan(model, plan))
+
+    (low, r_low), (twice, r_twice), (reach, r_reach) = ranks(1.0), ranks(2.0), ranks(16.0)
+    assert min(low) < 8 <= min(twice)  # 8 = twice the class count
+    assert 8 < min(reach) < 64  # 64 is out of reach at 8x: the highest floor that is not
+    assert min(r_low, r_twice, r_reach) >= 8.0
