@@ -276,7 +276,7 @@ def _ratio_ranks(model: nn.Module, layers: dict[str, nn.Module], config: Compres
 
 def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: float,
                     tails: dict[str, tuple[np.ndarray, np.ndarray]], how: str, *, whole_model: bool = True,
-                    floor_classes: float = 1.0) -> dict[str, tuple[int, int]]:
+                    floor_classes: float) -> dict[str, tuple[int, int]]:
     """Ranks at the target ratio by the layers' spectra (``kegnet.compression.allocation``): every layer
     keeping the same share of its energy (``balanced``), or the least energy lost in all (``global``, no rank
     below ``floor_classes`` times the class count where the target allows)."""
