@@ -85,9 +85,10 @@ class CompressionConfig(_Strict):
     )
     rank_floor: float = Field(
         2.0, ge=0.0, le=16.0,
-        description="allocation=global: no rank below this many times the class count (a layer narrower than the "
-                    "floor stays whole), or where that cannot reach the target, the highest floor that can; 2 "
-                    "rather than 1 kept Fashion MobileNetV3-small's head at rank 20 and its no-options student "
+        description="allocation=global: no rank below this many times the class count, or where that cannot "
+                    "reach the target, the highest floor that can; a layer too narrow for the floor (no rank at or "
+                    "above it makes the layer smaller) has the class count as its floor instead of staying whole; "
+                    "2 rather than 1 kept Fashion MobileNetV3-small's head at rank 20 and its no-options student "
                     "within 1.11 points instead of 7.01 (docs/benchmarks.md, no rank below twice the class count)",
     )
     rank_fraction: float = Field(0.5, gt=0, le=1.0, description="for rank_method=fraction")

@@ -21,7 +21,9 @@ solved by the Lagrangian relaxation: for a price ``lam`` per parameter every lay
 Energy lost is bounded by 1 per layer, so alone it would crush the largest layer (lcnet_050's head to rank
 1 at 2.5x: 24% on MNIST); no rank goes below a floor, a multiple of the number of classes, which every class
 must pass through (``compression.rank_floor``: 2 by default; at 1 MobileNetV3-small's head went to rank 10 and
-a student lost 7 points), or, where that floor cannot reach the target, below the highest floor that can.
+a student lost 7 points), or, where that floor cannot reach the target, below the highest floor that can. A layer
+too narrow for the floor (ResNet-14's 16-channel convs under twice 10 classes) would have no choice but whole;
+its floor is the class count instead (the plan, ``kegnet.compression.plan``, gives each layer its ``min_rank``).
 """
 
 from __future__ import annotations

@@ -279,7 +279,8 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
                     floor_classes: float) -> dict[str, tuple[int, int]]:
     """Ranks at the target ratio by the layers' spectra (``kegnet.compression.allocation``): every layer
     keeping the same share of its energy (``balanced``), or the least energy lost in all (``global``, no rank
-    below ``floor_classes`` times the class count where the target allows)."""
+    below ``floor_classes`` times the class count where the target allows, nor below the class count in a layer
+    too narrow for that floor)."""
     before = {name: sum(p.numel() for p in m.parameters()) for name, m in layers.items()}
     total = sum(p.numel() for p in model.parameters()) if whole_model else sum(before.values())
     rest = total - sum(before.values())
@@ -290,13 +291,24 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
 
     budget = int(total / target) - rest
     if how == "global":
+        classes = _classes(model)
+        nominal = max(1, round(floor_classes * classes))
+
+        def layer_choices(name: str, min_rank: int) -> allocation.Choices:
+            m = layers[name]
+            return allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
+                                      functools.partial(_grid_params, m), min_rank)
+
+        # A layer too narrow for the floor (no rank at or above it makes the layer smaller) would be forced
+        # whole; its floor is the class count instead (ResNet-14's 16-channel convs, docs/benchmarks.md).
+        narrow = {name for name in layers if len(layer_choices(name, nominal)[0]) == 1}
+
         @functools.cache  # the floor's bisection and the allocation read the same floors' choices
         def options_at(floor: int) -> dict[str, allocation.Choices]:
-            return {name: allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
-                                             functools.partial(_grid_params, m), floor) for name, m in layers.items()}
+            return {name: layer_choices(name, min(floor, classes) if name in narrow else floor) for name in layers}
 
         # No rank below the floor, or where that cannot reach the target, the highest floor that can.
-        floor = allocation.highest_floor(options_at, max(1, round(floor_classes * _classes(model))), budget)
+        floor = allocation.highest_floor(options_at, nominal, budget)
         ranks = None if floor is None else allocation.global_ranks(options_at(floor), budget)
     else:
         eps = allocation.balanced_eps(tails, before, params_of, budget)

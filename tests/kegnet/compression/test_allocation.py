@@ -109,5 +109,28 @@ def test_the_rank_floor_is_a_multiple_of_the_class_count_and_gives_way_to_the_ra
 
     (low, r_low), (twice, r_twice), (reach, r_reach) = ranks(1.0), ranks(2.0), ranks(16.0)
     assert min(low) < 8 <= min(twice)  # 8 = twice the class count
-    assert 8 < min(reach) < 64  # 64 is out of reach at 8x: the highest floor that is not
+    # 64 is out of reach at 8x: the highest floor that is not (the 256-wide layer; the two 16-wide ones are too
+    # narrow for any floor above 15 and fall back to the class count, 4)
+    assert 8 < reach[2] < 64 and min(reach[:2]) >= 4
     assert min(r_low, r_twice, r_reach) >= 8.0
+
+
+def test_a_layer_too_narrow_for_the_floor_falls_back_to_the_class_count_rather_than_staying_whole() -> None:
+    # 10 classes, floor 2: rank 20, but no Tucker-2 pair of 20 or more makes the 16-channel conv smaller.
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():  # the narrow conv nearly rank 11 along both channel modes: cheap to cut to 11 or 12
+        g = torch.Generator().manual_seed(0)
+        core = torch.randn(11, 11, 3, 3, generator=g)
+        u, v = (torch.linalg.qr(torch.randn(16, 11, generator=g))[0] for _ in range(2))
+        noise = 0.01 * torch.randn(16, 16, 3, 3, generator=g)
+        model[0].weight.copy_(torch.einsum("oi,ijhw,kj->okhw", u, core, v) + noise)
+
+    def ranks(floor: float) -> dict[str, tuple[int, int]]:
+        plan = plan_compression(model, CompressionConfig(layers=["0", "2"], rank_method="ratio", target_ratio=1.3,
+                                                         allocation="global", rank_floor=floor))
+        return {p.name: (p.in_rank, p.out_rank) for p in plan.layers}
+
+    plan = ranks(2.0)
+    assert min(plan["0"]) >= 10 and max(plan["0"]) < 16  # 10 classes: the narrow conv is cut, not left whole
+    assert plan.get("2", (16, 64))[1] >= 20  # the wide conv keeps the floor (its 16 inputs stay whole)
