@@ -294,6 +294,7 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
         classes = _classes(model)
         nominal = max(1, round(floor_classes * classes))
 
+        @functools.cache  # the narrowness test, the floor's bisection and the allocation read the same choices
         def layer_choices(name: str, min_rank: int) -> allocation.Choices:
             m = layers[name]
             return allocation.choices(tails[name], isinstance(m, nn.Linear) or _pointwise(m), before[name],
@@ -303,7 +304,6 @@ def _spectral_ranks(model: nn.Module, layers: dict[str, nn.Module], target: floa
         # whole; its floor is the class count instead (ResNet-14's 16-channel convs, docs/benchmarks.md).
         narrow = {name for name in layers if len(layer_choices(name, nominal)[0]) == 1}
 
-        @functools.cache  # the floor's bisection and the allocation read the same floors' choices
         def options_at(floor: int) -> dict[str, allocation.Choices]:
             return {name: layer_choices(name, min(floor, classes) if name in narrow else floor) for name in layers}
 
