@@ -9,6 +9,9 @@ chosen on the job's synthetic exam (kegnet.compression.quantize.best_int8):
 - ``int8-real``: the real training split (the ceiling: bench only, never the product);
 - with ``--bias-correction``, each int8 model again with its biases corrected on its own calibration samples
   (``kegnet.compression.bias_correction``), suffixed ``-bc``: the same model, paired;
+- with ``--adaptive-rounding``, each int8 model again with its weights rounded up or down on its own calibration
+  samples (``kegnet.compression.rounding``, the job's ``compression.quantize_rounding: adaptive``), suffixed
+  ``-ar``: the same model, paired;
 - with ``--both-ranges``, each again with the other weight range (``compression.quantize_reduce_range``
   flipped: 7-bit weights where the config has 8), suffixed ``-7bit`` or ``-8bit``: the same student, paired;
 - with ``--both-equalization``, each again with the range equalization inside factorized layers
@@ -48,6 +51,7 @@ from kegnet import ClassifierConfig, ModelSpec, export, load_teacher, run_pipeli
 from kegnet.compression import quantize
 from kegnet.compression.bias_correction import correct_bias
 from kegnet.compression.onnx_compact import compact
+from kegnet.compression.rounding import adaround
 from kegnet.distill.exam import Grade, build_exam, confident_part, exam_sources, generator_part, grade
 from kegnet.generation import KegNetSampler
 from kegnet.tasks.classify import calibration_set
@@ -114,7 +118,8 @@ def _accuracy(path: Path, x: torch.Tensor, y: torch.Tensor, threads: int) -> flo
 
 def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: float,
         extra: dict[str, Any], job: bool = True, both_ranges: bool = False,
-        bias_correction: bool = False, both_equalization: bool = False) -> dict[str, Any]:
+        bias_correction: bool = False, both_equalization: bool = False,
+        adaptive_rounding: bool = False) -> dict[str, Any]:
     teacher, spec, (x_train, _, x_test, y_test) = TEACHERS[name].build()
     teacher = teacher.eval()
     sections = {k: dict(v) for k, v in TEACHERS[name].config.items()}
@@ -172,7 +177,8 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
         rows[row] = {"calibration": source, "method": best.name,
                      "reduce_range": reduce_range, "equalization": best.equalization,
                      "methods": {m: g.agreement for m, g in grades.items()},
-                     "methods_grades": {m: {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl}
+                     "methods_grades": {m: {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl,
+                                            "kl_median": g.kl_median}
                                         for m, g in grades.items()},
                      "methods_test_accuracy": {m: _accuracy(p, x_test, y_test, threads) for m, p in best.paths.items()}}
         if bias_correction:  # the same model, its biases corrected on the same samples: a paired row
@@ -182,6 +188,14 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
             whole[row + "-bc"] = grade(quantize.OnnxModel(corrected, threads), exam)
             rows[row + "-bc"] = {**rows[row], "method": f"{rows[row]['method']} + bias correction",
                                  "bias_correction": done}
+        if adaptive_rounding:  # the same model, its weights re-rounded on the same samples: a paired row
+            rounded = work / row / "rounded.onnx"
+            t0 = time.perf_counter()
+            done = adaround(best.reference, paths[row], rounded, x_cal, threads=threads, seed=seed)
+            paths[row + "-ar"] = rounded
+            whole[row + "-ar"] = grade(quantize.OnnxModel(rounded, threads), exam)
+            rows[row + "-ar"] = {**rows[row], "method": f"{rows[row]['method']} + adaptive rounding",
+                                 "rounding": {**done, "seconds": time.perf_counter() - t0}}
     whole["fp32"] = grade(quantize.OnnxModel(paths["fp32"], threads), exam)
     for row in [r for r in paths if r not in ("fp32", "teacher")]:  # as the job writes student.int8.onnx
         compacted = paths[row].with_name(paths[row].stem + ".compact.onnx")
@@ -236,6 +250,8 @@ def main() -> None:
                         "range (compression.quantize_reduce_range flipped), on the same student")
     parser.add_argument("--bias-correction", action="store_true", help="every int8 row also bias-corrected on "
                         "its calibration samples (kegnet.compression.bias_correction), suffixed -bc")
+    parser.add_argument("--adaptive-rounding", action="store_true", help="every int8 row also with its weights "
+                        "rounded up or down on its calibration samples (kegnet.compression.rounding), suffixed -ar")
     parser.add_argument("--both-equalization", action="store_true", help="every int8 row also with the range "
                         "equalization (compression.quantize_equalize) flipped, on the same student")
     parser.add_argument("--out", type=Path, help="JSON of the rows")
@@ -244,7 +260,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         result = run(args.teacher, args.seed, args.threads, Path(tmp), args.repeats, args.budget_s, args.config,
-                     not args.no_job, args.both_ranges, args.bias_correction, args.both_equalization)
+                     not args.no_job, args.both_ranges, args.bias_correction, args.both_equalization,
+                     args.adaptive_rounding)
     result |= {"command": "python -m bench.int8 " + shlex.join(sys.argv[1:]), "machine": platform.processor()
                or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     print(table(result))

@@ -149,6 +149,12 @@ class CompressionConfig(_Strict):
                           "the same fp32 function; kegnet.compression.equalization), and keep whichever int8 model "
                           "is closer to the teacher on the exam; never on Gaussian-noise calibration",
     )
+    quantize_rounding: Literal["nearest", "adaptive"] = Field(
+        "nearest", description="int8: how the kept model's weights are rounded to their steps: to the nearest "
+                               "(onnxruntime's), or up or down so that each layer's output on the calibration "
+                               "samples (run through the fp32 model to the layer) stays closest to the fp32 "
+                               "layer's (AdaRound; kegnet.compression.rounding)",
+    )
     quantize_bias_correction: bool = Field(
         False, description="int8: shift each quantized layer's bias so that its mean output per channel on the "
                            "calibration samples matches the fp32 model's (kegnet.compression.bias_correction)",

@@ -47,6 +47,7 @@ class Grade:
     kl: float
     per_class: dict[int, tuple[float, int]] = field(default_factory=dict)  # class -> (agreement, samples)
     per_source: dict[str, float] = field(default_factory=dict)  # source -> agreement
+    kl_median: float | None = None  # the median over samples of KL(teacher || student)
 
     @property
     def balanced(self) -> float:
@@ -55,7 +56,7 @@ class Grade:
         return sum(a for a, _ in self.per_class.values()) / len(self.per_class) if self.per_class else self.agreement
 
     def to_dict(self) -> dict:
-        return {"agreement": self.agreement, "balanced": self.balanced, "kl": self.kl,
+        return {"agreement": self.agreement, "balanced": self.balanced, "kl": self.kl, "kl_median": self.kl_median,
                 "per_class": {str(c): {"agreement": a, "samples": n} for c, (a, n) in self.per_class.items()},
                 "per_source": self.per_source}
 
@@ -139,16 +140,17 @@ def build_exam(teacher: nn.Module, sources: dict[str, Sampler], n: int, seed: in
 
 @torch.no_grad()
 def grade(student: nn.Module, exam: Exam, chunk: int = 1024) -> Grade:
-    """The student's agreement with the teacher and KL(teacher || student), overall, per teacher class and
-    per source."""
+    """The student's agreement with the teacher and KL(teacher || student) (its mean and median over samples),
+    overall, per teacher class and per source."""
     was_training = student.training
     student.eval()
     s_logits = torch.cat([student(c) for c in exam.x.split(chunk)])
     student.train(was_training)
     t_classes = exam.teacher_classes
     same = (s_logits.argmax(1) == t_classes).float()
-    kl = F.kl_div(F.log_softmax(s_logits.float(), 1), F.log_softmax(exam.teacher_logits.float(), 1),
-                  log_target=True, reduction="batchmean").item()
+    log_s, log_t = F.log_softmax(s_logits.float(), 1), F.log_softmax(exam.teacher_logits.float(), 1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean").item()
+    kl_median = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(1).median().item()
     per_class = {}
     counts = torch.bincount(t_classes, minlength=exam.teacher_logits.shape[1])
     hits = torch.bincount(t_classes, weights=same, minlength=exam.teacher_logits.shape[1])
@@ -159,7 +161,7 @@ def grade(student: nn.Module, exam: Exam, chunk: int = 1024) -> Grade:
     for name, n in exam.sources.items():
         per_source[name] = same[start:start + n].mean().item()
         start += n
-    return Grade(same.mean().item(), kl, per_class, per_source)
+    return Grade(same.mean().item(), kl, per_class, per_source, kl_median)
 
 
 def agreement_on(student: nn.Module, exam: Exam, chunk: int = 1024) -> float:
@@ -174,9 +176,13 @@ def agreement_on(student: nn.Module, exam: Exam, chunk: int = 1024) -> float:
 
 def choose(grades: dict[str, Grade], by: str = CRITERION, tie: float = TIE) -> str:
     """The candidate with the best exam score ``by`` (``agreement``, ``balanced``: the mean per-class
-    agreement, or ``kl``: the lowest KL); among agreement-like scores within ``tie`` of the best, the lowest KL."""
+    agreement, ``kl``: the lowest mean KL, or ``kl_median``: the lowest median KL over samples, the mean where
+    a grade has none); among agreement-like scores within ``tie`` of the best, the lowest KL."""
     if by == "kl":
         return min(grades, key=lambda name: grades[name].kl)
+    if by == "kl_median":
+        return min(grades, key=lambda name: (grades[name].kl if grades[name].kl_median is None
+                                              else grades[name].kl_median))
     score = {name: (g.balanced if by == "balanced" else g.agreement) for name, g in grades.items()}
     best = max(score.values())
     close = [name for name in grades if score[name] >= best - tie]

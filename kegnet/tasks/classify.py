@@ -439,7 +439,7 @@ def _quantize(job: _Job) -> Quantization:
         # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples lost 0.13-7.31 points on
         # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
         equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
-        bias_correction=cfg.quantize_bias_correction)
+        rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:

@@ -134,3 +134,18 @@ def test_bias_correction_changes_the_kept_model_and_is_reported(lenet, tmp_path:
         assert ("bias_correction" in q.calibration) == corrected
     assert q.calibration["bias_correction"]["layers"] == 5  # LeNet-5's two convs and three linears
     assert len(files[True]) == len(files[False]) and files[True] != files[False]  # only bias values moved
+
+
+def test_adaptive_rounding_changes_the_kept_models_weights_and_is_reported(lenet, tmp_path: Path) -> None:
+    _, fp32, exam, calibration = lenet
+    files, reports = {}, {}
+    for rounding in ("nearest", "adaptive"):
+        out = tmp_path / f"{rounding}.int8.onnx"
+        q = quantize.quantize_job(fp32, out, calibration, "gaussian", exam, LENET_SPEC.input_shape, max_drop=1.0,
+                                  tolerance=10.0, repeats=3, budget_s=0.05, rounding=rounding)
+        assert q.kept
+        files[rounding], reports[rounding] = out.read_bytes(), q.calibration["rounding"]
+    assert reports["nearest"] == {"method": "nearest"}
+    assert reports["adaptive"]["method"] == "adaptive" and reports["adaptive"]["layers"] == 5
+    assert reports["adaptive"]["error_adaround"] < reports["adaptive"]["error_nearest"]
+    assert len(files["adaptive"]) == len(files["nearest"]) and files["adaptive"] != files["nearest"]

@@ -69,11 +69,37 @@ def test_the_teacher_scores_perfectly_and_a_different_model_does_not() -> None:
     teacher = _teacher()
     exam = build_exam(teacher, exam_sources(None, (4,), torch.device("cpu")), 512, 0, torch.device("cpu"))
     g = grade(teacher, exam)
-    assert g.agreement == 1.0 and g.kl == pytest.approx(0.0, abs=1e-6)
+    assert g.agreement == 1.0 and g.kl == pytest.approx(0.0, abs=1e-6) and g.kl_median == pytest.approx(0.0, abs=1e-6)
     assert sum(n for _, n in g.per_class.values()) == 512 and set(g.per_source) == {"gaussian", "uniform"}
     torch.manual_seed(1)
     other = grade(nn.Linear(4, 4), exam)
-    assert other.agreement < 0.9 and other.kl > 0.01
+    assert other.agreement < 0.9 and other.kl > 0.01 and other.kl_median > 0
+
+
+def test_the_median_kl_ignores_a_few_samples_far_off_where_the_mean_does_not() -> None:
+    """The int8 step's criterion: a model far off on a few exam samples (activations clipped that real inputs
+    may never reach) and close on the rest beats one a little off everywhere by the median, not by the mean."""
+    teacher = _teacher()
+    exam = build_exam(teacher, exam_sources(None, (4,), torch.device("cpu")), 200, 0, torch.device("cpu"))
+    with torch.no_grad():
+        logits = teacher(exam.x)
+
+    class Off(nn.Module):
+        def __init__(self, noise: torch.Tensor) -> None:
+            super().__init__()
+            self.noise = noise
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return teacher(x) + self.noise[: len(x)]
+
+    g = torch.Generator().manual_seed(0)
+    everywhere = 0.5 * torch.randn(logits.shape, generator=g)
+    a_few = torch.zeros_like(logits)
+    a_few[:10] = 20 * torch.randn(10, logits.shape[1], generator=g)
+    grades = {"everywhere": grade(Off(everywhere), exam), "a few": grade(Off(a_few), exam)}
+    assert grades["a few"].kl > grades["everywhere"].kl and grades["a few"].kl_median < grades["everywhere"].kl_median
+    assert choose(grades, by="kl") == "everywhere" and choose(grades, by="kl_median") == "a few"
+    assert choose({"old": Grade(0.9, 0.1), "new": Grade(0.9, 0.2, kl_median=0.01)}, by="kl_median") == "new"
 
 
 def test_choice_is_best_agreement_then_lowest_kl_among_near_ties() -> None:
