@@ -149,3 +149,22 @@ def test_adaptive_rounding_changes_the_kept_models_weights_and_is_reported(lenet
     assert reports["adaptive"]["method"] == "adaptive" and reports["adaptive"]["layers"] == 5
     assert reports["adaptive"]["error_adaround"] < reports["adaptive"]["error_nearest"]
     assert len(files["adaptive"]) == len(files["nearest"]) and files["adaptive"] != files["nearest"]
+
+
+def test_the_job_chooses_among_the_candidates_its_check_passes(lenet, tmp_path: Path, monkeypatch) -> None:
+    """A candidate the exam ranks first but the check refuses (here: ranges calibrated on samples 100x too small,
+    so that most activations clip) is passed over for one the check lets through."""
+    from kegnet.distill.exam import Grade
+
+    _, fp32, exam, calibration = lenet
+    quantize.prepare(fp32, tmp_path / "prepared.onnx")
+    quantize.quantize(tmp_path / "prepared.onnx", tmp_path / "good.onnx", calibration, "minmax")
+    quantize.quantize(tmp_path / "prepared.onnx", tmp_path / "clipped.onnx", calibration * 0.01, "minmax")
+    choice = quantize.Int8Choice(
+        "clipped", {"good": Grade(0.9, 0.2, kl_median=0.2), "clipped": Grade(0.5, 0.1, kl_median=0.01)},
+        {"good": tmp_path / "good.onnx", "clipped": tmp_path / "clipped.onnx"}, {"": tmp_path / "prepared.onnx"},
+        None)
+    monkeypatch.setattr(quantize, "best_int8", lambda *args, **kwargs: choice)
+    q = quantize.quantize_job(fp32, tmp_path / "out.int8.onnx", calibration, "gaussian", exam,
+                              LENET_SPEC.input_shape, max_drop=0.05, tolerance=10.0, repeats=3, budget_s=0.05)
+    assert q.calibration["passing_check"] == ["good"] and q.method == "good" and q.kept
