@@ -5,10 +5,11 @@ op): weights int8 per output channel, activations uint8 with ranges from calibra
 job's own synthetic samples (never data). Neither the calibration method (MinMax, Entropy, Percentile) nor the
 range equalization inside factorized layers (kegnet.compression.equalization: exact in fp32) is fixed: each
 method is tried on the model as it is and on its equalized copy, and the int8 model closest to the teacher on
-the job's synthetic exam (the median over its samples of the KL from the teacher) is kept (``best_int8``). Then
-the checks of the latency filter: the int8 model must not run slower than the fp32 one (timed in turns at batch 1
-and 64) nor lose more than ``max_drop`` of agreement with the teacher on the exam samples the teacher is sure of
-(``check_part``); otherwise the job keeps fp32 only and says why.
+the job's synthetic exam (the median over its samples of the KL from the teacher) is kept (``best_int8``), in the
+job among the candidates that pass its check. The checks are the latency filter's: the int8 model must not run
+slower than the fp32 one (timed in turns at batch 1 and 64) nor lose more than ``max_drop`` of agreement with the
+teacher on the exam samples the teacher is sure of (``check_part``); otherwise the job keeps fp32 only and says
+why.
 
 Why not the whole exam: most of its generator samples sit on the teacher's decision boundaries (class mixes),
 where any rounding flips the class. Measured on five teachers over fifteen runs (docs/benchmarks.md, issue 22),
