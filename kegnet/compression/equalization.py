@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kegnet.compression.onnx_session import intermediate_values
+from kegnet.compression.onnx_session import attribute, intermediate_values
 from kegnet.errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ class _Pair:
     @property
     def between(self) -> str:
         return self.first.output[0]
-
-
-def _attribute(node: Any, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _pairs(model: Any) -> list[_Pair]:
@@ -76,9 +72,9 @@ def _pairs(model: Any) -> list[_Pair]:
         if len(following) != 1 or following[0].op_type != node.op_type or following[0].input[0] != node.output[0]:
             continue
         second = following[0]
-        if node.op_type == "Conv" and _attribute(second, "group", 1) != 1:
+        if node.op_type == "Conv" and attribute(second, "group", 1) != 1:
             continue
-        if node.op_type == "Gemm" and (_attribute(node, "transA", 0) or _attribute(second, "transA", 0)):
+        if node.op_type == "Gemm" and (attribute(node, "transA", 0) or attribute(second, "transA", 0)):
             continue
         if owned(node) and owned(second):
             pairs.append(_Pair(node, second))
@@ -152,11 +148,11 @@ def equalize(fp32: Path, out: Path, samples: torch.Tensor, threads: int = 1,
         scale = _scales(peak, live)
         spreads.append((peak[live].max() / peak[live].min(), (peak * scale)[live].max() / (peak * scale)[live].min()))
         done_pairs += 1
-        first_axis = 0 if pair.first.op_type == "Conv" or _attribute(pair.first, "transB", 0) else 1
+        first_axis = 0 if pair.first.op_type == "Conv" or attribute(pair.first, "transB", 0) else 1
         _rescale(initializers, pair.first.input[1], scale, first_axis)
         if bias is not None:
             _rescale(initializers, bias, scale, 0)
-        second_axis = 1 if pair.second.op_type == "Conv" or _attribute(pair.second, "transB", 0) else 0
+        second_axis = 1 if pair.second.op_type == "Conv" or attribute(pair.second, "transB", 0) else 0
         _rescale(initializers, pair.second.input[1], 1 / scale, second_axis)
     onnx.save(model, str(out))
     done = {"pairs": done_pairs, "spread_before": float(max((s[0] for s in spreads), default=1.0)),

@@ -1,7 +1,7 @@
 """One way to open an ONNX model in onnxruntime for the int8 step (kegnet.compression.quantize,
-kegnet.compression.bias_correction, kegnet.compression.equalization): on the CPU, with a given number of intra-op
-threads; and one way to read a model's intermediate tensors batch by batch. onnxruntime is an optional extra,
-imported only here and only when called."""
+kegnet.compression.bias_correction, kegnet.compression.equalization, kegnet.compression.rounding): on the CPU,
+with a given number of intra-op threads; one way to read a node's attribute; and one way to read a model's
+intermediate tensors batch by batch. onnxruntime is an optional extra, imported only here and only when called."""
 
 from __future__ import annotations
 
@@ -23,6 +23,13 @@ def open_session(model: Path | bytes, threads: int) -> Any:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def attribute(node: Any, name: str, default: Any) -> Any:
+    """The value of ``node``'s (a NodeProto) attribute ``name``, or ``default`` where it has none."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def intermediate_values(model: Any, tensors: list[str], samples: np.ndarray, threads: int,
                         batch: int) -> Iterator[dict[str, np.ndarray]]:
     """``{tensor: value}`` of each tensor named in ``tensors`` for each ``batch`` of ``samples`` ``(N, ...)``, in
@@ -42,4 +49,4 @@ def intermediate_values(model: Any, tensors: list[str], samples: np.ndarray, thr
         yield dict(zip(tensors, values, strict=True))
 
 
-__all__ = ["intermediate_values", "open_session"]
+__all__ = ["attribute", "intermediate_values", "open_session"]

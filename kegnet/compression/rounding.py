@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kegnet.compression.onnx_session import intermediate_values
+from kegnet.compression.onnx_session import attribute, intermediate_values
 from kegnet.errors import Cancelled
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,6 @@ class _Layer:
     input: str  # the fp32 model's name of the layer's input tensor
 
 
-def _attribute(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _layers(model: Any, reference: Any) -> tuple[list[_Layer], int]:
     """The Conv (2-D, explicit padding) and Gemm nodes of ``model`` (an int8 QDQ ModelProto) with int8 weights
     behind a DequantizeLinear and a node of the same name in ``reference`` (its fp32 ModelProto) whose weights are
@@ -87,12 +81,12 @@ def _layers(model: Any, reference: Any) -> tuple[list[_Layer], int]:
               and initializers[dq.input[0]].data_type == TensorProto.INT8 and fp32 is not None
               and fp32.input[1] in reference_initializers)
         if ok and node.op_type == "Conv":
-            ok = len(initializers[dq.input[0]].dims) == 4 and _attribute(node, "auto_pad", b"NOTSET") in (
+            ok = len(initializers[dq.input[0]].dims) == 4 and attribute(node, "auto_pad", b"NOTSET") in (
                 b"NOTSET", "NOTSET")
         if not ok:
             left += 1
             continue
-        layers.append(_Layer(node, dq.input[0], dq.input[1], _attribute(dq, "axis", 1), fp32.input[1],
+        layers.append(_Layer(node, dq.input[0], dq.input[1], attribute(dq, "axis", 1), fp32.input[1],
                              fp32.input[0]))
     return layers, left
 
@@ -100,15 +94,15 @@ def _layers(model: Any, reference: Any) -> tuple[list[_Layer], int]:
 def _forward(node: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The layer's output on ``x`` with weights ``w``, bias left out (it is the same in both models)."""
     if node.op_type == "Gemm":
-        if _attribute(node, "transA", 0):
+        if attribute(node, "transA", 0):
             x = x.t()
-        return x @ (w.t() if _attribute(node, "transB", 0) else w)
-    top, left, bottom, right = _attribute(node, "pads", [0, 0, 0, 0])
+        return x @ (w.t() if attribute(node, "transB", 0) else w)
+    top, left, bottom, right = attribute(node, "pads", [0, 0, 0, 0])
     if (top, left) != (bottom, right):
         x = F.pad(x, (left, right, top, bottom))
         top = left = 0
-    return F.conv2d(x, w, stride=tuple(_attribute(node, "strides", [1, 1])), padding=(top, left),
-                    dilation=tuple(_attribute(node, "dilations", [1, 1])), groups=_attribute(node, "group", 1))
+    return F.conv2d(x, w, stride=tuple(attribute(node, "strides", [1, 1])), padding=(top, left),
+                    dilation=tuple(attribute(node, "dilations", [1, 1])), groups=attribute(node, "group", 1))
 
 
 def _values(model: Any, names: list[str], x: np.ndarray, threads: int) -> dict[str, torch.Tensor]:
@@ -136,12 +130,13 @@ def _round_layer(node: Any, x: torch.Tensor, target: torch.Tensor, w: torch.Tens
     size = max(1, min(BATCH, len(x), STEP_MACS // max(macs, 1)))
     for i in range(iterations):
         batch = torch.randint(len(x), (size,), generator=generator)
-        out = _forward(node, x[batch], scale * (floor + _soft(v)))
+        h = _soft(v)
+        out = _forward(node, x[batch], scale * (floor + h))
         loss = (out - target[batch]).pow(2).mean() / power
         progress = (i / iterations - WARMUP) / (1 - WARMUP)
         if progress > 0:  # after the warm-up, push h to 0 or 1 ever harder (the exponent falls)
             beta = BETA[1] + 0.5 * (BETA[0] - BETA[1]) * (1 + np.cos(np.pi * progress))
-            loss = loss + REG_WEIGHT * (1 - (2 * _soft(v) - 1).abs().pow(beta)).sum() / v.numel()
+            loss = loss + REG_WEIGHT * (1 - (2 * h - 1).abs().pow(beta)).sum() / v.numel()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
