@@ -98,15 +98,22 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(logits).to(x.device)
 
 
+def calibration_batch(count: int) -> int:
+    """The largest batch up to ``CALIBRATION_BATCH`` that divides ``count`` samples into equal batches:
+    onnxruntime's histogram calibrators (Entropy, Percentile) stack every batch's activations into one array and
+    fail on a shorter last batch."""
+    return max(b for b in range(1, min(CALIBRATION_BATCH, count) + 1) if count % b == 0)
+
+
 def _calibration_reader(name: str, samples: np.ndarray) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Batches(CalibrationDataReader):
-        """The calibration samples, ``CALIBRATION_BATCH`` at a time, under the model's input name."""
+        """The calibration samples in equal batches (``calibration_batch``) under the model's input name."""
 
         def __init__(self) -> None:
-            self._batches: Iterator[np.ndarray] = iter(np.split(samples, range(CALIBRATION_BATCH, len(samples),
-                                                                               CALIBRATION_BATCH)))
+            batch = calibration_batch(len(samples))
+            self._batches: Iterator[np.ndarray] = iter(np.split(samples, range(batch, len(samples), batch)))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self._batches, None)
@@ -368,5 +375,5 @@ def _grade_figures(g: Grade) -> dict[str, float]:
     return {"agreement": g.agreement, "balanced": g.balanced, "kl": g.kl, "kl_median": g.kl_median}
 
 
-__all__ = ["METHODS", "Int8Choice", "OnnxModel", "best_int8", "best_method", "check_part", "missing_runtime",
-           "prepare", "quantize", "quantize_job", "time_in_turns"]
+__all__ = ["METHODS", "Int8Choice", "OnnxModel", "best_int8", "best_method", "calibration_batch", "check_part",
+           "missing_runtime", "prepare", "quantize", "quantize_job", "time_in_turns"]

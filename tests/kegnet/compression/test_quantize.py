@@ -122,6 +122,22 @@ def test_every_calibration_method_gives_its_own_ranges(lenet, tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared.onnx", *(f"{m}.onnx" for m in files)])
 
 
+@pytest.mark.parametrize("count", [100, 97])
+def test_any_calibration_sample_count_quantizes_with_every_method(lenet, tmp_path: Path, count: int) -> None:
+    """compression.quantize_samples allows counts that 64-sample batches do not divide; onnxruntime's histogram
+    calibrators (Entropy, Percentile) stack every batch's activations and fail on a shorter last one."""
+    _, fp32, _, calibration = lenet
+    quantize.prepare(fp32, tmp_path / "prepared.onnx")
+    for method in quantize.METHODS:
+        quantize.quantize(tmp_path / "prepared.onnx", tmp_path / f"{method}.onnx", calibration[:count], method)
+        assert (tmp_path / f"{method}.onnx").stat().st_size > 0
+    assert count % quantize.calibration_batch(count) == 0
+
+
+def test_calibration_batches_are_equal_and_as_large_as_allowed() -> None:
+    assert [quantize.calibration_batch(n) for n in (512, 100, 97, 30, 64)] == [64, 50, 1, 30, 64]
+
+
 def test_bias_correction_changes_the_kept_model_and_is_reported(lenet, tmp_path: Path) -> None:
     _, fp32, exam, calibration = lenet
     files = {}
