@@ -37,7 +37,7 @@ from kegnet.distill import DistillResult, distill
 from kegnet.distill.confidence import assess, estimate_of, is_calibrated
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
 from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
-from kegnet.errors import CompressionError, KegnetError, NothingToFactorize
+from kegnet.errors import Cancelled, CompressionError, KegnetError, NothingToFactorize
 from kegnet.evaluation import evaluate, read_eval_set
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.generation.samplers import MixedSampler
@@ -431,6 +431,18 @@ def _quantize(job: _Job) -> Quantization:
     calibration, source = calibration_set(recipe, job.sampler if isinstance(job.sampler, KegNetSampler) else None,
                                           job.spec.input_shape, cfg.quantize_samples, job.seed, job.device)
     exam = Exam(job.exam.x.cpu(), job.exam.teacher_logits.cpu(), job.exam.sources)
+    try:
+        return _quantize_student(job, calibration, source, exam)
+    except Cancelled:
+        raise
+    except Exception as e:  # noqa: BLE001 - the int8 file is an extra: a quantizer failure must not lose the job
+        log.exception("int8 quantization failed")
+        return Quantization(kept=False, calibration={"source": source, "samples": len(calibration)},
+                            reason=f"quantizing it failed ({type(e).__name__}: {e})")
+
+
+def _quantize_student(job: _Job, calibration: torch.Tensor, source: str, exam: Exam) -> Quantization:
+    cfg = job.config.compression
     return quantize.quantize_job(
         job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
         max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),

@@ -10,7 +10,9 @@ import torch
 from pydantic import ValidationError
 
 from kegnet import ClassifierConfig, CompressionError, load_teacher, run_pipeline
+from kegnet.compression import quantize
 from kegnet.config import SequenceJobConfig
+from kegnet.errors import Cancelled
 from kegnet.tasks.classify import TASK
 from tests.conftest import LENET_SPEC, MNIST_TEACHER, needs_shared, tiny_config
 
@@ -80,3 +82,29 @@ def test_a_layer_name_that_matches_nothing_still_fails_with_int8(tmp_path: Path,
     with pytest.raises(CompressionError, match="'conv9' matches no"):
         run_pipeline(small_cnn, small_cnn_spec, tiny_config(compression={"layers": ["conv9"], **LOOSE}), tmp_path,
                      device="cpu")
+
+
+def test_a_quantizer_failure_keeps_the_fp32_job_and_says_why(tmp_path: Path, small_cnn, small_cnn_spec,
+                                                             monkeypatch) -> None:
+    """onnxruntime's quantizer may refuse a graph (or, before calibration_batch, a sample count): the int8 file is
+    an extra, so the job still ends with its fp32 model and the report says what failed; a cancel still cancels."""
+    nothing = {"rank_method": "explicit", "ranks": {"*": [64, 64]}}  # the teacher is quantized: no fine-tuning
+    cfg = tiny_config(compression={**nothing, **LOOSE}).model_copy(update={"export_portable": False})
+
+    def refuse(*args, **kwargs):
+        raise ValueError("setting an array element with a sequence")
+
+    monkeypatch.setattr(quantize, "best_int8", refuse)
+    result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "job", device="cpu", seed=0)
+    q = _int8_report(tmp_path / "job")
+    assert not q["kept"] and "ValueError: setting an array element" in q["reason"]
+    assert (tmp_path / "job" / "student.onnx").is_file() and not (tmp_path / "job" / "student.int8.onnx").exists()
+    assert not list((tmp_path / "job").glob(".int8-*"))  # its work folder went with it
+    assert any(w.startswith("kept the fp32 model only") and "ValueError" in w for w in result.report.warnings)
+
+    def cancel(*args, **kwargs):
+        raise Cancelled
+
+    monkeypatch.setattr(quantize, "best_int8", cancel)
+    with pytest.raises(Cancelled):
+        run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "cancelled", device="cpu", seed=0)
