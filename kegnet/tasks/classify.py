@@ -432,26 +432,21 @@ def _quantize(job: _Job) -> Quantization:
                                           job.spec.input_shape, cfg.quantize_samples, job.seed, job.device)
     exam = Exam(job.exam.x.cpu(), job.exam.teacher_logits.cpu(), job.exam.sources)
     try:
-        return _quantize_student(job, calibration, source, exam)
+        return quantize.quantize_job(
+            job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
+            max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
+            repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
+            should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range,
+            # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples lost 0.13-7.31 points on
+            # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
+            equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
+            rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction)
     except Cancelled:
         raise
     except Exception as e:  # noqa: BLE001 - the int8 file is an extra: a quantizer failure must not lose the job
         log.exception("int8 quantization failed")
         return Quantization(kept=False, calibration={"source": source, "samples": len(calibration)},
                             reason=f"quantizing it failed ({type(e).__name__}: {e})")
-
-
-def _quantize_student(job: _Job, calibration: torch.Tensor, source: str, exam: Exam) -> Quantization:
-    cfg = job.config.compression
-    return quantize.quantize_job(
-        job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
-        max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
-        repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
-        should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range,
-        # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples lost 0.13-7.31 points on
-        # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
-        equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
-        rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:
