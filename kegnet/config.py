@@ -254,6 +254,11 @@ class DistillConfig(_Strict):
                     "1 where the student starts from the output refit (compression.fit), which the hints then "
                     "keep, and 0 after a weight fit (docs/benchmarks.md, issue 21)",
     )
+    feature_decay: bool = Field(
+        False,
+        description="hints fall linearly from feature_weight to 0 over each fine-tuning pass: they hold the "
+                    "start's layer outputs early and leave the last steps to the logits alone",
+    )
     bn_stats_weight: float = Field(
         0.0, ge=0.0, le=1000.0,
         description="BatchNorm teachers: weight of pulling the student's BatchNorm input statistics on each "

@@ -195,7 +195,8 @@ def _train(teacher: nn.Module, student: nn.Module, sampler: Sampler, config: Dis
             if pool is not None and (taps or t_pen is not None):
                 with torch.no_grad():
                     teacher_features(x)  # the features of this batch (the logits are in the pool)
-            loss = _loss(config, student, x, y, t_logits, taps, t_pen, s_pen, bn_stats, rng)
+            hint_weight = (config.feature_weight or 0.0) * (_decay(step, config.steps) if config.feature_decay else 1.0)
+            loss = _loss(config, student, x, y, t_logits, taps, hint_weight, t_pen, s_pen, bn_stats, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -218,6 +219,11 @@ def _train(teacher: nn.Module, student: nn.Module, sampler: Sampler, config: Dis
                 if stop_if is not None and len(result.curve) == 2 and stop_if(student):
                     return best_state, improved, True
     return best_state, improved, False
+
+
+def _decay(step: int, steps: int) -> float:
+    """The hints' share of their weight at ``step`` (1-based) of ``steps``: 1 at the first, 0 at the last."""
+    return 1.0 - (step - 1) / max(steps - 1, 1)
 
 
 def _dip_test(student: nn.Module, exam: Exam, result: DistillResult) -> Callable[[nn.Module], bool]:
@@ -250,7 +256,8 @@ def _trainable(student: nn.Module, config: DistillConfig, factorized: list[str] 
 
 
 def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-          t_logits: torch.Tensor, taps: tuple[FeatureTap, FeatureTap] | None, t_pen: PenultimateTap | None,
+          t_logits: torch.Tensor, taps: tuple[FeatureTap, FeatureTap] | None, hint_weight: float,
+          t_pen: PenultimateTap | None,
           s_pen: PenultimateTap | None, bn_stats: BatchNormStatistics | None, rng: torch.Generator
           ) -> torch.Tensor:
     """The student's loss on one batch: KD, plus the hint, hard-label, relational, self-distillation and
@@ -264,7 +271,7 @@ def _loss(config: DistillConfig, student: nn.Module, x: torch.Tensor, y: torch.T
         loss = loss + config.bn_stats_weight * bn_stats.pop()
     if taps:
         t_feats = {k: v.detach() for k, v in taps[0].outputs.items()}
-        loss = loss + (config.feature_weight or 0.0) * feature_loss(taps[1].outputs, t_feats)
+        loss = loss + hint_weight * feature_loss(taps[1].outputs, t_feats)
     if config.hard_label_weight > 0 and y is not None:
         loss = loss + config.hard_label_weight * F.cross_entropy(s_logits, y)
     if config.rkd_distance_weight > 0 or config.rkd_angle_weight > 0:

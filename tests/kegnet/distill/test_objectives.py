@@ -154,3 +154,26 @@ def test_new_fields_default_to_off_and_are_bounded() -> None:
                 {"rkd_angle_weight": 1.0, "batch_size": 2}):
         with pytest.raises(ValidationError):
             DistillConfig(**bad)
+
+
+def test_decaying_hints_fall_linearly_to_zero_at_the_last_step() -> None:
+    from kegnet.distill.train import _decay
+
+    assert [_decay(s, 5) for s in range(1, 6)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert _decay(1, 1) == 1.0  # a one-step pass keeps its hints
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_feature_decay_changes_only_the_steps_after_the_first(steps: int) -> None:
+    def trained(decay: bool) -> dict[str, torch.Tensor]:
+        teacher, student = nets()
+        student.load_state_dict(teacher.state_dict())
+        with torch.no_grad():
+            student[0].weight.add_(0.5)  # hints have something to pull back
+        cfg = DistillConfig(steps=steps, batch_size=32, eval_every=1, holdout_samples=64, select_best=False,
+                            feature_weight=10.0, feature_decay=decay)
+        distill(teacher, student, NoiseSampler("gaussian", (8,), CPU), cfg, device=CPU, seed=0, feature_layers=["0"])
+        return student.state_dict()
+
+    same = all(torch.equal(a, b) for a, b in zip(trained(False).values(), trained(True).values(), strict=True))
+    assert same == (steps == 1)
