@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kegnet.compression import CompressionPlan
+from kegnet.errors import reraise_interrupts
 from kegnet.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def export_onnx(student: nn.Module, input_shape: tuple[int, ...], path: Path, *,
                                             input_names=["x"], output_names=["logits"], verbose=False)
                 program.save(str(path))
             except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; the older one may cope
+                reraise_interrupts(exc)
                 log.info("ONNX export through torch.export did not work (%s); using the TorchScript exporter",
                          type(exc).__name__)
                 torch.onnx.export(model, example, str(path), dynamo=False, input_names=["x"],

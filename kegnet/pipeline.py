@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from kegnet.artifacts import MANIFEST
-from kegnet.errors import KegnetError
+from kegnet.errors import KegnetError, interrupting
 from kegnet.evaluation import DEFAULT_MAX_SAMPLES
 from kegnet.events import CancelCheck, ProgressCallback, Reporter
 from kegnet.isolation import Isolation, check_model_isolated
@@ -65,7 +65,7 @@ def run_pipeline(
     should_cancel: CancelCheck | None = None, generators: list[nn.Module] | None = None,
     max_parameters: int | None = DEFAULT_MAX_PARAMETERS, max_bytes: int | None = None,
     eval_set: EvalSet | None = None, max_eval_samples: int = DEFAULT_MAX_SAMPLES,
-    isolation: Isolation | None = None,
+    isolation: Isolation | None = None, interrupts: tuple[type[BaseException], ...] = (),
 ) -> RunResult:
     """Compress the teacher in ``checkpoint`` (a file path, or an already built model) into ``out_dir``.
 
@@ -79,8 +79,10 @@ def run_pipeline(
     ``kegnet.checkpoint.open_teacher``). ``eval_set``: the user's labelled data (a safetensors file or
     ``(x, y)``; ``kegnet.evaluation``), used only to report real accuracy. ``isolation``: first run each
     teacher file once in a child process under these limits (the ``validate`` stage, kegnet.isolation): for
-    uploads from strangers. Raises ``KegnetError`` subclasses for bad input (user-facing messages) and
-    ``Cancelled`` on request.
+    uploads from strangers. ``interrupts``: exceptions the caller raises into the job from outside (a worker's
+    soft time limit) that the steps making optional files (int8, ``.pt2``), which otherwise catch every failure
+    and keep the job, must let through (kegnet.errors.reraise_interrupts). Raises ``KegnetError`` subclasses for
+    bad input (user-facing messages) and ``Cancelled`` on request.
     """
     task = task_for(spec, config)
     sources = [checkpoint] if isinstance(checkpoint, str | Path | nn.Module) else list(checkpoint)
@@ -94,9 +96,10 @@ def run_pipeline(
         stages = (Stage("validate", 0.02, lambda job: _validate(job, isolation)), *stages)
     job = task.job_type(spec, config, resolve_device(device), seed, out,
                         Reporter(progress, should_cancel, [(s.name, s.weight) for s in stages]), inputs)
-    for stage in stages:
-        job.timed(stage.name, stage.run)
-    outcome = task.finish(job)
+    with interrupting(interrupts):
+        for stage in stages:
+            job.timed(stage.name, stage.run)
+        outcome = task.finish(job)
     report = RunReport(task=spec.task, spec=job.spec.model_dump(mode="json"), config=config.model_dump(mode="json"),
                        seed=seed, device=str(job.device), timings_s=job.timings, versions=_versions(),
                        **outcome.core, **{spec.task: outcome.section})

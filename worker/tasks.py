@@ -158,6 +158,8 @@ def run_job(job_id: str, store: JobStore, files: JobFiles, settings: Settings) -
                     eval_set=ws.eval_set, max_eval_samples=settings.max_eval_samples,
                     # The upload runs first in a limited child process (the validate stage): the API never ran it.
                     isolation=Isolation(settings.validate_memory_bytes, settings.validate_timeout_s),
+                    # Raised into the task by Celery; the pipeline's optional steps must not swallow it.
+                    interrupts=(SoftTimeLimitExceeded,),
                 )
                 artifacts = list_artifacts(Path(result.out_dir), result.report)
                 metrics = {**reporter.metrics, **result.report.summary(), "device": device}

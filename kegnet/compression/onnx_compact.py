@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kegnet.compression.onnx_session import open_session
+from kegnet.errors import reraise_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def compact(source: Path, path: Path, samples: np.ndarray, threads: int = 1) -> 
         outputs = open_session(path, threads).run(None, feed)
         same = all(np.array_equal(a, b) for a, b in zip(expected, outputs, strict=True))
     except Exception as error:  # noqa: BLE001 - any failure of the rewritten file: the original still works
+        reraise_interrupts(error)
         log.warning("compacting %s gave a file onnxruntime could not run (%s); kept as it is", source.name, error)
         same = False
     else:

@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 from kegnet.cost import Profile
-from kegnet.errors import CheckpointError, SpecError
+from kegnet.errors import CheckpointError, SpecError, reraise_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ def _evaluate(target: str, producers: dict[str, Any], consts: dict[str, Any], sh
     model = helper.make_model(graph, opset_imports=list(opsets))
     try:
         return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
-    except Exception:  # noqa: BLE001 - anything the evaluator cannot do leaves the size unknown (refused)
+    except Exception as exc:  # noqa: BLE001 - anything the evaluator cannot do leaves the size unknown (refused)
+        reraise_interrupts(exc)
         log.info("could not evaluate shape value %s", target, exc_info=True)
         return None

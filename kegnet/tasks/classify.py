@@ -37,7 +37,7 @@ from kegnet.distill import DistillResult, distill
 from kegnet.distill.confidence import assess, estimate_of, is_calibrated
 from kegnet.distill.ensemble import TeacherEnsemble, member_agreements
 from kegnet.distill.exam import Exam, Grade, build_exam, choose, exam_sources, grade
-from kegnet.errors import Cancelled, CompressionError, KegnetError, NothingToFactorize
+from kegnet.errors import CompressionError, KegnetError, NothingToFactorize, reraise_interrupts
 from kegnet.evaluation import evaluate, read_eval_set
 from kegnet.generation import KegNetSampler, NoiseSampler, Sampler, train_generators
 from kegnet.generation.samplers import MixedSampler
@@ -441,9 +441,8 @@ def _quantize(job: _Job) -> Quantization:
             # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
             equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
             rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction)
-    except Cancelled:
-        raise
     except Exception as e:  # noqa: BLE001 - the int8 file is an extra: a quantizer failure must not lose the job
+        reraise_interrupts(e)
         log.exception("int8 quantization failed")
         return Quantization(kept=False, calibration={"source": source, "samples": len(calibration)},
                             reason=f"quantizing it failed ({type(e).__name__}: {e})")
@@ -458,6 +457,7 @@ def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfi
     try:
         export.export_program(student, spec.input_shape, out / artifacts.PROGRAM)
     except Exception as exc:  # noqa: BLE001 - some converted graphs cannot be traced; the other files stand
+        reraise_interrupts(exc)
         skipped = f"torch.export could not trace this student ({type(exc).__name__})"
         log.warning("no %s: %s", artifacts.PROGRAM, skipped)
         return skipped

@@ -108,3 +108,24 @@ def test_a_quantizer_failure_keeps_the_fp32_job_and_says_why(tmp_path: Path, sma
     monkeypatch.setattr(quantize, "best_int8", cancel)
     with pytest.raises(Cancelled):
         run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "cancelled", device="cpu", seed=0)
+
+
+class TimeLimit(Exception):  # noqa: N818 - stands for Celery's SoftTimeLimitExceeded, an Exception too
+    """Raised into a job from outside it."""
+
+
+def test_an_interrupt_the_caller_names_goes_through_the_int8_step(tmp_path: Path, small_cnn, small_cnn_spec,
+                                                                  monkeypatch) -> None:
+    """The worker's soft time limit must end the job even when it fires inside the int8 step, whose failures
+    otherwise keep the fp32 job; unnamed, the same exception is a quantizer failure like any other."""
+    nothing = {"rank_method": "explicit", "ranks": {"*": [64, 64]}}
+    cfg = tiny_config(compression={**nothing, **LOOSE}).model_copy(update={"export_portable": False})
+
+    def time_up(*args, **kwargs):
+        raise TimeLimit
+
+    monkeypatch.setattr(quantize, "best_int8", time_up)
+    with pytest.raises(TimeLimit):
+        run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "named", device="cpu", seed=0, interrupts=(TimeLimit,))
+    run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "unnamed", device="cpu", seed=0)
+    assert "TimeLimit" in _int8_report(tmp_path / "unnamed")["reason"]
