@@ -95,6 +95,24 @@ def test_soft_time_limit_is_a_clear_failure(env, tmp_path, monkeypatch):
     assert "time limit" in store.get(job_id)["error"]
 
 
+def test_soft_time_limit_inside_the_int8_step_still_fails_the_job(env, tmp_path, monkeypatch):
+    """The int8 step keeps the fp32 job when its quantizer fails; Celery's soft time limit must not count as
+    such a failure (the worker names it to run_pipeline as an interrupt)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from kegnet.compression import quantize
+
+    def slow(*args, **kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(quantize, "best_int8", slow)
+    settings, store, storage = env
+    config = {**TINY_CONFIG, "compression": {**TINY_CONFIG.get("compression", {}), "quantize": "int8"}}
+    job_id = make_job(env, tmp_path, config)
+    assert run_job(job_id, store, SharedVolume(storage), settings) == "failed"
+    assert "time limit" in store.get(job_id)["error"]
+
+
 def test_crash_is_failed_without_internals(env, tmp_path, monkeypatch):
     import kegnet.pipeline
 
