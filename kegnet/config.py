@@ -159,6 +159,13 @@ class CompressionConfig(_Strict):
         False, description="int8: shift each quantized layer's bias so that its mean output per channel on the "
                            "calibration samples matches the fp32 model's (kegnet.compression.bias_correction)",
     )
+    quantize_finetune_steps: int = Field(
+        0, ge=0, le=5000,
+        description="int8: first train a copy of the student this many steps on the job's synthetic samples with "
+                    "its layers' inputs and weights rounded as the int8 model will round them (quantization-aware "
+                    "fine-tuning, kegnet.compression.qat), and quantize the copy; 0: off. Only with the "
+                    "generators' samples, never on Gaussian noise",
+    )
     quantize_max_drop: float = Field(
         0.02, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher (fp32 ONNX -> int8) "
                                           "on the synthetic exam samples the teacher is sure of (the whole exam "

@@ -116,6 +116,9 @@ class Quantization(_Section):
     threads: int = Field(1, description="onnxruntime's intra-op threads while timing")
     bytes: dict[str, int] = Field(default_factory=dict, description="fp32 and int8 file sizes")
     settings: dict[str, str] = Field(default_factory=dict, description="format, weights, activations, runtime")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="with compression.quantize_finetune_steps: "
+                                     "steps and seconds of the fake-quantized fine-tuning of the copy quantized "
+                                     "(fp32 figures above are that copy's)")
 
     def line(self) -> str:
         if not self.kept:

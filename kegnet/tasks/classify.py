@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 
 from kegnet import artifacts, export
 from kegnet.checkpoint import LoadedTeacher, architecture_of, open_teacher
-from kegnet.compression import CompressionPlan, apply_plan, plan_compression, quantize
+from kegnet.compression import CompressionPlan, apply_plan, plan_compression, qat, quantize
 from kegnet.compression.fit import fit_to_outputs
 from kegnet.compression.latency import model_latency
 from kegnet.compression.plan import SLOWER, check_layers, drop_slower_layers, replan_ratio
@@ -398,13 +399,22 @@ def _export(job: _Job) -> None:
 
 
 CALIBRATION_SEED = 15_485_863  # added to the job's seed: calibration draws apart from the exam's and training's
+QAT_SEED = 32_452_843  # and the fake-quantized fine-tuning's draws apart from both
 
 
 def calibration_set(recipe: Recipe | None, kegnet: KegNetSampler | None, input_shape: tuple[int, ...], n: int,
                     seed: int, device: torch.device) -> tuple[torch.Tensor, str]:
-    """``n`` synthetic calibration samples (on the CPU) of ``recipe``'s mix, and the name of their source:
-    the generators asked for its codes with its share of Gaussian noise, or its noise alone; Gaussian noise
-    where there is no recipe (tucker-only) or no generator."""
+    """``n`` synthetic calibration samples (on the CPU) of ``calibration_sampler``'s source, and its name."""
+    sampler, source = calibration_sampler(recipe, kegnet, input_shape, device)
+    rng = torch.Generator(device=device).manual_seed(seed + CALIBRATION_SEED)
+    return sampler.sample_many(n, rng)[0].cpu(), source
+
+
+def calibration_sampler(recipe: Recipe | None, kegnet: KegNetSampler | None, input_shape: tuple[int, ...],
+                        device: torch.device) -> tuple[Sampler, str]:
+    """The int8 step's samples: ``recipe``'s mix (the generators asked for its codes with its share of Gaussian
+    noise, or its noise alone), or Gaussian noise where there is no recipe (tucker-only) or no generator; and the
+    name of that source."""
     gaussian = NoiseSampler("gaussian", input_shape, device)
     sampler: Sampler = gaussian
     if recipe is not None and recipe.source == "kegnet" and kegnet is not None:
@@ -413,9 +423,7 @@ def calibration_set(recipe: Recipe | None, kegnet: KegNetSampler | None, input_s
             sampler = MixedSampler(sampler, gaussian, recipe.noise_share)
     elif recipe is not None and recipe.source != "kegnet":
         sampler = NoiseSampler(recipe.source, input_shape, device)
-    source = recipe.name if recipe is not None and sampler is not gaussian else "gaussian"
-    rng = torch.Generator(device=device).manual_seed(seed + CALIBRATION_SEED)
-    return sampler.sample_many(n, rng)[0].cpu(), source
+    return sampler, recipe.name if recipe is not None and sampler is not gaussian else "gaussian"
 
 
 def _quantize(job: _Job) -> Quantization:
@@ -428,24 +436,59 @@ def _quantize(job: _Job) -> Quantization:
     # The kept recipe's mix; where none was trained (nothing factorized, no steps), the one that would have been.
     recipes = job.config.candidate_recipes(len(job.spec.input_shape) == 3, job.spec.num_classes)
     recipe = job.candidates[job.chosen].recipe if job.chosen else (recipes[0] if recipes else None)
-    calibration, source = calibration_set(recipe, job.sampler if isinstance(job.sampler, KegNetSampler) else None,
-                                          job.spec.input_shape, cfg.quantize_samples, job.seed, job.device)
+    kegnet = job.sampler if isinstance(job.sampler, KegNetSampler) else None
+    calibration, source = calibration_set(recipe, kegnet, job.spec.input_shape, cfg.quantize_samples, job.seed,
+                                          job.device)
     exam = Exam(job.exam.x.cpu(), job.exam.teacher_logits.cpu(), job.exam.sources)
     try:
-        return quantize.quantize_job(
-            job.out / artifacts.ONNX, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
-            max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
-            repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
-            should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range,
-            # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples lost 0.13-7.31 points on
-            # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
-            equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
-            rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction)
+        with tempfile.TemporaryDirectory(dir=job.out, prefix=".qat-") as work:
+            fp32, finetune = _finetuned_source(job, recipe, kegnet, source, calibration, Path(work))
+            result = _quantize_file(job, fp32, calibration, source, exam)
+        return result.model_copy(update={"finetune": finetune}) if finetune else result
     except Exception as e:  # noqa: BLE001 - the int8 file is an extra: a quantizer failure must not lose the job
         reraise_interrupts(e)
         log.exception("int8 quantization failed")
         return Quantization(kept=False, calibration={"source": source, "samples": len(calibration)},
                             reason=f"quantizing it failed ({type(e).__name__}: {e})")
+
+
+def _finetuned_source(job: _Job, recipe: Recipe | None, kegnet: KegNetSampler | None, source: str,
+                      calibration: torch.Tensor, work: Path) -> tuple[Path, dict[str, Any]]:
+    """The fp32 ONNX file to quantize: ``student.onnx``, or with ``compression.quantize_finetune_steps`` and
+    generator samples, a copy of the student fine-tuned through fake quantization (kegnet.compression.qat),
+    exported to ``work``; and what the fine-tuning did (empty without it)."""
+    steps = job.config.compression.quantize_finetune_steps
+    if not steps or not source.startswith("kegnet"):  # noise is not the inputs: rounding fit to it would mislead
+        return job.out / artifacts.ONNX, {}
+    sampler, _ = calibration_sampler(recipe, kegnet, job.spec.input_shape, job.device)
+    job.report("export", 0.6, f"fine-tuning a copy through int8 rounding ({steps} steps)")
+    t0, teacher = time.perf_counter(), job.teacher
+    assert teacher is not None
+    try:  # the export stage moved the teachers to the CPU; the fine-tuning runs on the job's device
+        tuned = qat.finetune_quantized(job.student, teacher.to(job.device), sampler, calibration, steps=steps,
+                                       reduce_range=job.config.compression.quantize_reduce_range,
+                                       device=job.device, seed=job.seed + QAT_SEED,
+                                       should_cancel=job.report.should_cancel)
+    finally:
+        teacher.cpu()
+    path = work / artifacts.ONNX
+    skipped = export.export_onnx(tuned.cpu(), job.spec.input_shape, path, traced=job.spec.arch == "onnx")
+    if skipped:
+        raise RuntimeError(f"the fine-tuned copy could not be exported: {skipped}")
+    return path, {"steps": steps, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _quantize_file(job: _Job, fp32: Path, calibration: torch.Tensor, source: str, exam: Exam) -> Quantization:
+    cfg = job.config.compression
+    return quantize.quantize_job(
+        fp32, job.out / artifacts.INT8_ONNX, calibration, source, exam, job.spec.input_shape,
+        max_drop=cfg.quantize_max_drop, tolerance=cfg.latency_tolerance, threads=torch.get_num_threads(),
+        repeats=cfg.latency_repeats, budget_s=cfg.latency_budget_s, seed=job.seed,
+        should_cancel=job.report.should_cancel, reduce_range=cfg.quantize_reduce_range,
+        # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples lost 0.13-7.31 points on
+        # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
+        equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
+        rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:

@@ -129,3 +129,25 @@ def test_an_interrupt_the_caller_names_goes_through_the_int8_step(tmp_path: Path
         run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "named", device="cpu", seed=0, interrupts=(TimeLimit,))
     run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "unnamed", device="cpu", seed=0)
     assert "TimeLimit" in _int8_report(tmp_path / "unnamed")["reason"]
+
+
+def test_finetuning_through_int8_rounding_quantizes_a_copy_and_reports_it(tmp_path: Path, small_cnn,
+                                                                         small_cnn_spec) -> None:
+    """``quantize_finetune_steps``: the int8 model comes from a fine-tuned copy; the job's own fp32 files stay the
+    student's. Without generator samples (``tucker-only``: Gaussian calibration) it does not run."""
+    cfg = tiny_config(compression={"rank_method": "fraction", "rank_fraction": 0.5, "keep_slower": True, **LOOSE,
+                                   "quantize_finetune_steps": 3}).model_copy(update={"export_portable": False})
+    result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "tuned", device="cpu", seed=0)
+    q = _int8_report(tmp_path / "tuned")
+    assert q["finetune"]["steps"] == 3 and q["finetune"]["seconds"] > 0
+    assert q["calibration"]["source"].startswith("kegnet")
+    assert not list((tmp_path / "tuned").glob(".qat-*"))  # the copy's file went with its folder
+    x = torch.randn(4, *small_cnn_spec.input_shape)
+    session = ort.InferenceSession(str(tmp_path / "tuned" / "student.onnx"))
+    with torch.no_grad():  # student.onnx is the job's student, not the tuned copy
+        assert torch.allclose(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), result.student(x), atol=1e-4)
+
+    cfg = cfg.model_copy(update={"method": "tucker-only"})
+    run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "noise", device="cpu", seed=0)
+    q = _int8_report(tmp_path / "noise")
+    assert q["calibration"]["source"] == "gaussian" and q["finetune"] == {}
