@@ -73,7 +73,8 @@ def test_int8_config_is_validated() -> None:
         ClassifierConfig.from_preset("fast", compression={"quantize": "int8"}, export_onnx=False)
     with pytest.raises(ValidationError, match="is for classifiers"):
         SequenceJobConfig(compression={"quantize": "int8"})
-    for bad in ({"quantize": "int4"}, {"quantize_samples": 10**6}, {"quantize_max_drop": -0.1}):
+    for bad in ({"quantize": "int4"}, {"quantize_samples": 10**6}, {"quantize_max_drop": -0.1},
+                {"quantize_finetune_steps": -1}, {"quantize_finetune_steps": 10**6}):
         with pytest.raises(ValidationError):
             ClassifierConfig.from_preset("fast", compression=bad)
 
