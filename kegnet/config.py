@@ -166,6 +166,11 @@ class CompressionConfig(_Strict):
                     "fine-tuning, kegnet.compression.qat), and quantize the copy; 0: off. Only with the "
                     "generators' samples, never on Gaussian noise",
     )
+    quantize_keep_slower: bool = Field(
+        False, description="int8: keep student.int8.onnx even where it ran slower than the fp32 model on the worker's "
+                           "CPU (for its size, or for hardware whose int8 kernels are faster than the worker's); the "
+                           "agreement check still applies, and a warning gives both timings",
+    )
     quantize_max_drop: float = Field(
         0.02, ge=0.0, le=1.0, description="int8: largest fall of agreement with the teacher (fp32 ONNX -> int8) "
                                           "on the synthetic exam samples the teacher is sure of (the whole exam "

@@ -102,6 +102,8 @@ class Quantization(_Section):
     kept: bool = Field(description="student.int8.onnx was written (not slower, agreement within the bound)")
     file: str | None = Field(None, description="'student.int8.onnx' when kept")
     reason: str | None = Field(None, description="why it was not kept (the job then keeps fp32 only)")
+    slower: str | None = Field(None, description="kept with compression.quantize_keep_slower although it ran "
+                               "slower than the fp32 model: at which batch size and both timings")
     method: str | None = Field(None, description="the calibration method kept: minmax, entropy or percentile")
     calibration: dict[str, Any] = Field(default_factory=dict, description="source (a sample recipe or "
                                         "'gaussian'; never data), samples, method, and every method's exam grade")

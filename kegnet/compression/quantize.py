@@ -280,12 +280,9 @@ def check_part(exam: Exam) -> tuple[Exam, str]:
     return sure, f"exam samples the teacher gives one class {SURE:.0%} or more"
 
 
-def _verdict(check: dict[str, Any], latency: dict[str, dict[str, float]], tolerance: float) -> str | None:
-    """Why the int8 model is not kept (slower than fp32, or too far from the teacher on ``check``), or None."""
-    if check["drop"] > check["max_drop"]:
-        return (f"its agreement with the teacher on the synthetic {check['on']} ({check['samples']}) fell by "
-                f"{check['drop']:.4f} ({check['fp32']:.4f} -> {check['int8']:.4f}), more than "
-                f"compression.quantize_max_drop {check['max_drop']:g}")
+def _slower(latency: dict[str, dict[str, float]], tolerance: float) -> str | None:
+    """How the int8 model ran slower than fp32 at the first batch size where it did (beyond ``tolerance``), or
+    None."""
     for b in BATCHES:
         f, i = latency["fp32"][f"batch{b}_min_ms"], latency["int8"][f"batch{b}_min_ms"]
         if i > f * (1 + tolerance):
@@ -293,12 +290,22 @@ def _verdict(check: dict[str, Any], latency: dict[str, dict[str, float]], tolera
     return None
 
 
+def _verdict(check: dict[str, Any], slower: str | None, keep_slower: bool) -> str | None:
+    """Why the int8 model is not kept (too far from the teacher on ``check``, or ``slower`` unless
+    ``keep_slower``), or None."""
+    if check["drop"] > check["max_drop"]:
+        return (f"its agreement with the teacher on the synthetic {check['on']} ({check['samples']}) fell by "
+                f"{check['drop']:.4f} ({check['fp32']:.4f} -> {check['int8']:.4f}), more than "
+                f"compression.quantize_max_drop {check['max_drop']:g}")
+    return None if keep_slower else slower
+
+
 def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, exam: Exam,
                  input_shape: tuple[int, ...], *, max_drop: float, tolerance: float, threads: int = 1,
                  repeats: int = 15, budget_s: float = 2.0, seed: int = 0,
                  should_cancel: Callable[[], bool] | None = None, reduce_range: bool = True,
                  equalize_ranges: bool = True, rounding: str = "nearest",
-                 bias_correction: bool = False) -> Quantization:
+                 bias_correction: bool = False, keep_slower: bool = False) -> Quantization:
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized as ``best_int8`` chooses among the candidates
     that lose at most ``max_drop`` of agreement with the teacher on ``check_part(exam)`` (among all where none
     does), checked again, and written to ``out`` only when it is not slower and still within ``max_drop``; the
@@ -309,7 +316,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
     ``equalize_ranges``: the range-equalized copy is a candidate too (kegnet.compression.equalization);
     ``rounding`` "adaptive": the chosen model's weights rounded up or down on ``calibration``
     (kegnet.compression.rounding); ``bias_correction``: then its biases corrected on ``calibration``
-    (kegnet.compression.bias_correction)."""
+    (kegnet.compression.bias_correction). ``keep_slower``: written even where it ran slower than ``fp32`` (the
+    report's ``slower`` says so)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
@@ -345,7 +353,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                  "max_drop": max_drop}
         latency = time_in_turns({"fp32": fp32, "int8": chosen}, input_shape, threads=threads, repeats=repeats,
                                 budget_s=budget_s, seed=seed)
-        why_not = _verdict(check, latency, tolerance)
+        slower = _slower(latency, tolerance)
+        why_not = _verdict(check, slower, keep_slower)
         sizes = {"fp32": fp32.stat().st_size, "int8": chosen.stat().st_size}
         if why_not is None:
             shutil.move(str(chosen), str(out))
@@ -353,7 +362,8 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
         else:
             log.warning("no %s: %s", out.name, why_not)
     return Quantization(
-        kept=why_not is None, file=out.name if why_not is None else None, reason=why_not, method=method,
+        kept=why_not is None, file=out.name if why_not is None else None, reason=why_not,
+        slower=slower if why_not is None else None, method=method,
         calibration={"source": source, "samples": len(calibration), "method": method,
                      **({"equalization": {**best.equalization, "kept": best.equalized}}
                         if best.equalization is not None else {}),

@@ -488,7 +488,8 @@ def _quantize_file(job: _Job, fp32: Path, calibration: torch.Tensor, source: str
         # Ranges measured on noise are not the inputs' (equalizing on Gaussian samples lost 0.13-7.31 points on
         # real data in all seven bench pairs, docs/benchmarks.md): only the generators' samples set them.
         equalize_ranges=cfg.quantize_equalize and source.startswith("kegnet"),
-        rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction)
+        rounding=cfg.quantize_rounding, bias_correction=cfg.quantize_bias_correction,
+        keep_slower=cfg.quantize_keep_slower)
 
 
 def _export_program(student: nn.Module, spec: ModelSpec, config: ClassifierConfig, out: Path) -> str | None:
@@ -586,6 +587,9 @@ def _warnings(job: _Job) -> list[str]:
                         "(docs/benchmarks.md)")
     if job.quantization is not None and not job.quantization.kept:
         warnings.append(f"kept the fp32 model only: no int8 model, {job.quantization.reason}")
+    if job.quantization is not None and job.quantization.slower:
+        warnings.append(f"kept student.int8.onnx as compression.quantize_keep_slower asks, but on the worker's CPU "
+                        f"{job.quantization.slower}: time it on the hardware you deploy to")
     if job.plan.layers and all(p.in_rank == 1 and p.out_rank == 1 for p in job.plan.layers):
         warnings.append("every factorized layer has rank 1: the student keeps almost nothing of the teacher; "
                         "is the teacher trained? Choose ranks yourself (rank_method ratio or fraction)")

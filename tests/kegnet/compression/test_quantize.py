@@ -62,6 +62,29 @@ def test_the_job_keeps_fp32_only_when_the_agreement_bound_is_not_met(lenet, tmp_
     assert q.bytes["int8"] < q.bytes["fp32"]  # still measured, for the report
 
 
+def _int8_slower(*args, **kwargs) -> dict[str, dict[str, float]]:
+    """time_in_turns on a CPU where int8 runs twice as slow as fp32 at every batch."""
+    fp32 = {"batch1_ms": 1.0, "batch1_min_ms": 1.0, "batch64_ms": 10.0, "batch64_min_ms": 10.0}
+    return {"fp32": fp32, "int8": {k: 2 * v for k, v in fp32.items()}}
+
+
+@pytest.mark.parametrize("keep_slower", [False, True])
+def test_a_slower_int8_model_is_kept_only_when_asked(lenet, tmp_path: Path, monkeypatch, keep_slower: bool) -> None:
+    _, fp32, exam, calibration = lenet
+    monkeypatch.setattr(quantize, "time_in_turns", _int8_slower)
+    out = tmp_path / "student.int8.onnx"
+    q = quantize.quantize_job(fp32, out, calibration, "gaussian", exam, LENET_SPEC.input_shape, max_drop=1.0,
+                              tolerance=0.05, repeats=3, budget_s=0.05, keep_slower=keep_slower)
+    slower = "it ran slower than the fp32 model at batch 1 in onnxruntime (2 ms against 1 ms)"
+    assert q.kept == out.is_file() == keep_slower
+    assert (q.slower, q.reason) == ((slower, None) if keep_slower else (None, slower))
+    # The agreement check still applies when slower models are kept.
+    q = quantize.quantize_job(fp32, tmp_path / "refused.int8.onnx", calibration, "gaussian", exam,
+                              LENET_SPEC.input_shape, max_drop=-1.0, tolerance=0.05, repeats=3, budget_s=0.05,
+                              keep_slower=keep_slower)
+    assert not q.kept and "fell by" in q.reason and q.slower is None
+
+
 def test_the_check_reads_the_samples_the_teacher_is_sure_of(lenet) -> None:
     teacher, _, exam, _ = lenet
     part, on = quantize.check_part(exam)  # noise samples: this teacher is sure of a few of them at most

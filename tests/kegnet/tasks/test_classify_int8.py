@@ -111,6 +111,25 @@ def test_a_quantizer_failure_keeps_the_fp32_job_and_says_why(tmp_path: Path, sma
         run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path / "cancelled", device="cpu", seed=0)
 
 
+def test_a_slower_int8_model_kept_on_request_is_written_with_a_warning(tmp_path: Path, small_cnn, small_cnn_spec,
+                                                                      monkeypatch) -> None:
+    """``quantize_keep_slower``: the int8 file is written although it ran slower; the report and a warning give
+    both timings (tests/kegnet/compression/test_quantize.py checks the decision itself)."""
+    nothing = {"rank_method": "explicit", "ranks": {"*": [64, 64]}}
+    cfg = tiny_config(compression={**nothing, **LOOSE, "latency_tolerance": 0.05, "quantize_keep_slower": True})
+    cfg = cfg.model_copy(update={"export_portable": False})
+    fp32 = {"batch1_ms": 1.0, "batch1_min_ms": 1.0, "batch64_ms": 10.0, "batch64_min_ms": 10.0}
+    monkeypatch.setattr(quantize, "time_in_turns", lambda *a, **k: {"fp32": fp32, "int8": {k: 3 * v for k, v in
+                                                                                         fp32.items()}})
+    result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0)
+    q = _int8_report(tmp_path)
+    assert q["kept"] and (tmp_path / "student.int8.onnx").is_file() and q["reason"] is None
+    assert q["slower"] == "it ran slower than the fp32 model at batch 1 in onnxruntime (3 ms against 1 ms)"
+    assert [w for w in result.report.warnings if "quantize_keep_slower" in w] == [
+        "kept student.int8.onnx as compression.quantize_keep_slower asks, but on the worker's CPU it ran slower "
+        "than the fp32 model at batch 1 in onnxruntime (3 ms against 1 ms): time it on the hardware you deploy to"]
+
+
 class TimeLimit(Exception):  # noqa: N818 - stands for Celery's SoftTimeLimitExceeded, an Exception too
     """Raised into a job from outside it."""
 
