@@ -406,8 +406,13 @@ def calibration_set(recipe: Recipe | None, kegnet: KegNetSampler | None, input_s
                     seed: int, device: torch.device) -> tuple[torch.Tensor, str]:
     """``n`` synthetic calibration samples (on the CPU) of ``calibration_sampler``'s source, and its name."""
     sampler, source = calibration_sampler(recipe, kegnet, input_shape, device)
+    return draw_calibration(sampler, n, seed, device), source
+
+
+def draw_calibration(sampler: Sampler, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``n`` samples of ``sampler`` on the CPU, drawn apart from the exam's and training's."""
     rng = torch.Generator(device=device).manual_seed(seed + CALIBRATION_SEED)
-    return sampler.sample_many(n, rng)[0].cpu(), source
+    return sampler.sample_many(n, rng)[0].cpu()
 
 
 def calibration_sampler(recipe: Recipe | None, kegnet: KegNetSampler | None, input_shape: tuple[int, ...],
@@ -437,12 +442,16 @@ def _quantize(job: _Job) -> Quantization:
     recipes = job.config.candidate_recipes(len(job.spec.input_shape) == 3, job.spec.num_classes)
     recipe = job.candidates[job.chosen].recipe if job.chosen else (recipes[0] if recipes else None)
     kegnet = job.sampler if isinstance(job.sampler, KegNetSampler) else None
-    calibration, source = calibration_set(recipe, kegnet, job.spec.input_shape, cfg.quantize_samples, job.seed,
-                                          job.device)
+    sampler, source = calibration_sampler(recipe, kegnet, job.spec.input_shape, job.device)
+    calibration = draw_calibration(sampler, cfg.quantize_samples, job.seed, job.device)
     exam = Exam(job.exam.x.cpu(), job.exam.teacher_logits.cpu(), job.exam.sources)
     try:
-        with tempfile.TemporaryDirectory(dir=job.out, prefix=".qat-") as work:
-            fp32, finetune = _finetuned_source(job, recipe, kegnet, source, calibration, Path(work))
+        with contextlib.ExitStack() as stack:
+            fp32, finetune = job.out / artifacts.ONNX, {}
+            # Noise is not the inputs: rounding fit to it would mislead, so only the generators' samples train.
+            if cfg.quantize_finetune_steps and source.startswith("kegnet"):
+                work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=job.out, prefix=".qat-")))
+                fp32, finetune = _finetuned_copy(job, sampler, calibration, work)
             result = _quantize_file(job, fp32, calibration, source, exam)
         return result.model_copy(update={"finetune": finetune}) if finetune else result
     except Exception as e:  # noqa: BLE001 - the int8 file is an extra: a quantizer failure must not lose the job
@@ -452,15 +461,11 @@ def _quantize(job: _Job) -> Quantization:
                             reason=f"quantizing it failed ({type(e).__name__}: {e})")
 
 
-def _finetuned_source(job: _Job, recipe: Recipe | None, kegnet: KegNetSampler | None, source: str,
-                      calibration: torch.Tensor, work: Path) -> tuple[Path, dict[str, Any]]:
-    """The fp32 ONNX file to quantize: ``student.onnx``, or with ``compression.quantize_finetune_steps`` and
-    generator samples, a copy of the student fine-tuned through fake quantization (kegnet.compression.qat),
-    exported to ``work``; and what the fine-tuning did (empty without it)."""
+def _finetuned_copy(job: _Job, sampler: Sampler, calibration: torch.Tensor, work: Path) -> tuple[Path, dict[str, Any]]:
+    """A copy of the student fine-tuned for ``compression.quantize_finetune_steps`` on ``sampler`` through fake
+    quantization (kegnet.compression.qat), exported to ``work`` as the fp32 ONNX file to quantize; and what the
+    fine-tuning did."""
     steps = job.config.compression.quantize_finetune_steps
-    if not steps or not source.startswith("kegnet"):  # noise is not the inputs: rounding fit to it would mislead
-        return job.out / artifacts.ONNX, {}
-    sampler, _ = calibration_sampler(recipe, kegnet, job.spec.input_shape, job.device)
     job.report("export", 0.6, f"fine-tuning a copy through int8 rounding ({steps} steps)")
     t0, teacher = time.perf_counter(), job.teacher
     assert teacher is not None
