@@ -99,7 +99,8 @@ class Quantization(_Section):
     """The INT8 model of ``compression.quantize: int8`` (kegnet.compression.quantize): how it was calibrated,
     how it compares with the fp32 ONNX model it came from, and whether the job kept it."""
 
-    kept: bool = Field(description="student.int8.onnx was written (not slower, agreement within the bound)")
+    kept: bool = Field(description="student.int8.onnx was written (agreement within the bound, and not slower "
+                                   "unless compression.quantize_keep_slower)")
     file: str | None = Field(None, description="'student.int8.onnx' when kept")
     reason: str | None = Field(None, description="why it was not kept (the job then keeps fp32 only)")
     slower: str | None = Field(None, description="kept with compression.quantize_keep_slower although it ran "

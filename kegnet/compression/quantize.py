@@ -308,7 +308,7 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
                  bias_correction: bool = False, keep_slower: bool = False) -> Quantization:
     """The job's INT8 step: ``fp32`` (``student.onnx``) quantized as ``best_int8`` chooses among the candidates
     that lose at most ``max_drop`` of agreement with the teacher on ``check_part(exam)`` (among all where none
-    does), checked again, and written to ``out`` only when it is not slower and still within ``max_drop``; the
+    does), checked again, and written to ``out`` only when it is still within ``max_drop`` and not slower; the
     report says why not. The check comes first because the candidate closest to the teacher by the median KL may
     be one the check refuses (Entropy's clipped ranges lose many of the samples the teacher is sure of), and the
     job would then keep no int8 model where another candidate passes (docs/benchmarks.md, sixth session). The
@@ -317,7 +317,7 @@ def quantize_job(fp32: Path, out: Path, calibration: torch.Tensor, source: str, 
     ``rounding`` "adaptive": the chosen model's weights rounded up or down on ``calibration``
     (kegnet.compression.rounding); ``bias_correction``: then its biases corrected on ``calibration``
     (kegnet.compression.bias_correction). ``keep_slower``: written even where it ran slower than ``fp32`` (the
-    report's ``slower`` says so)."""
+    report's ``slower`` then says how much)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
