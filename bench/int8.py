@@ -216,6 +216,23 @@ def run(name: str, seed: int, threads: int, work: Path, repeats: int, budget_s: 
             "exam": {"samples": len(exam.x), "confident": len(sure.x), "confident_sources": sure.sources}}
 
 
+def job_choice(result: dict[str, Any]) -> str | None:
+    """What the job itself kept: its check, then the median KL, among the candidates of the bench's ``int8`` row
+    (the same student and calibration samples), with that candidate's real accuracy. The row's own method is
+    chosen without the check, so the two can differ (docs/benchmarks.md, ninth session). None without a job."""
+    q, rows = result.get("job_int8"), result["rows"]
+    if not q or not q.get("method") or "int8" not in rows:
+        return None
+    equalized = (q.get("calibration", {}).get("equalization") or {}).get("kept")
+    name = f"equalized {q['method']}" if equalized else q["method"]
+    accuracy = rows["int8"].get("methods_test_accuracy", {}).get(name)
+    fp32 = rows["fp32"]["test_accuracy"]
+    figure = (f"{100 * accuracy:.2f} % ({100 * (accuracy - fp32):+.2f} against fp32)" if accuracy is not None
+              else "accuracy not measured")
+    kept = "kept student.int8.onnx" if q["kept"] else f"kept no int8 file ({q['reason']})"
+    return f"the job's int8 choice: {name}, {figure}; {kept}"
+
+
 def table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     fp32 = rows["fp32"]
@@ -268,6 +285,7 @@ def main() -> None:
     if "job_seconds" in result:
         print(f"job: ratio {result['compression_ratio']:.2f}x, recipe {result['recipe']}, "
               f"{result['job_seconds']:.0f}s; warnings: {result['warnings']}")
+        print(job_choice(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 
