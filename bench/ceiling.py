@@ -28,7 +28,7 @@ from bench.datasets import accuracy
 from bench.suite.run import config_for
 from bench.suite.teachers import ENTRIES, suite_teacher
 from kegnet import load_teacher, run_pipeline
-from kegnet.distill import kd_loss
+from kegnet.distill import kd_step
 
 log = logging.getLogger("bench.ceiling")
 
@@ -64,10 +64,7 @@ def finetune(student: nn.Module, teacher: nn.Module, x: torch.Tensor, steps: int
         xb = x[torch.randint(0, len(x), (BATCH,), generator=gen)]
         with torch.no_grad():
             target = teacher(xb)
-        loss = kd_loss(student(xb), target, TEMPERATURE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        kd_step(student, opt, xb, target, TEMPERATURE)
         sched.step()
     return student.eval()
 

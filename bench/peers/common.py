@@ -9,10 +9,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
-
-from kegnet.distill import kd_loss  # the product's own KD term: peers are judged by the same loss
 
 # Bounds on what a caller may ask of a peer (the bench's own figures are far below them).
 MAX_SECONDS = 24 * 3600.0
@@ -47,15 +44,6 @@ class PeerResult:
     steps: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     settings: dict[str, float | int | str] = field(default_factory=dict)
-
-
-def kd_step(student: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
-            temperature: float) -> None:
-    """One student step of KD on ``x`` against the teacher's logits ``target``."""
-    loss = kd_loss(student(x), target, temperature)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
 
 
 def train_mode(student: nn.Module) -> nn.Module:

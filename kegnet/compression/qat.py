@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kegnet.distill.losses import kd_loss
+from kegnet.distill.losses import kd_step
 from kegnet.errors import Cancelled
 from kegnet.generation import Sampler
 
@@ -115,10 +115,7 @@ def finetune_quantized(student: nn.Module, teacher: nn.Module, sampler: Sampler,
         x, _ = sampler.sample(batch_size, rng)
         with torch.no_grad():
             target = teacher(x)
-        loss = kd_loss(tuned(x), target, temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = kd_step(tuned, optimizer, x, target, temperature)
         if should_cancel and should_cancel():
             raise Cancelled("cancelled while fine-tuning the int8 model")
         if step % 100 == 0:
