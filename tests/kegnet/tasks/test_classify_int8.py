@@ -119,8 +119,8 @@ def test_a_slower_int8_model_kept_on_request_is_written_with_a_warning(tmp_path:
     cfg = tiny_config(compression={**nothing, **LOOSE, "latency_tolerance": 0.05, "quantize_keep_slower": True})
     cfg = cfg.model_copy(update={"export_portable": False})
     fp32 = {"batch1_ms": 1.0, "batch1_min_ms": 1.0, "batch64_ms": 10.0, "batch64_min_ms": 10.0}
-    monkeypatch.setattr(quantize, "time_in_turns", lambda *a, **k: {"fp32": fp32, "int8": {k: 3 * v for k, v in
-                                                                                         fp32.items()}})
+    slower = {"fp32": fp32, "int8": {key: 3 * ms for key, ms in fp32.items()}}
+    monkeypatch.setattr(quantize, "time_in_turns", lambda *args, **kwargs: slower)
     result = run_pipeline(small_cnn, small_cnn_spec, cfg, tmp_path, device="cpu", seed=0)
     q = _int8_report(tmp_path)
     assert q["kept"] and (tmp_path / "student.int8.onnx").is_file() and q["reason"] is None
